@@ -1,0 +1,115 @@
+//! Batching: inputs are sorted longest first so that rows of similar length share a batch, batches
+//! are cut by a token budget (rows x padded length), padded on the right, and every row remembers
+//! its input index so results go back in input order.
+
+/// One padded batch, ready for the graph.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Batch {
+    /// Input index of each row.
+    pub rows: Vec<usize>,
+    /// Real (unpadded) length of each row.
+    pub lengths: Vec<usize>,
+    /// Padded length.
+    pub seq: usize,
+    /// `[rows, seq]`, right-padded with the pad id.
+    pub input_ids: Vec<i64>,
+    /// `[rows, seq]`, 1 on real tokens.
+    pub attention_mask: Vec<i64>,
+    /// `[rows, seq]`, `0..len` on real tokens, 0 on padding.
+    pub position_ids: Vec<i64>,
+}
+
+impl Batch {
+    /// Real tokens in the batch.
+    pub fn tokens(&self) -> usize {
+        self.lengths.iter().sum()
+    }
+}
+
+/// Groups input indices into batches: longest first (ties keep input order), each batch at most
+/// `max_rows` rows and `rows x longest <= budget` tokens (a single longer row gets a batch alone).
+pub fn plan(lengths: &[usize], budget: usize, max_rows: usize) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..lengths.len()).collect();
+    order.sort_by(|&a, &b| lengths[b].cmp(&lengths[a]));
+    let mut batches: Vec<Vec<usize>> = Vec::new();
+    let mut current: Vec<usize> = Vec::new();
+    for index in order {
+        if let Some(&first) = current.first() {
+            let longest = lengths[first].max(1);
+            if current.len() >= max_rows.max(1) || (current.len() + 1) * longest > budget {
+                batches.push(std::mem::take(&mut current));
+            }
+        }
+        current.push(index);
+    }
+    if !current.is_empty() {
+        batches.push(current);
+    }
+    batches
+}
+
+/// Right-pads the rows `rows` of `ids` into one batch.
+pub fn pad(ids: &[Vec<u32>], rows: &[usize], pad_id: u32) -> Batch {
+    let lengths: Vec<usize> = rows.iter().map(|&r| ids[r].len()).collect();
+    let seq = lengths.iter().copied().max().unwrap_or(0).max(1);
+    let n = rows.len() * seq;
+    let (mut input_ids, mut attention_mask, mut position_ids) =
+        (vec![pad_id as i64; n], vec![0i64; n], vec![0i64; n]);
+    for (row, &r) in rows.iter().enumerate() {
+        for (pos, &id) in ids[r].iter().enumerate() {
+            let at = row * seq + pos;
+            input_ids[at] = id as i64;
+            attention_mask[at] = 1;
+            position_ids[at] = pos as i64;
+        }
+    }
+    Batch {
+        rows: rows.to_vec(),
+        lengths,
+        seq,
+        input_ids,
+        attention_mask,
+        position_ids,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plan_sorts_longest_first_and_respects_budget() {
+        let lengths = [3, 10, 5, 10, 1];
+        let batches = plan(&lengths, 20, 8);
+        assert_eq!(batches, vec![vec![1, 3], vec![2, 0, 4]]);
+        for b in &batches {
+            assert!(b.len() * lengths[b[0]] <= 20);
+        }
+    }
+
+    #[test]
+    fn plan_covers_every_input_once_and_caps_rows() {
+        let lengths: Vec<usize> = (0..50).map(|i| (i * 7) % 13 + 1).collect();
+        let batches = plan(&lengths, 1000, 4);
+        let mut seen: Vec<usize> = batches.iter().flatten().copied().collect();
+        assert!(batches.iter().all(|b| b.len() <= 4));
+        seen.sort();
+        assert_eq!(seen, (0..50).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_row_over_budget_gets_its_own_batch() {
+        assert_eq!(plan(&[100, 2, 2], 10, 8), vec![vec![0], vec![1, 2]]);
+    }
+
+    #[test]
+    fn pad_is_right_sided_with_positions() {
+        let ids = vec![vec![5, 6, 7], vec![8]];
+        let b = pad(&ids, &[0, 1], 0);
+        assert_eq!(b.seq, 3);
+        assert_eq!(b.input_ids, vec![5, 6, 7, 8, 0, 0]);
+        assert_eq!(b.attention_mask, vec![1, 1, 1, 1, 0, 0]);
+        assert_eq!(b.position_ids, vec![0, 1, 2, 0, 0, 0]);
+        assert_eq!(b.tokens(), 4);
+    }
+}

@@ -1,0 +1,82 @@
+//! The library's one error type. Messages are lowercase and name the input that is wrong; the
+//! underlying cause stays reachable through `source()` so the CLI can print the whole chain.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong while loading a package or embedding text.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file of the package or an input could not be read or written.
+    #[error("{}: {action}", path.display())]
+    Io {
+        path: PathBuf,
+        action: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The model package is missing, incomplete or inconsistent.
+    #[error("model package {}: {reason}", path.display())]
+    Package { path: PathBuf, reason: String },
+    /// `embedder.json` is not valid JSON or does not have the expected fields.
+    #[error("model package {}: embedder.json is invalid", path.display())]
+    Manifest {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The tokenizer file could not be loaded or used.
+    #[error("tokenizer: {reason}")]
+    Tokenizer { reason: String },
+    /// No ONNX Runtime shared library could be found or loaded.
+    #[error("no usable ONNX Runtime library found; tried:\n  {}\nfix: pass --ort-lib PATH, set ORT_DYLIB_PATH, or `pip install onnxruntime` (CPU) / `onnxruntime-gpu` (CUDA, TensorRT)", tried.join("\n  "))]
+    OrtLibrary { tried: Vec<String> },
+    /// An execution provider that was asked for explicitly cannot run.
+    #[error("execution provider {provider} is unavailable: {reason}")]
+    Provider { provider: String, reason: String },
+    /// ONNX Runtime reported an error.
+    #[error("onnx runtime: {context}")]
+    Runtime {
+        context: String,
+        #[source]
+        source: ort::Error,
+    },
+    /// A text, example or option given by the user is unusable.
+    #[error("{what}: {reason}")]
+    Input { what: String, reason: String },
+}
+
+/// The crate's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub(crate) fn io(
+        path: impl Into<PathBuf>,
+        action: &'static str,
+        source: std::io::Error,
+    ) -> Self {
+        Error::Io {
+            path: path.into(),
+            action,
+            source,
+        }
+    }
+
+    pub(crate) fn package(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
+        Error::Package {
+            path: path.into(),
+            reason: reason.into(),
+        }
+    }
+
+    pub(crate) fn input(what: impl Into<String>, reason: impl Into<String>) -> Self {
+        Error::Input {
+            what: what.into(),
+            reason: reason.into(),
+        }
+    }
+
+    pub(crate) fn runtime(context: impl Into<String>) -> impl FnOnce(ort::Error) -> Self {
+        let context = context.into();
+        move |source| Error::Runtime { context, source }
+    }
+}

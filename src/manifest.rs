@@ -1,0 +1,288 @@
+//! The model package: `embedder.json` (format `icl-embed/1`, described in `export/FORMAT.md`) and the
+//! files it names. Loading checks everything a run depends on up front (format, fields, files,
+//! sizes, checksums) so that a broken or half-written package fails with one message naming what is
+//! missing, before any text is read.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+
+/// The manifest format this runtime reads.
+pub const FORMAT: &str = "icl-embed/1";
+/// The manifest's file name inside a package.
+pub const MANIFEST_FILE: &str = "embedder.json";
+
+/// `embedder.json`, as written by `python -m export`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: String,
+    #[serde(default)]
+    pub source: serde_json::Value,
+    pub architecture: Architecture,
+    pub pooling: String,
+    pub normalize: bool,
+    #[serde(default = "right")]
+    pub padding_side: String,
+    pub prompt: PromptTemplate,
+    pub special_tokens: SpecialTokens,
+    pub max_length: MaxLength,
+    pub clean_up_tokenization_spaces: bool,
+    pub tokenizer: TokenizerFile,
+    pub variants: BTreeMap<String, Variant>,
+}
+
+fn right() -> String {
+    "right".to_string()
+}
+
+/// Shape facts of the exported network.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Architecture {
+    pub layers: usize,
+    pub hidden: usize,
+    #[serde(default)]
+    pub intermediate: Option<usize>,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub vocab: usize,
+}
+
+/// The prompt layout of DESIGN.md section 2; placeholders `{task}`, `{query}`, `{instruct}`,
+/// `{response}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PromptTemplate {
+    pub query: String,
+    pub example: String,
+    pub example_separator: String,
+    pub suffix: String,
+}
+
+/// Token ids the tokenizer adds around a text, and the padding id.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SpecialTokens {
+    pub prepend: Vec<u32>,
+    pub append: Vec<u32>,
+    pub pad_id: u32,
+    #[serde(default)]
+    pub added: BTreeMap<String, u32>,
+}
+
+/// Default maximum lengths, in tokens.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MaxLength {
+    pub query: usize,
+    pub document: usize,
+}
+
+/// The tokenizer file and its checksum.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenizerFile {
+    pub file: String,
+    pub sha256: String,
+}
+
+/// One precision of the graph.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Variant {
+    pub file: String,
+    pub data: Option<String>,
+    pub dtype: String,
+    pub inputs: Vec<String>,
+    pub output: String,
+    #[serde(default = "float32")]
+    pub output_dtype: String,
+    pub sha256: BTreeMap<String, String>,
+    #[serde(default)]
+    pub quantization: serde_json::Value,
+    #[serde(default)]
+    pub parity: serde_json::Value,
+}
+
+fn float32() -> String {
+    "float32".to_string()
+}
+
+/// The input names a graph may take; `input_ids` and `attention_mask` are required.
+pub const GRAPH_INPUTS: [&str; 3] = ["input_ids", "attention_mask", "position_ids"];
+
+/// A package directory whose manifest has been read and checked.
+#[derive(Debug, Clone)]
+pub struct Package {
+    pub dir: PathBuf,
+    pub manifest: Manifest,
+}
+
+impl Package {
+    /// Reads `dir/embedder.json` and checks the manifest's own consistency and the tokenizer file.
+    /// Variant files are checked by [`Package::variant`], when one is chosen.
+    pub fn open(dir: impl AsRef<Path>) -> Result<Package> {
+        let dir = dir.as_ref().to_path_buf();
+        if !dir.is_dir() {
+            return Err(Error::package(
+                &dir,
+                "not a directory (expected a model package made by `python -m export`)",
+            ));
+        }
+        let path = dir.join(MANIFEST_FILE);
+        if !path.is_file() {
+            let hint = if has_partial_marker(&dir) {
+                " (an unfinished export: run the export again)"
+            } else {
+                ""
+            };
+            return Err(Error::package(
+                &dir,
+                format!("{MANIFEST_FILE} is missing{hint}"),
+            ));
+        }
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| Error::io(&path, "cannot read the manifest", e))?;
+        let manifest: Manifest = serde_json::from_str(&text).map_err(|source| Error::Manifest {
+            path: dir.clone(),
+            source,
+        })?;
+        let package = Package { dir, manifest };
+        package.check_manifest()?;
+        package.check_file(
+            &package.manifest.tokenizer.file,
+            Some(&package.manifest.tokenizer.sha256),
+        )?;
+        Ok(package)
+    }
+
+    fn check_manifest(&self) -> Result<()> {
+        let m = &self.manifest;
+        let fail = |reason: String| Err(Error::package(&self.dir, reason));
+        if m.format != FORMAT {
+            return fail(format!(
+                "manifest format is {:?}, this runtime reads {FORMAT:?}",
+                m.format
+            ));
+        }
+        if m.pooling != "last_token" {
+            return fail(format!(
+                "pooling {:?} is not supported (only last_token)",
+                m.pooling
+            ));
+        }
+        if m.padding_side != "right" {
+            return fail(format!(
+                "padding side {:?} is not supported (only right)",
+                m.padding_side
+            ));
+        }
+        if m.variants.is_empty() {
+            return fail("the manifest lists no variants".into());
+        }
+        if m.architecture.hidden == 0 {
+            return fail("architecture.hidden is 0".into());
+        }
+        for (name, v) in &m.variants {
+            for required in ["input_ids", "attention_mask"] {
+                if !v.inputs.iter().any(|i| i == required) {
+                    return fail(format!("variant {name} does not take {required}"));
+                }
+            }
+            if let Some(other) = v
+                .inputs
+                .iter()
+                .find(|i| !GRAPH_INPUTS.contains(&i.as_str()))
+            {
+                return fail(format!("variant {name} takes an unknown input {other:?}"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The variant called `name`, with its files checked (present, and matching their sha256).
+    pub fn variant(&self, name: &str) -> Result<&Variant> {
+        let variant = self.manifest.variants.get(name).ok_or_else(|| {
+            let have: Vec<&str> = self.manifest.variants.keys().map(String::as_str).collect();
+            Error::package(
+                &self.dir,
+                format!("has no variant {name:?} (it has {})", have.join(", ")),
+            )
+        })?;
+        let mut files = vec![variant.file.as_str()];
+        files.extend(variant.data.as_deref());
+        for file in files {
+            self.check_file(file, variant.sha256.get(file).map(String::as_str))?;
+        }
+        Ok(variant)
+    }
+
+    /// Variant names, in the manifest's order.
+    pub fn variant_names(&self) -> Vec<&str> {
+        self.manifest.variants.keys().map(String::as_str).collect()
+    }
+
+    /// Absolute path of a file named relative to the package.
+    pub fn path(&self, file: &str) -> PathBuf {
+        self.dir.join(file)
+    }
+
+    fn check_file(&self, file: &str, sha256: Option<&str>) -> Result<()> {
+        let path = self.path(file);
+        if Path::new(file).is_absolute() || file.split(['/', '\\']).any(|c| c == "..") {
+            return Err(Error::package(
+                &self.dir,
+                format!("manifest names a file outside the package: {file}"),
+            ));
+        }
+        if !path.is_file() {
+            return Err(Error::package(&self.dir, format!("{file} is missing")));
+        }
+        let Some(want) = sha256 else {
+            return Err(Error::package(
+                &self.dir,
+                format!("the manifest has no sha256 for {file}"),
+            ));
+        };
+        let got = sha256_file(&path)?;
+        if !got.eq_ignore_ascii_case(want) {
+            return Err(Error::package(
+                &self.dir,
+                format!(
+                    "{file} is corrupted or incomplete: sha256 {got}, the manifest says {want}"
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn has_partial_marker(dir: &Path) -> bool {
+    dir.join(".partial").exists()
+        || dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.contains(".partial"))
+}
+
+/// Hex sha256 of a file, read in 1 MiB chunks.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    let mut file = File::open(path).map_err(|e| Error::io(path, "cannot open", e))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file
+            .read(&mut buf)
+            .map_err(|e| Error::io(path, "cannot read", e))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}

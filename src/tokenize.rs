@@ -1,0 +1,226 @@
+//! Token ids exactly as the reference produces them (DESIGN.md section 2). Documents: the text with
+//! the tokenizer's special tokens, truncated. Queries: the instruction-wrapped text is truncated,
+//! decoded back to a string (special tokens kept, transformers' clean-up applied when the tokenizer
+//! asks for it), then prefix + decoded + suffix is tokenized again with special tokens. That
+//! decode/re-encode round trip is not an identity for every tokenizer; it is replicated, not fixed,
+//! because the model was trained on it.
+
+use std::path::Path;
+
+use crate::error::{Error, Result};
+use crate::manifest::{PromptTemplate, SpecialTokens};
+use crate::prompt::Example;
+
+/// The package's tokenizer plus the special-token and clean-up conventions transformers applies.
+pub struct TextTokenizer {
+    inner: tokenizers::Tokenizer,
+    prepend: Vec<u32>,
+    append: Vec<u32>,
+    clean_up: bool,
+}
+
+impl TextTokenizer {
+    /// Loads `tokenizer.json`; truncation and padding stored in the file are ignored (this module
+    /// applies the reference's own).
+    pub fn from_file(
+        path: &Path,
+        specials: &SpecialTokens,
+        clean_up: bool,
+    ) -> Result<TextTokenizer> {
+        let mut inner = tokenizers::Tokenizer::from_file(path).map_err(|e| Error::Tokenizer {
+            reason: format!("cannot load {}: {e}", path.display()),
+        })?;
+        inner.with_truncation(None).map_err(|e| Error::Tokenizer {
+            reason: format!("cannot disable truncation: {e}"),
+        })?;
+        inner.with_padding(None);
+        Ok(TextTokenizer {
+            inner,
+            prepend: specials.prepend.clone(),
+            append: specials.append.clone(),
+            clean_up,
+        })
+    }
+
+    /// Ids of `text` without special tokens added around it (special tokens written literally in the
+    /// text are still recognised, as in transformers).
+    pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>> {
+        let encoding = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| Error::Tokenizer {
+                reason: format!("cannot encode text: {e}"),
+            })?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
+    /// Ids of many texts without special tokens, in parallel.
+    pub fn encode_plain_batch(&self, texts: &[&str]) -> Result<Vec<Vec<u32>>> {
+        let encodings = self
+            .inner
+            .encode_batch(texts.to_vec(), false)
+            .map_err(|e| Error::Tokenizer {
+                reason: format!("cannot encode text: {e}"),
+            })?;
+        Ok(encodings
+            .into_iter()
+            .map(|e| e.get_ids().to_vec())
+            .collect())
+    }
+
+    /// Text of `ids`, special tokens kept, clean-up applied as transformers' `decode` does.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        let text = self
+            .inner
+            .decode(ids, false)
+            .map_err(|e| Error::Tokenizer {
+                reason: format!("cannot decode ids: {e}"),
+            })?;
+        Ok(if self.clean_up {
+            clean_up_tokenization(&text)
+        } else {
+            text
+        })
+    }
+
+    /// How many ids [`TextTokenizer::wrap`] adds.
+    pub fn special_count(&self) -> usize {
+        self.prepend.len() + self.append.len()
+    }
+
+    /// `content` truncated so that it fits `max_length` together with the special tokens, then
+    /// wrapped in them: what transformers' `truncation=True, max_length=...` produces.
+    pub fn wrap(&self, content: &[u32], max_length: usize) -> Vec<u32> {
+        let keep = content
+            .len()
+            .min(max_length.saturating_sub(self.special_count()));
+        let mut ids = Vec::with_capacity(keep + self.special_count());
+        ids.extend_from_slice(&self.prepend);
+        ids.extend_from_slice(&content[..keep]);
+        ids.extend_from_slice(&self.append);
+        ids
+    }
+
+    /// Final ids of documents (raw text with special tokens, truncated to `max_length`).
+    pub fn documents(&self, texts: &[&str], max_length: usize) -> Result<Vec<Vec<u32>>> {
+        check_max_length(max_length, self.special_count() + 1)?;
+        let plain = self.encode_plain_batch(texts)?;
+        Ok(plain.iter().map(|ids| self.wrap(ids, max_length)).collect())
+    }
+}
+
+/// transformers' `clean_up_tokenization`: the same replacements, in the same order.
+pub fn clean_up_tokenization(text: &str) -> String {
+    const RULES: [(&str, &str); 10] = [
+        (" .", "."),
+        (" ?", "?"),
+        (" !", "!"),
+        (" ,", ","),
+        (" ' ", "'"),
+        (" n't", "n't"),
+        (" 'm", "'m"),
+        (" 's", "'s"),
+        (" 've", "'ve"),
+        (" 're", "'re"),
+    ];
+    RULES
+        .iter()
+        .fold(text.to_string(), |s, (from, to)| s.replace(from, to))
+}
+
+fn check_max_length(max_length: usize, at_least: usize) -> Result<()> {
+    if max_length < at_least {
+        return Err(Error::input(
+            "--max-length",
+            format!("{max_length} is too small (at least {at_least} tokens here)"),
+        ));
+    }
+    Ok(())
+}
+
+/// Everything about a query prompt that does not depend on the query: the few-shot prefix and
+/// the suffix, with the two length limits the reference derives from them.
+#[derive(Debug, Clone)]
+pub struct QueryPrompt {
+    task: Option<String>,
+    template: PromptTemplate,
+    /// Few-shot prefix text ("" without examples).
+    pub prefix: String,
+    /// Ids of the prefix alone, without special tokens.
+    pub prefix_ids: Vec<u32>,
+    /// Limit on the query text's own ids (before the decode step).
+    pub text_max: usize,
+    /// Limit on the whole prompt's ids, special tokens included.
+    pub total_max: usize,
+}
+
+impl QueryPrompt {
+    /// Prepares the prompt for `task` and `examples` with the reference's `max_length`.
+    pub fn new(
+        tokenizer: &TextTokenizer,
+        template: &PromptTemplate,
+        task: Option<&str>,
+        examples: &[Example],
+        max_length: usize,
+    ) -> Result<QueryPrompt> {
+        let prefix = template.prefix(task, examples)?;
+        let prefix_ids = tokenizer.encode_plain(&prefix)?;
+        let suffix_len = tokenizer.encode_plain(&template.suffix)?.len();
+        // FlagEmbedding measures these two literal strings, whatever the tokenizer's own specials are.
+        let len_1 = tokenizer.encode_plain("<s>")?.len();
+        let len_2 = tokenizer
+            .encode_plain(&format!("{}</s>", template.suffix))?
+            .len();
+        check_max_length(max_length, len_1 + len_2 + 1)?;
+        let total_max = (prefix_ids.len() + suffix_len + max_length + 8) / 8 * 8 + 8;
+        Ok(QueryPrompt {
+            task: task.map(str::to_string),
+            template: template.clone(),
+            prefix,
+            prefix_ids,
+            text_max: max_length - len_1 - len_2,
+            total_max,
+        })
+    }
+
+    /// Final ids of each query.
+    pub fn ids(&self, tokenizer: &TextTokenizer, queries: &[&str]) -> Result<Vec<Vec<u32>>> {
+        let texts: Vec<String> = queries
+            .iter()
+            .map(|q| self.template.query_text(self.task.as_deref(), q))
+            .collect();
+        let plain =
+            tokenizer.encode_plain_batch(&texts.iter().map(String::as_str).collect::<Vec<_>>())?;
+        let mut prompts = Vec::with_capacity(plain.len());
+        for ids in &plain {
+            let decoded = tokenizer.decode(&ids[..ids.len().min(self.text_max)])?;
+            prompts.push(format!(
+                "{}{}{}",
+                self.prefix, decoded, self.template.suffix
+            ));
+        }
+        let full = tokenizer
+            .encode_plain_batch(&prompts.iter().map(String::as_str).collect::<Vec<_>>())?;
+        Ok(full
+            .iter()
+            .map(|ids| tokenizer.wrap(ids, self.total_max))
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clean_up_follows_transformers_order() {
+        assert_eq!(
+            clean_up_tokenization("a . b ? c ! d , e ' f"),
+            "a. b? c! d, e'f"
+        );
+        assert_eq!(
+            clean_up_tokenization("do n't I 'm it 's we 've they 're"),
+            "don't I'm it's we've they're"
+        );
+    }
+}
