@@ -16,7 +16,7 @@ pub enum InputFormat {
     /// One text per line; every line is a text, empty lines included (a final newline ends the last
     /// line, it does not start another).
     Text,
-    /// One JSON object per line, the text in a string field.
+    /// One JSON object per line, the text in a string field; blank lines are skipped.
     Jsonl,
 }
 
@@ -84,19 +84,19 @@ pub fn parse_texts(
                 format!("invalid UTF-8 at byte {}", e.valid_up_to()),
             )
         })?;
-        texts.push(match format {
-            InputFormat::Jsonl => json_field(line, field)
-                .map_err(|reason| Error::input(format!("{name}, line {line_no}"), reason))?,
-            _ => line.to_string(),
-        });
+        match format {
+            InputFormat::Jsonl if line.trim().is_empty() => {}
+            InputFormat::Jsonl => texts.push(
+                json_field(line, field)
+                    .map_err(|reason| Error::input(format!("{name}, line {line_no}"), reason))?,
+            ),
+            _ => texts.push(line.to_string()),
+        }
     }
     Ok(texts)
 }
 
 fn json_field(line: &str, field: &str) -> std::result::Result<String, String> {
-    if line.trim().is_empty() {
-        return Err("empty line (JSON lines need one object per line)".into());
-    }
     let value: serde_json::Value =
         serde_json::from_str(line).map_err(|e| format!("malformed JSON: {e}"))?;
     let object = value.as_object().ok_or("not a JSON object")?;
@@ -215,7 +215,7 @@ mod tests {
     #[test]
     fn json_lines_report_line_numbers_and_fields() {
         let ok = parse_texts(
-            b"{\"text\":\"x\"}\n{\"body\":\"y\",\"text\":\"z\"}\n",
+            b"{\"text\":\"x\"}\n\n{\"body\":\"y\",\"text\":\"z\"}\n \n",
             "f",
             InputFormat::Jsonl,
             "text",

@@ -1,0 +1,31 @@
+# Sourced by models/demo.sh and tests/fixtures.sh: generated models and packages are cached under
+# .cache/, keyed by a hash of the scripts (and pinned requirements) that made them, so a change to
+# a builder rebuilds exactly what it made and nothing else.
+py=.venv/bin/python
+cache=.cache
+hash_of() { cat "$@" | sha256sum | cut -c1-12; }
+models_key=$(hash_of export/requirements.txt export/standins.py)
+export_key=$(hash_of export/requirements.txt export/*.py)
+models_dir=$cache/models-$models_key
+packages_dir=$cache/packages-$export_key-$models_key
+
+# build DIR COMMAND...: runs COMMAND, which writes DIR, unless DIR was completed before.
+build() {
+  local dir=$1; shift
+  if [ -f "$dir.done" ]; then return 0; fi
+  rm -rf "$dir"
+  echo "building $dir" >&2
+  "$@" >&2
+  touch "$dir.done"
+}
+
+# standin NAME [ARGS...]: the stand-in model NAME (see export/standins.py) in $models_dir/NAME.
+standin() {
+  local name=$1; shift
+  build "$models_dir/$name" $py -m export.standins "$@" --out "$models_dir/$name"
+}
+
+# package NAME VARIANTS: the exported package of $models_dir/NAME in $packages_dir/NAME.
+package() {
+  build "$packages_dir/$1" $py -m export --model "$models_dir/$1" --out "$packages_dir/$1" --variants "$2"
+}

@@ -1,0 +1,218 @@
+//! Shared helpers for the integration tests: the fixtures that `tests/fixtures.sh` builds (stand-in
+//! packages and FlagEmbedding's outputs), running the real binary, and reading its outputs.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// Paths exported by `tests/fixtures.sh`.
+pub struct Fixtures {
+    pub tiny_pkg: PathBuf,
+    pub tiny_legacy_pkg: PathBuf,
+    pub smollm2_pkg: PathBuf,
+    pub golden_tiny: PathBuf,
+    pub golden_tiny_legacy: PathBuf,
+    pub golden_smollm2: PathBuf,
+}
+
+/// The fixtures, or `None` with a printed reason when `tests/run.sh` did not prepare them (plain
+/// `cargo test`). Under `ICL_REQUIRE_FIXTURES=1` (tests/run.sh, CI) their absence is a failure.
+pub fn fixtures() -> Option<Fixtures> {
+    let var = |name: &str| std::env::var_os(name).map(PathBuf::from);
+    let all = (|| {
+        Some(Fixtures {
+            tiny_pkg: var("ICL_TINY_PKG")?,
+            tiny_legacy_pkg: var("ICL_TINY_LEGACY_PKG")?,
+            smollm2_pkg: var("ICL_SMOLLM2_PKG")?,
+            golden_tiny: var("ICL_GOLDEN_TINY")?,
+            golden_tiny_legacy: var("ICL_GOLDEN_TINY_LEGACY")?,
+            golden_smollm2: var("ICL_GOLDEN_SMOLLM2")?,
+        })
+    })();
+    if all.is_none() {
+        if std::env::var_os("ICL_REQUIRE_FIXTURES").is_some() {
+            panic!("ICL_REQUIRE_FIXTURES is set but the fixture variables are missing (run tests/run.sh)");
+        }
+        eprintln!("skipped: fixtures not prepared; run `bash tests/run.sh` (it builds the stand-in packages and reference outputs)");
+    }
+    all
+}
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_icl-embed")
+}
+
+/// Runs the binary with `args`.
+pub fn run<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Output {
+    Command::new(bin())
+        .args(args)
+        .output()
+        .expect("cannot start icl-embed")
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Asserts success and returns stdout.
+pub fn ok(o: Output) -> String {
+    assert!(o.status.success(), "icl-embed failed: {}", stderr(&o));
+    String::from_utf8(o.stdout).expect("stdout is UTF-8")
+}
+
+/// Asserts a clean failure (exit 2, an `error:` line, no panic) and returns stderr.
+pub fn fails(o: Output) -> String {
+    let err = stderr(&o);
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "expected exit 2, got {:?}; stderr: {err}",
+        o.status.code()
+    );
+    assert!(
+        err.starts_with("error:") || err.contains("\nerror:") || err.contains("error:"),
+        "no error line: {err}"
+    );
+    assert!(!err.contains("panicked"), "panic: {err}");
+    err
+}
+
+/// A float32 2-D `.npy` file as rows.
+pub fn read_npy(path: &Path) -> Vec<Vec<f32>> {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert_eq!(&bytes[..6], b"\x93NUMPY", "{} is not .npy", path.display());
+    let (header_len, start) = match bytes[6] {
+        1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
+        _ => (
+            u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
+            12,
+        ),
+    };
+    let header = std::str::from_utf8(&bytes[start..start + header_len]).unwrap();
+    assert!(
+        header.contains("'descr': '<f4'") && header.contains("'fortran_order': False"),
+        "{header}"
+    );
+    let shape = header
+        .split("'shape': (")
+        .nth(1)
+        .unwrap()
+        .split(')')
+        .next()
+        .unwrap();
+    let dims: Vec<usize> = shape
+        .split(',')
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| s.trim().parse().unwrap())
+        .collect();
+    let data: Vec<f32> = bytes[start + header_len..]
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    assert_eq!(
+        data.len(),
+        dims[0] * dims[1],
+        "{}: data does not match shape",
+        path.display()
+    );
+    data.chunks(dims[1]).map(<[f32]>::to_vec).collect()
+}
+
+/// `{"index": i, "ids": [...]}` lines.
+pub fn read_ids(text: &str) -> Vec<Vec<u32>> {
+    text.lines()
+        .enumerate()
+        .map(|(i, line)| {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            assert_eq!(v["index"].as_u64(), Some(i as u64));
+            v["ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap() as u32)
+                .collect()
+        })
+        .collect()
+}
+
+pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| f64::from(*x) * f64::from(*y))
+        .sum();
+    let na: f64 = a.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+    dot / (na * nb)
+}
+
+/// Row-wise cosines of two equally long lists; panics on a length mismatch.
+pub fn cosines(a: &[Vec<f32>], b: &[Vec<f32>]) -> Vec<f64> {
+    assert_eq!(a.len(), b.len(), "different row counts");
+    a.iter().zip(b).map(|(x, y)| cosine(x, y)).collect()
+}
+
+pub fn min(v: &[f64]) -> f64 {
+    v.iter().copied().fold(f64::INFINITY, f64::min)
+}
+
+/// One entry of the parity set's `cases.json`.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct Case {
+    pub name: String,
+    pub input: String,
+    pub queries: bool,
+    pub task: Option<String>,
+    pub examples: Option<String>,
+    pub max_length: Option<usize>,
+    pub count: usize,
+}
+
+pub fn cases(golden: &Path) -> Vec<Case> {
+    let text = std::fs::read_to_string(golden.join("cases.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+/// The text arguments (`--model ... --input ... [--queries ...]`) of a case.
+pub fn case_args(pkg: &Path, golden: &Path, case: &Case) -> Vec<String> {
+    let mut args = vec![
+        "--model".into(),
+        pkg.display().to_string(),
+        "--input".into(),
+        golden.join(&case.input).display().to_string(),
+    ];
+    if case.queries {
+        args.push("--queries".into());
+    }
+    if let Some(task) = &case.task {
+        args.extend(["--task".into(), task.clone()]);
+    }
+    if let Some(ex) = &case.examples {
+        args.extend(["--examples".into(), golden.join(ex).display().to_string()]);
+    }
+    if let Some(n) = case.max_length {
+        args.extend(["--max-length".into(), n.to_string()]);
+    }
+    args
+}
+
+/// Runs `embed` for a case and returns the rows.
+pub fn embed_case(
+    pkg: &Path,
+    golden: &Path,
+    case: &Case,
+    extra: &[&str],
+    out_dir: &Path,
+) -> Vec<Vec<f32>> {
+    let out = out_dir.join(format!("{}.npy", case.name));
+    let mut args = vec!["embed".to_string()];
+    args.extend(case_args(pkg, golden, case));
+    args.extend([
+        "--output".into(),
+        out.display().to_string(),
+        "--quiet".into(),
+    ]);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    ok(run(&args));
+    read_npy(&out)
+}

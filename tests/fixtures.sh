@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Builds what the tests compare against, cached under .cache/ (export/cache.sh): the stand-in
+# models, their exported packages, and FlagEmbedding's own outputs on the parity set
+# (tests/parity/golden.py). Prints `export` lines naming them for the tests.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+source export/cache.sh
+
+standin tiny-converted tiny --tokenizer-style converted
+standin tiny-legacy tiny --tokenizer-style legacy
+standin smollm2 smollm2
+package tiny-converted fp32,fp16,int8
+package tiny-legacy fp32
+package smollm2 fp32,fp16,int8
+
+golden_key=$(hash_of export/requirements.txt export/standins.py export/reference.py export/io.py tests/parity/*.py tests/parity/edge.jsonl)
+g=$cache/golden-$golden_key
+for name in tiny-converted tiny-legacy smollm2; do
+  build $g/$name $py tests/parity/golden.py --model $models_dir/$name --out $g/$name
+done
+
+cat <<VARS
+export ICL_TINY_DIR=$root/$models_dir/tiny-converted
+export ICL_SMOLLM2_DIR=$root/$models_dir/smollm2
+export ICL_TINY_PKG=$root/$packages_dir/tiny-converted
+export ICL_TINY_LEGACY_PKG=$root/$packages_dir/tiny-legacy
+export ICL_SMOLLM2_PKG=$root/$packages_dir/smollm2
+export ICL_GOLDEN_TINY=$root/$g/tiny-converted
+export ICL_GOLDEN_TINY_LEGACY=$root/$g/tiny-legacy
+export ICL_GOLDEN_SMOLLM2=$root/$g/smollm2
+VARS

@@ -1,0 +1,91 @@
+"""The parity set: inputs, tasks and few-shot examples that `icl-embed` must tokenize and embed
+exactly as FlagEmbedding does (issue 3).
+
+`write_cases(out)` lays the inputs out under `out/` and writes `out/cases.json`, which the Rust
+integration tests read. Real text comes from ../shared/data at run time (never copied into the
+repository); the hand-written edge cases live in `edge.jsonl` beside this file.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+DATA = HERE.parent.parent.parent / "shared" / "data" / "flagembedding-icl-examples"
+
+SCIFACT_TASK = "Given a scientific claim, retrieve documents that support or refute the claim"
+ARGUANA_TASK = "Given a claim, find documents that refute the claim"
+
+
+def load_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def edge_texts() -> list[str]:
+    return [row["text"] for row in load_jsonl(HERE / "edge.jsonl")]
+
+
+def qa_rows(limit_per_file: int = 3) -> list[dict]:
+    rows = []
+    for path in sorted((DATA / "AIR-Bench" / "qa").glob("*.jsonl")):
+        rows.extend(load_jsonl(path)[:limit_per_file])
+    return rows
+
+
+def long_texts() -> list[str]:
+    """Passages far over 512 tokens, so that truncation applies."""
+    texts = []
+    for path in sorted((DATA / "AIR-Bench" / "long-doc").glob("*.jsonl"))[:3]:
+        row = load_jsonl(path)[0]
+        texts.append((row["pos"] + " ") * 4)
+    return texts
+
+
+def examples(task_file: str, with_instruct: str | None = None) -> list[dict]:
+    items = json.loads((DATA / "MTEB" / task_file).read_text(encoding="utf-8"))
+    if with_instruct is not None:
+        items = [{"instruct": with_instruct, **e} for e in items]
+    return items
+
+
+def cases() -> list[dict]:
+    """Each case: name, texts, queries flag, task, examples, max_length."""
+    qa = qa_rows()
+    queries = [r["query"] for r in qa]
+    passages = [r["pos"] for r in qa]
+    edge = edge_texts()
+    long = long_texts()
+    return [
+        {"name": "docs_edge", "texts": edge, "queries": False},
+        {"name": "docs_passages", "texts": passages + long, "queries": False},
+        {"name": "q_task_examples", "texts": queries + edge + long[:1], "queries": True,
+         "task": SCIFACT_TASK, "examples": examples("SciFact.json")},
+        {"name": "q_task", "texts": queries + edge, "queries": True, "task": ARGUANA_TASK},
+        {"name": "q_plain", "texts": queries + edge, "queries": True},
+        {"name": "q_examples_own_instruct", "texts": queries[:8], "queries": True,
+         "examples": examples("ArguAna.json", with_instruct=ARGUANA_TASK)},
+        {"name": "q_truncated", "texts": queries[:6] + long + edge[4:12], "queries": True,
+         "task": SCIFACT_TASK, "examples": examples("SciFact.json"), "max_length": 40},
+        {"name": "docs_truncated", "texts": passages[:6] + edge[4:12], "queries": False, "max_length": 24},
+    ]
+
+
+def write_cases(out: Path) -> list[dict]:
+    """Writes each case's input (JSON lines) and examples file under `out`, and `out/cases.json`."""
+    out.mkdir(parents=True, exist_ok=True)
+    listed = []
+    for case in cases():
+        name = case["name"]
+        with open(out / f"{name}.jsonl", "w", encoding="utf-8") as f:
+            for text in case["texts"]:
+                f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+        entry = {"name": name, "input": f"{name}.jsonl", "queries": case["queries"],
+                 "task": case.get("task"), "examples": None, "max_length": case.get("max_length"),
+                 "count": len(case["texts"])}
+        if case.get("examples") is not None:
+            entry["examples"] = f"{name}.examples.json"
+            (out / entry["examples"]).write_text(json.dumps(case["examples"], ensure_ascii=False), encoding="utf-8")
+        listed.append(entry)
+    (out / "cases.json").write_text(json.dumps(listed, indent=1), encoding="utf-8")
+    return listed

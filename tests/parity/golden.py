@@ -1,0 +1,43 @@
+"""Writes the reference outputs of the parity set for one model: for each case of `cases.py`,
+`<out>/<case>.npy` (FlagEmbedding's embeddings) and `<out>/<case>.ids.jsonl` (the token ids it fed
+the model), computed by `export.reference` (FlagEmbedding itself, fp32, CPU).
+
+    python tests/parity/golden.py --model MODEL_DIR --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from cases import write_cases  # noqa: E402
+from export.reference import reference_embed, write_ids  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    for case in write_cases(args.out):
+        texts = [json.loads(line)["text"] for line in (args.out / case["input"]).read_text(encoding="utf-8").splitlines()]
+        examples = json.loads((args.out / case["examples"]).read_text(encoding="utf-8")) if case["examples"] else None
+        embeddings, ids = reference_embed(args.model, texts, case["queries"], task=case["task"], examples=examples,
+                                          max_length=case["max_length"] or 512)
+        np.save(args.out / f"{case['name']}.npy", embeddings)
+        write_ids(args.out / f"{case['name']}.ids.jsonl", ids)
+        print(f"{case['name']}: {len(texts)} texts", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
