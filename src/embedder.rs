@@ -223,6 +223,11 @@ impl Embedder {
         self.device
     }
 
+    /// The batch limits in force: (token budget, most rows).
+    pub fn batch_limits(&self) -> (usize, usize) {
+        (self.batch_tokens, self.max_rows)
+    }
+
     /// Why `auto` passed over the providers it did not choose.
     pub fn fallback_notes(&self) -> &[String] {
         &self.notes
@@ -259,7 +264,7 @@ impl Embedder {
         let mut out = vec![Vec::new(); ids.len()];
         for rows in batch::plan(&lengths, self.batch_tokens, self.max_rows) {
             let batch = batch::pad(ids, &rows, pad_id);
-            let vectors = self.run(&batch)?;
+            let vectors = self.embed_batch(&batch)?;
             for (row, v) in batch.rows.iter().zip(vectors) {
                 out[*row] = v;
             }
@@ -268,7 +273,8 @@ impl Embedder {
         Ok(out)
     }
 
-    fn run(&mut self, batch: &Batch) -> Result<Vec<Vec<f32>>> {
+    /// Normalised embeddings of one padded batch, row by row.
+    pub fn embed_batch(&mut self, batch: &Batch) -> Result<Vec<Vec<f32>>> {
         let shape = [batch.rows.len(), batch.seq];
         let mut feed: Vec<(Cow<'_, str>, SessionInputValue<'_>)> =
             Vec::with_capacity(self.inputs.len());
@@ -449,4 +455,35 @@ fn check_graph(
         ));
     }
     Ok((graph_inputs, variant.output.clone()))
+}
+
+/// One run's work for [`crate::stream::run`]: documents, or queries under one prompt (prefix and
+/// limits computed once for the whole run).
+pub struct EmbedJob<'a> {
+    pub embedder: &'a mut Embedder,
+    pub prompt: Option<QueryPrompt>,
+}
+
+impl crate::stream::BatchEmbedder for EmbedJob<'_> {
+    fn token_ids(&mut self, texts: &[&str]) -> Result<Vec<Vec<u32>>> {
+        match &self.prompt {
+            Some(prompt) => prompt.ids(&self.embedder.encoder.tokenizer, texts),
+            None => self
+                .embedder
+                .encoder
+                .documents(texts, self.embedder.max_length),
+        }
+    }
+
+    fn embed(&mut self, batch: &Batch) -> Result<Vec<Vec<f32>>> {
+        self.embedder.embed_batch(batch)
+    }
+
+    fn pad_id(&self) -> u32 {
+        self.embedder.encoder.package.manifest.special_tokens.pad_id
+    }
+
+    fn hidden(&self) -> usize {
+        self.embedder.hidden
+    }
 }

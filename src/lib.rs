@@ -22,6 +22,7 @@ pub mod output;
 pub mod pooling;
 pub mod prompt;
 pub mod runtime;
+pub mod stream;
 pub mod tokenize;
 
 pub use embedder::{Embedder, EmbedderOptions, Encoder};

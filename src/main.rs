@@ -1,16 +1,18 @@
 //! The `icl-embed` command line: `embed`, `tokenize` and `info`. Errors from the library become
 //! `anyhow` here, are printed with their whole chain, and exit with status 2.
 
-use std::io::{IsTerminal, Write};
+use std::io::{BufRead, IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
+use icl_embed::embedder::EmbedJob;
 use icl_embed::input::{self, InputFormat};
 use icl_embed::output::{self, OutputFormat};
 use icl_embed::runtime::{self, Device};
+use icl_embed::stream::{self, Progress, RunOptions, RunSettings, Shard, Source};
 use icl_embed::{Embedder, EmbedderOptions, Encoder, Example, Package};
 
 /// Embeddings from BAAI/bge-en-icl model packages on ONNX Runtime, with few-shot query prompts.
@@ -29,6 +31,18 @@ enum Command {
     Tokenize(TokenizeArgs),
     /// Show what a package holds and which execution providers this machine can run.
     Info(InfoArgs),
+    /// Join the outputs of `--shard 0/N` ... `--shard N-1/N` runs back into input order.
+    Merge(MergeArgs),
+}
+
+#[derive(Args)]
+struct MergeArgs {
+    /// The merged file (.npy or .jsonl, the format of the shards).
+    #[arg(long)]
+    output: PathBuf,
+    /// Shard outputs in shard order: 0/N first.
+    #[arg(required = true)]
+    shards: Vec<PathBuf>,
 }
 
 #[derive(Args)]
@@ -89,6 +103,18 @@ struct EmbedArgs {
     /// Cache directory (TensorRT engines); default $XDG_CACHE_HOME/icl-embed.
     #[arg(long)]
     cache_dir: Option<PathBuf>,
+    /// Take every N-th record starting at K (`K/N`), for job arrays; `merge` joins the outputs.
+    #[arg(long, default_value = "0/1")]
+    shard: Shard,
+    /// JSON-lines field carried into JSON-lines output as "id" (duplicates are refused).
+    #[arg(long)]
+    id_field: Option<String>,
+    /// Skip (and count, and list in OUTPUT.skipped.jsonl) malformed lines instead of stopping.
+    #[arg(long)]
+    skip_invalid: bool,
+    /// Records read, embedded and committed at a time (memory and resume granularity).
+    #[arg(long, default_value_t = 1024)]
+    chunk_records: usize,
     /// No progress bar or summary on stderr.
     #[arg(short, long)]
     quiet: bool,
@@ -115,6 +141,7 @@ fn main() -> ExitCode {
         Command::Embed(args) => embed(args),
         Command::Tokenize(args) => tokenize(args),
         Command::Info(args) => info(args),
+        Command::Merge(args) => merge(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -179,6 +206,9 @@ fn embed(args: EmbedArgs) -> Result<()> {
     let started = Instant::now();
     let format = args.output_format.resolve(&args.output)?;
     check_output_dir(&args.output)?;
+    if args.text.input != "-" && !Path::new(&args.text.input).is_file() {
+        bail!("input {}: no such file", args.text.input);
+    }
     let options = EmbedderOptions {
         variant: args.variant.clone(),
         device: args.device.parse::<Device>()?,
@@ -189,7 +219,10 @@ fn embed(args: EmbedArgs) -> Result<()> {
         ort_lib: args.ort_lib.clone(),
         cache_dir: args.cache_dir.clone(),
     };
-    let job = read_job(&args.text)?;
+    let examples = match &args.text.examples {
+        Some(path) => input::read_examples(path)?,
+        None => Vec::new(),
+    };
     let mut embedder = Embedder::new(&args.text.model, &options)?;
     if !args.quiet {
         let notes = embedder.fallback_notes();
@@ -205,35 +238,98 @@ fn embed(args: EmbedArgs) -> Result<()> {
             embedder.variant()
         );
     }
+    let prompt = match args.text.queries {
+        true => Some(embedder.encoder.query_prompt(
+            args.text.task.as_deref(),
+            &examples,
+            args.text.max_length,
+        )?),
+        false => None,
+    };
+    let (batch_tokens, max_rows) = embedder.batch_limits();
+    let input_format = args.text.input_format.resolve(&args.text.input);
+    let settings = RunSettings {
+        package_manifest_sha256: embedder.encoder.package.manifest_sha256.clone(),
+        variant: embedder.variant().to_string(),
+        device: embedder.device().to_string(),
+        queries: args.text.queries,
+        task: args.text.task.clone(),
+        examples,
+        max_length: args.text.max_length,
+        batch_tokens,
+        max_rows,
+        chunk_records: args.chunk_records.max(1),
+        shard: args.shard,
+        input_format: format!("{input_format:?}"),
+        field: args.text.field.clone(),
+        id_field: args.id_field.clone(),
+        skip_invalid: args.skip_invalid,
+        output_format: format!("{format:?}"),
+    };
     let loaded = started.elapsed();
-    let ids = token_ids(&embedder.encoder, &args.text, &job)?;
-    let total_tokens: usize = ids.iter().map(Vec::len).sum();
-    let bar = progress_bar(ids.len(), args.quiet);
-    let (mut rows_done, mut tokens_done) = (0usize, 0usize);
     let compute = Instant::now();
-    let vectors = embedder.embed_ids(&ids, &mut |rows, tokens| {
-        rows_done += rows;
-        tokens_done += tokens;
+    let bar = progress_bar(args.quiet);
+    let mut on_progress = |p: Progress| {
         if let Some(bar) = &bar {
-            bar.set_position(rows_done as u64);
-            let secs = compute.elapsed().as_secs_f64().max(1e-9);
-            bar.set_message(format!("{:.0} tokens/s", tokens_done as f64 / secs));
+            match p {
+                Progress::Total(n) => bar.set_length(n as u64),
+                Progress::Done { items, tokens } => {
+                    bar.set_position(items as u64);
+                    let secs = compute.elapsed().as_secs_f64().max(1e-9);
+                    bar.set_message(format!("{:.0} tokens/s", tokens as f64 / secs));
+                }
+            }
         }
-    })?;
+    };
+    let mut warn = |line: String| {
+        if !args.quiet {
+            match &bar {
+                Some(bar) => bar.println(format!("warning: {line}")),
+                None => eprintln!("warning: {line}"),
+            }
+        }
+    };
+    let source = if args.text.input == "-" {
+        Source::Stdin
+    } else {
+        Source::File(PathBuf::from(&args.text.input))
+    };
+    let mut job = EmbedJob {
+        embedder: &mut embedder,
+        prompt,
+    };
+    let summary = stream::run(
+        &mut job,
+        RunOptions {
+            source,
+            output: &args.output,
+            output_format: format,
+            settings,
+            format: input_format,
+            progress: &mut on_progress,
+            warn: &mut warn,
+        },
+    );
     if let Some(bar) = &bar {
         bar.finish_and_clear();
     }
-    let hidden = embedder.encoder.package.manifest.architecture.hidden;
-    output::write(&args.output, format, &vectors, hidden)?;
+    let summary = summary?;
     if !args.quiet {
         let secs = compute.elapsed().as_secs_f64().max(1e-9);
+        let new_items = summary.items - summary.resumed_from;
+        let resumed = if summary.resumed_from > 0 {
+            format!(", resumed after {}", summary.resumed_from)
+        } else {
+            String::new()
+        };
         eprintln!(
-            "embedded {} texts ({} tokens) in {:.2} s ({:.1} texts/s, {:.0} tokens/s; load {:.2} s) -> {}",
-            vectors.len(),
-            total_tokens,
+            "done: {} items, {} tokens, {:.2} s, {} skipped ({:.1} items/s, {:.0} tokens/s; load {:.2} s{resumed}) -> {}",
+            summary.items,
+            summary.tokens,
             secs,
-            vectors.len() as f64 / secs,
-            total_tokens as f64 / secs,
+            summary.skipped,
+            new_items as f64 / secs,
+            summary.tokens as f64 / secs,
             loaded.as_secs_f64(),
             args.output.display()
         );
@@ -259,11 +355,11 @@ fn check_output_dir(output: &Path) -> Result<()> {
     Ok(())
 }
 
-fn progress_bar(len: usize, quiet: bool) -> Option<indicatif::ProgressBar> {
+fn progress_bar(quiet: bool) -> Option<indicatif::ProgressBar> {
     if quiet || !std::io::stderr().is_terminal() {
         return None;
     }
-    let bar = indicatif::ProgressBar::new(len as u64);
+    let bar = indicatif::ProgressBar::new(0);
     let style = indicatif::ProgressStyle::with_template(
         "{bar:40} {pos}/{len} texts, {per_sec}, {msg}, eta {eta}",
     )
@@ -335,4 +431,124 @@ fn info(args: InfoArgs) -> Result<()> {
         Err(e) => writeln!(out, "onnx runtime: not found\n  {e}").context("cannot write")?,
     }
     Ok(())
+}
+
+fn merge(args: MergeArgs) -> Result<()> {
+    let format = OutputFormat::Auto.resolve(&args.output)?;
+    for shard in &args.shards {
+        if format != OutputFormat::Auto.resolve(shard)? {
+            bail!(
+                "shard {}: not the format of {}",
+                shard.display(),
+                args.output.display()
+            );
+        }
+    }
+    let merged = match format {
+        OutputFormat::Npy => merge_npy(&args.output, &args.shards)?,
+        _ => merge_jsonl(&args.output, &args.shards)?,
+    };
+    eprintln!(
+        "merged {} rows from {} shards -> {}",
+        merged,
+        args.shards.len(),
+        args.output.display()
+    );
+    Ok(())
+}
+
+/// Shard K of N holds records K, K+N, ...: row i of the whole comes from shard i % N.
+fn merge_npy(out: &Path, shards: &[PathBuf]) -> Result<usize> {
+    let mut readers = Vec::new();
+    let mut counts = Vec::new();
+    let mut width = None;
+    for path in shards {
+        let skipped = PathBuf::from(format!("{}.skipped.jsonl", path.display()));
+        if skipped.exists() {
+            bail!("shard {}: lines were skipped ({}), so its rows no longer follow the input's; merge JSON-lines outputs instead", path.display(), skipped.display());
+        }
+        let mut r = std::io::BufReader::new(
+            std::fs::File::open(path)
+                .with_context(|| format!("shard {}: cannot open", path.display()))?,
+        );
+        let (rows, cols, _) = output::read_npy_header(path, &mut r)?;
+        if *width.get_or_insert(cols) != cols {
+            bail!(
+                "shard {}: {cols} columns, the first shard has {}",
+                path.display(),
+                width.unwrap_or(0)
+            );
+        }
+        counts.push(rows);
+        readers.push(r);
+    }
+    let cols = width.unwrap_or(0);
+    for (k, &c) in counts.iter().enumerate() {
+        if c > counts[0] || c + 1 < counts[0] || (k > 0 && c > counts[k - 1]) {
+            bail!("shard {}: {c} rows does not fit shards of {:?} rows (are the shards complete and in order 0/N..N-1/N?)", shards[k].display(), counts);
+        }
+    }
+    let total: usize = counts.iter().sum();
+    let mut row = vec![0u8; cols * 4];
+    output::atomic_write(out, |w| {
+        w.write_all(&output::npy_header(total, cols))?;
+        for i in 0..total {
+            let n = readers.len();
+            readers[i % n].read_exact(&mut row)?;
+            w.write_all(&row)?;
+        }
+        Ok(())
+    })?;
+    Ok(total)
+}
+
+/// JSON-lines shards carry each record's input index: a merge by index, checking that no index
+/// appears twice.
+fn merge_jsonl(out: &Path, shards: &[PathBuf]) -> Result<usize> {
+    let mut lines = Vec::new();
+    for path in shards {
+        let file = std::fs::File::open(path)
+            .with_context(|| format!("shard {}: cannot open", path.display()))?;
+        lines.push(std::io::BufReader::new(file).lines().enumerate().peekable());
+    }
+    let index_of = |path: &Path, n: usize, line: &str| -> std::io::Result<u64> {
+        let v: serde_json::Value = serde_json::from_str(line).map_err(|e| {
+            std::io::Error::other(format!("{}, line {}: {e}", path.display(), n + 1))
+        })?;
+        v["index"].as_u64().ok_or_else(|| {
+            std::io::Error::other(format!("{}, line {}: no \"index\"", path.display(), n + 1))
+        })
+    };
+    let mut merged = 0;
+    output::atomic_write(out, |w| {
+        let mut last: Option<u64> = None;
+        loop {
+            let mut best: Option<(u64, usize)> = None;
+            for (k, it) in lines.iter_mut().enumerate() {
+                if let Some((n, line)) = it.peek() {
+                    let line = line
+                        .as_ref()
+                        .map_err(|e| std::io::Error::new(e.kind(), e.to_string()))?;
+                    let index = index_of(&shards[k], *n, line)?;
+                    if best.is_none_or(|(b, _)| index < b) {
+                        best = Some((index, k));
+                    }
+                }
+            }
+            let Some((index, k)) = best else { break };
+            if last.is_some_and(|l| l >= index) {
+                return Err(std::io::Error::other(format!(
+                    "index {index} appears twice or out of order (shard {})",
+                    shards[k].display()
+                )));
+            }
+            last = Some(index);
+            let (_, line) = lines[k].next().expect("peeked");
+            w.write_all(line?.as_bytes())?;
+            w.write_all(b"\n")?;
+            merged += 1;
+        }
+        Ok(())
+    })?;
+    Ok(merged)
 }

@@ -117,6 +117,8 @@ pub const GRAPH_INPUTS: [&str; 3] = ["input_ids", "attention_mask", "position_id
 pub struct Package {
     pub dir: PathBuf,
     pub manifest: Manifest,
+    /// sha256 of `embedder.json`, which pins every file of the package.
+    pub manifest_sha256: String,
 }
 
 impl Package {
@@ -148,7 +150,15 @@ impl Package {
             path: dir.clone(),
             source,
         })?;
-        let package = Package { dir, manifest };
+        let manifest_sha256 = Sha256::digest(text.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let package = Package {
+            dir,
+            manifest,
+            manifest_sha256,
+        };
         package.check_manifest()?;
         package.check_file(
             &package.manifest.tokenizer.file,

@@ -40,11 +40,15 @@ impl OutputFormat {
     }
 }
 
-/// The `.npy` header for a float32 `[rows, cols]` array, padded to a multiple of 64 bytes.
+/// Length of every `.npy` header this crate writes: fixed, so that a streamed file's header can be
+/// rewritten with the final row count in place.
+pub const NPY_HEADER_LEN: usize = 128;
+
+/// The `.npy` header for a float32 `[rows, cols]` array, padded to [`NPY_HEADER_LEN`] bytes.
 pub fn npy_header(rows: usize, cols: usize) -> Vec<u8> {
     let dict = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({rows}, {cols}), }}");
     let unpadded = 10 + dict.len() + 1;
-    let pad = (64 - unpadded % 64) % 64;
+    let pad = NPY_HEADER_LEN.saturating_sub(unpadded);
     let mut header = Vec::with_capacity(unpadded + pad);
     header.extend_from_slice(b"\x93NUMPY\x01\x00");
     header.extend_from_slice(&((dict.len() + pad + 1) as u16).to_le_bytes());
@@ -114,7 +118,8 @@ mod tests {
     #[test]
     fn npy_header_is_aligned_and_describes_the_array() {
         let h = npy_header(3, 4096);
-        assert_eq!(h.len() % 64, 0);
+        assert_eq!(h.len(), NPY_HEADER_LEN);
+        assert_eq!(npy_header(usize::MAX, usize::MAX).len(), NPY_HEADER_LEN);
         assert!(h.starts_with(b"\x93NUMPY\x01\x00"));
         let text = String::from_utf8_lossy(&h[10..]);
         assert!(text.contains("'shape': (3, 4096)") && text.ends_with('\n'));
@@ -137,5 +142,44 @@ mod tests {
             OutputFormat::Auto.resolve(Path::new("x.npy")).unwrap(),
             OutputFormat::Npy
         );
+    }
+}
+
+/// Reads the header of a float32 2-D `.npy` file: (rows, cols, offset of the data).
+pub fn read_npy_header(path: &Path, r: &mut impl std::io::Read) -> Result<(usize, usize, usize)> {
+    let bad = |why: &str| {
+        Error::input(
+            path.display().to_string(),
+            format!("not a float32 [rows, cols] .npy file ({why})"),
+        )
+    };
+    let mut head = [0u8; 10];
+    r.read_exact(&mut head).map_err(|_| bad("too short"))?;
+    if &head[..6] != b"\x93NUMPY" || head[6] != 1 {
+        return Err(bad("bad magic or version"));
+    }
+    let len = u16::from_le_bytes([head[8], head[9]]) as usize;
+    let mut dict = vec![0u8; len];
+    r.read_exact(&mut dict)
+        .map_err(|_| bad("truncated header"))?;
+    let dict = String::from_utf8_lossy(&dict);
+    if !dict.contains("'descr': '<f4'") || !dict.contains("'fortran_order': False") {
+        return Err(bad("not little-endian float32 in C order"));
+    }
+    let shape = dict
+        .split("'shape': (")
+        .nth(1)
+        .and_then(|s| s.split(')').next())
+        .ok_or_else(|| bad("no shape"))?;
+    let dims: Vec<usize> = shape
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::parse)
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|_| bad("bad shape"))?;
+    match dims[..] {
+        [rows, cols] => Ok((rows, cols, 10 + len)),
+        _ => Err(bad("not 2-D")),
     }
 }

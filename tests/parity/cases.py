@@ -71,11 +71,14 @@ def cases() -> list[dict]:
     ]
 
 
-def write_cases(out: Path) -> list[dict]:
-    """Writes each case's input (JSON lines) and examples file under `out`, and `out/cases.json`."""
+def write_cases(out: Path, only: set[str] | None = None) -> list[dict]:
+    """Writes each case's input (JSON lines) and examples file under `out`, and `out/cases.json`;
+    `only` restricts the set to the named cases."""
     out.mkdir(parents=True, exist_ok=True)
     listed = []
     for case in cases():
+        if only is not None and case["name"] not in only:
+            continue
         name = case["name"]
         with open(out / f"{name}.jsonl", "w", encoding="utf-8") as f:
             for text in case["texts"]:

@@ -26,9 +26,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--only", default=None, help="comma-separated case names (default: all)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    for case in write_cases(args.out):
+    only = set(args.only.split(",")) if args.only else None
+    for case in write_cases(args.out, only):
         texts = [json.loads(line)["text"] for line in (args.out / case["input"]).read_text(encoding="utf-8").splitlines()]
         examples = json.loads((args.out / case["examples"]).read_text(encoding="utf-8")) if case["examples"] else None
         embeddings, ids = reference_embed(args.model, texts, case["queries"], task=case["task"], examples=examples,

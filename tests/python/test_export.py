@@ -1,0 +1,199 @@
+"""The exporter (`python -m export`) on the tiny stand-in: package contents, manifest, graph
+signatures, parity, batching, and the atomic/refusal behaviour.
+
+Set ICL_TINY_DIR to reuse a built tiny model directory and ICL_TINY_PKG to reuse an exported package
+(all three variants); otherwise both are built once per session (about a minute and a half).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from export import manifest, samples, verify  # noqa: E402
+
+VARIANTS = ("fp32", "fp16", "int8")
+ONNX_TYPES = {"float32": onnx.TensorProto.FLOAT, "float16": onnx.TensorProto.FLOAT16}
+
+
+def run_export(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "export", *args], cwd=ROOT, capture_output=True, text=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    if os.environ.get("ICL_TINY_DIR"):
+        return Path(os.environ["ICL_TINY_DIR"])
+    out = tmp_path_factory.mktemp("standin") / "tiny"
+    subprocess.run([sys.executable, "-m", "export.standins", "tiny", "--out", str(out)], cwd=ROOT, check=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def package(tiny_dir, tmp_path_factory) -> Path:
+    if os.environ.get("ICL_TINY_PKG"):
+        return Path(os.environ["ICL_TINY_PKG"])
+    out = tmp_path_factory.mktemp("pkg") / "tiny"
+    result = run_export("--model", str(tiny_dir), "--out", str(out), "--variants", ",".join(VARIANTS))
+    assert result.returncode == 0, result.stderr[-4000:]
+    return out
+
+
+@pytest.fixture(scope="session")
+def meta(package) -> dict:
+    return json.loads((package / "embedder.json").read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_dir)
+
+
+def test_package_files_present(package):
+    assert (package / "embedder.json").is_file()
+    assert (package / "tokenizer.json").is_file()
+    for v in VARIANTS:
+        assert (package / v / "model.onnx").is_file()
+        assert (package / v / "model.onnx.data").stat().st_size > 0
+    assert not list(package.parent.glob(f"{package.name}.partial-*"))
+
+
+def test_tokenizer_copied_unchanged(package, tiny_dir):
+    assert (package / "tokenizer.json").read_bytes() == (tiny_dir / "tokenizer.json").read_bytes()
+
+
+def test_manifest_fields(meta):
+    assert meta["format"] == "icl-embed/1"
+    assert set(meta["source"]) == {"model", "revision", "model_type", "architecture"}
+    assert meta["source"]["model_type"] == "mistral"
+    assert meta["source"]["architecture"] == "MistralModel"
+    arch = meta["architecture"]
+    assert arch == {"layers": 2, "hidden": 64, "intermediate": arch["intermediate"], "heads": 4, "kv_heads": 2,
+                    "head_dim": 16, "vocab": 32003, "rope_theta": 10000.0, "rms_norm_eps": arch["rms_norm_eps"]}
+    assert isinstance(arch["intermediate"], int) and isinstance(arch["rms_norm_eps"], float)
+    assert meta["pooling"] == "last_token" and meta["normalize"] is True and meta["padding_side"] == "right"
+    assert meta["prompt"] == manifest.PROMPT
+    assert meta["max_length"] == {"query": 512, "document": 512}
+    assert isinstance(meta["clean_up_tokenization_spaces"], bool)
+    assert meta["tokenizer"]["file"] == "tokenizer.json"
+    assert set(meta["variants"]) == set(VARIANTS)
+    for name, v in meta["variants"].items():
+        assert v["file"] == f"{name}/model.onnx" and v["data"] == f"{name}/model.onnx.data"
+        assert v["inputs"] == ["input_ids", "attention_mask", "position_ids"]
+        assert v["output"] == "last_hidden_state"
+        assert v["output_dtype"] in ONNX_TYPES
+    assert meta["variants"]["fp32"]["dtype"] == "float32" and meta["variants"]["fp32"]["quantization"] is None
+    assert meta["variants"]["fp16"]["dtype"] == "float16"
+    quant = meta["variants"]["int8"]["quantization"]
+    assert quant["method"] == "matmulnbits" and quant["bits"] == 8
+
+
+def test_special_tokens_measured(meta, tokenizer):
+    st = meta["special_tokens"]
+    assert st["bos_id"] == 1 and st["eos_id"] == 2 and st["pad_id"] == 0
+    assert st["prepend"] == [1] and st["append"] == [2]
+    assert st["added"] == {"<instruct>": 32000, "<query>": 32001, "<response>": 32002}
+    text = "A probe that is not the exporter's own."
+    assert tokenizer(text)["input_ids"] == st["prepend"] + tokenizer(text, add_special_tokens=False)["input_ids"] + st["append"]
+
+
+def test_sha256_match_files(package, meta):
+    assert manifest.sha256(package / "tokenizer.json") == meta["tokenizer"]["sha256"]
+    for v in meta["variants"].values():
+        assert set(v["sha256"]) == {v["file"], v["data"]}
+        for rel, digest in v["sha256"].items():
+            assert manifest.sha256(package / rel) == digest, rel
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_graph_signature_matches_manifest(package, meta, name):
+    v = meta["variants"][name]
+    graph = onnx.load(str(package / v["file"]), load_external_data=False).graph
+    assert [i.name for i in graph.input] == v["inputs"]
+    for i in graph.input:
+        t = i.type.tensor_type
+        assert t.elem_type == onnx.TensorProto.INT64
+        assert len(t.shape.dim) == 2 and all(d.dim_param for d in t.shape.dim), "batch and seq must be dynamic"
+    assert [o.name for o in graph.output] == [v["output"]]
+    out = graph.output[0].type.tensor_type
+    assert out.elem_type == ONNX_TYPES[v["output_dtype"]]
+    assert out.shape.dim[2].dim_value == meta["architecture"]["hidden"]
+    # Weights live in the one external data file next to the graph.
+    locations = {e.value for t in graph.initializer for e in t.external_data if e.key == "location"}
+    assert locations == {"model.onnx.data"}
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_parity_recorded_and_above_threshold(meta, name):
+    p = meta["variants"][name]["parity"]
+    assert p["reference"] == "pytorch fp32"
+    assert p["threshold"] == verify.THRESHOLDS[name]
+    assert p["texts"] >= 8
+    assert p["threshold"] <= p["min_cosine"] <= p["mean_cosine"] <= 1.0 + 1e-9
+    assert 0.0 <= p["max_abs_diff"] < 1.0
+
+
+def test_samples_cover_icl_tokens_and_max_length(tokenizer):
+    rows = samples.samples(tokenizer, 512)
+    assert max(len(s.ids) for s in rows) == 512
+    assert any(32000 in s.ids and 32002 in s.ids for s in rows if s.kind == "query")
+    assert all(s.ids[0] == 1 and s.ids[-1] == 2 for s in rows)
+    assert len(samples.long_ids(tokenizer, 4096)) == 4096
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_right_padded_batch_equals_single_rows(package, tokenizer, name):
+    rows = [s.ids for s in samples.samples(tokenizer, 512)]
+    batch = verify.right_padded(rows, pad_id=0)
+    sess = verify.session(package / name / "model.onnx")
+    hidden = verify.onnx_hidden(sess, batch)
+    for i, ids in enumerate(rows):
+        alone = verify.onnx_hidden(sess, batch.row(i))[0]
+        np.testing.assert_allclose(hidden[i, : len(ids)], alone, rtol=0, atol=1e-3, err_msg=f"{name} row {i}")
+
+
+def test_right_padded_layout():
+    batch = verify.right_padded([[5, 6, 7], [8]], pad_id=0)
+    assert batch.input_ids.tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch.attention_mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch.position_ids.tolist() == [[0, 1, 2], [0, 0, 0]]
+    assert batch.input_ids.dtype == np.int64
+
+
+def test_last_token_pools_at_mask_end():
+    hidden = np.zeros((2, 3, 2), dtype=np.float32)
+    hidden[0, 2] = [3, 4]
+    hidden[1, 0] = [0, 2]
+    hidden[1, 2] = [9, 9]  # padding: must be ignored
+    emb = verify.last_token(hidden, np.array([[1, 1, 1], [1, 0, 0]]))
+    np.testing.assert_allclose(emb, [[0.6, 0.8], [0.0, 1.0]])
+
+
+def test_refuses_existing_package_without_force(tiny_dir, tmp_path):
+    out = tmp_path / "pkg"
+    out.mkdir()
+    (out / "keep").write_text("x")
+    result = run_export("--model", str(tiny_dir), "--out", str(out))
+    assert result.returncode != 0
+    assert "--force" in result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["keep"]
+
+
+def test_failed_verification_leaves_nothing(tiny_dir, tmp_path):
+    out = tmp_path / "pkg"
+    result = run_export("--model", str(tiny_dir), "--out", str(out), "--variants", "fp32", "--threshold", "fp32=1.5")
+    assert result.returncode != 0
+    assert "failed verification" in result.stderr
+    assert list(tmp_path.iterdir()) == [], "no package and no partial directory may remain"
