@@ -1,0 +1,69 @@
+"""`python -m export`: write a model package (export/FORMAT.md) from a Hugging Face model.
+
+Traces the base model to ONNX in fp32 and fp16, quantizes an 8-bit variant, verifies each against
+PyTorch fp32 on built-in samples and writes `embedder.json` last; the package appears only when
+every variant passed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .package import VARIANTS, ExportError, Options, build_package
+from .verify import THRESHOLDS
+
+
+def parse_thresholds(values: list[str]) -> dict[str, float]:
+    thresholds = dict(THRESHOLDS)
+    for value in values:
+        name, _, number = value.partition("=")
+        if name not in thresholds or not number:
+            raise ValueError(f"--threshold wants VARIANT=MIN_COSINE, got {value!r}")
+        thresholds[name] = float(number)
+    return thresholds
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="model directory or Hugging Face hub id")
+    parser.add_argument("--out", type=Path, required=True, help="package directory to create")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of fp32,fp16,int8")
+    parser.add_argument("--revision", default=None, help="hub revision (recorded in the manifest)")
+    parser.add_argument("--force", action="store_true", help="replace an existing package")
+    parser.add_argument("--max-length", type=int, default=512, help="max tokens of a query and of a document")
+    parser.add_argument("--source-id", default=None, help="model id to record (default: --model as given)")
+    parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads for verification")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    # Tests use this to force a verification failure.
+    parser.add_argument("--threshold", action="append", default=[], help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("onnxscript", "onnx_ir", "onnxruntime", "torch", "transformers", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        opts = Options(
+            variants=[v for v in args.variants.split(",") if v],
+            revision=args.revision,
+            force=args.force,
+            max_length=args.max_length,
+            source_id=args.source_id,
+            thresholds=parse_thresholds(args.threshold),
+            threads=args.threads,
+        )
+        build_package(args.model, args.out, opts)
+    except (ExportError, ValueError, OSError) as e:
+        logging.getLogger("export").error("%s", e)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""The package manifest `embedder.json` (format `icl-embed/1`, see export/FORMAT.md).
+
+Everything the runtime needs besides the graphs and tokenizer.json: architecture facts from the
+config, the prompt templates, the special tokens as the tokenizer really applies them (measured, not
+assumed), max lengths, and per variant its files, dtypes, names, checksums and parity.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from .export import INPUTS, OUTPUT
+
+FORMAT = "icl-embed/1"
+ICL_TOKENS = ("<instruct>", "<query>", "<response>")
+PROMPT = {
+    "query": "<instruct>{task}\n<query>{query}",
+    "example": "<instruct>{instruct}\n<query>{query}\n<response>{response}",
+    "example_separator": "\n\n",
+    "suffix": "\n<response>",
+}
+PROBE_TEXT = "Hello world, this is a probe."
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def architecture(config) -> dict:
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return {
+        "layers": config.num_hidden_layers,
+        "hidden": config.hidden_size,
+        "intermediate": config.intermediate_size,
+        "heads": heads,
+        "kv_heads": getattr(config, "num_key_value_heads", None) or heads,
+        "head_dim": head_dim,
+        "vocab": config.vocab_size,
+        "rope_theta": float(getattr(config, "rope_theta", 10000.0)),
+        "rms_norm_eps": float(config.rms_norm_eps),
+    }
+
+
+def added_ids(tokenizer) -> dict[str, int] | None:
+    """Ids of the three ICL tokens when the tokenizer has them as single tokens, else None."""
+    vocab = tokenizer.get_vocab()
+    if not all(t in vocab for t in ICL_TOKENS):
+        return None
+    return {t: vocab[t] for t in ICL_TOKENS}
+
+
+def wrapping(tokenizer) -> tuple[list[int], list[int]]:
+    """The ids the tokenizer puts before and after a text when it adds special tokens."""
+    plain = tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]
+    full = tokenizer(PROBE_TEXT, add_special_tokens=True)["input_ids"]
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return full[:start], full[start + len(plain) :]
+    raise ValueError("the tokenizer changes a text's ids when it adds special tokens; cannot measure prepend/append")
+
+
+def pad_token(tokenizer) -> tuple[str, int]:
+    """FlagEmbedding pads with the tokenizer's pad token; without one, with unk, else eos."""
+    for token, token_id in ((tokenizer.pad_token, tokenizer.pad_token_id),
+                            (tokenizer.unk_token, tokenizer.unk_token_id),
+                            (tokenizer.eos_token, tokenizer.eos_token_id)):
+        if token is not None and token_id is not None:
+            return token, token_id
+    raise ValueError("the tokenizer has no pad, unk or eos token to pad with")
+
+
+def special_tokens(tokenizer) -> dict:
+    prepend, append = wrapping(tokenizer)
+    pad, pad_id = pad_token(tokenizer)
+    return {
+        "bos": tokenizer.bos_token, "eos": tokenizer.eos_token, "pad": pad,
+        "bos_id": tokenizer.bos_token_id, "eos_id": tokenizer.eos_token_id, "pad_id": pad_id,
+        "prepend": prepend, "append": append,
+        "added": added_ids(tokenizer),
+    }
+
+
+def variant_entry(package: Path, name: str, dtype: str, quantization: dict | None, parity: dict) -> dict:
+    graph = f"{name}/model.onnx"
+    data = f"{graph}.data"
+    return {
+        "file": graph,
+        "data": data,
+        "dtype": dtype,
+        "inputs": list(INPUTS),
+        "output": OUTPUT,
+        "output_dtype": "float32",
+        "sha256": {rel: sha256(package / rel) for rel in (graph, data)},
+        "quantization": quantization,
+        "parity": parity,
+    }
+
+
+def build(config, tokenizer, package: Path, source: dict, max_length: int, variants: dict[str, dict]) -> dict:
+    return {
+        "format": FORMAT,
+        "source": source,
+        "architecture": architecture(config),
+        "pooling": "last_token",
+        "normalize": True,
+        "padding_side": "right",
+        "prompt": dict(PROMPT),
+        "special_tokens": special_tokens(tokenizer),
+        "max_length": {"query": max_length, "document": max_length},
+        "clean_up_tokenization_spaces": bool(tokenizer.clean_up_tokenization_spaces),
+        "tokenizer": {"file": "tokenizer.json", "sha256": sha256(package / "tokenizer.json")},
+        "variants": variants,
+    }
+
+
+def write(package: Path, manifest: dict) -> None:
+    """Write embedder.json atomically (it marks the package complete)."""
+    path = package / "embedder.json"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)

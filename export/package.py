@@ -1,0 +1,177 @@
+"""Building a package atomically: export, quantize, verify, manifest, rename.
+
+Everything is written into a sibling directory `PKG.partial-<pid>`; `embedder.json` is written last,
+after every variant passed verification, and only then is the directory renamed to `PKG`. On any
+failure the partial directory is removed, so nothing that looks complete is left behind.
+
+Memory: the PyTorch model is used for the reference embeddings and the two traced graphs, then
+freed before any ONNX Runtime session or quantizer loads a graph, so at most one copy of the weights
+(plus what the current step builds from it) is held at a time.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import resource
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import AutoConfig, AutoTokenizer
+
+from . import export, manifest, quantize, samples, verify
+
+log = logging.getLogger(__name__)
+
+VARIANTS = ("fp32", "fp16", "int8")
+DTYPES = {"fp32": "float32", "fp16": "float16", "int8": "int8"}
+FP16_LONG_INPUT = 4096
+
+
+class ExportError(RuntimeError):
+    pass
+
+
+@dataclass
+class Options:
+    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
+    revision: str | None = None
+    force: bool = False
+    max_length: int = 512
+    source_id: str | None = None
+    thresholds: dict[str, float] = field(default_factory=lambda: dict(verify.THRESHOLDS))
+    threads: int = 2
+
+
+def resolve(model: str, revision: str | None) -> tuple[Path, str | None]:
+    """A local model directory, or a hub id downloaded with huggingface_hub (dir, resolved revision)."""
+    path = Path(model)
+    if path.is_dir():
+        return path, revision
+    if model.startswith(("/", ".", "~")) or path.exists():
+        raise ExportError(f"{model} is not a model directory")
+    from huggingface_hub import snapshot_download
+
+    local = Path(snapshot_download(model, revision=revision))
+    return local, local.name  # the snapshot directory is named after the commit
+
+
+def partial_dir(out: Path) -> Path:
+    return out.with_name(f"{out.name}.partial-{os.getpid()}")
+
+
+def build_package(model: str, out: Path, opts: Options) -> dict:
+    """Export `model` into the package directory `out`; returns the manifest."""
+    unknown = [v for v in opts.variants if v not in VARIANTS]
+    if unknown or not opts.variants:
+        raise ExportError(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+    if out.exists() and not opts.force:
+        raise ExportError(f"{out} already exists; pass --force to replace it")
+    model_dir, revision = resolve(model, opts.revision)
+    tmp = partial_dir(out)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        result = _build(model, model_dir, revision, tmp, opts)
+        _replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("package written to %s; peak RSS %.2f GiB", out, peak_rss_gib())
+    return result
+
+
+def _build(model: str, model_dir: Path, revision: str | None, tmp: Path, opts: Options) -> dict:
+    tokenizer_file = model_dir / "tokenizer.json"
+    if not tokenizer_file.is_file():
+        raise ExportError(f"{model_dir} has no tokenizer.json")
+    shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    config = AutoConfig.from_pretrained(model_dir)
+    rows = [s.ids for s in samples.samples(tokenizer, opts.max_length)]
+    pad_id = manifest.pad_token(tokenizer)[1]
+    batch = verify.right_padded(rows, pad_id)
+    log.info("%d sample texts, %d to %d tokens", len(rows), min(map(len, rows)), max(map(len, rows)))
+
+    architecture, reference = _trace(model_dir, tmp, opts, batch)
+    entries = {}
+    for name in opts.variants:
+        entries[name] = _finish_variant(name, tmp, opts, batch, reference, tokenizer)
+    if "fp32" not in opts.variants:
+        shutil.rmtree(tmp / "fp32", ignore_errors=True)
+
+    _readable(tmp)
+    source = {"model": opts.source_id or model, "revision": revision, "model_type": config.model_type,
+              "architecture": architecture}
+    result = manifest.build(config, tokenizer, tmp, source, opts.max_length, entries)
+    manifest.write(tmp, result)
+    return result
+
+
+def _trace(model_dir: Path, tmp: Path, opts: Options, batch: verify.Batch):
+    """Reference embeddings from PyTorch fp32, then the fp32 (also for int8, which starts from it) and fp16 graphs."""
+    start = time.perf_counter()
+    model = export.load_model(model_dir)
+    architecture = type(model).__name__
+    log.info("loaded %s in %.1f s", architecture, time.perf_counter() - start)
+    start = time.perf_counter()
+    reference = verify.last_token(verify.torch_hidden(model, batch), batch.attention_mask)
+    log.info("PyTorch fp32 reference in %.1f s", time.perf_counter() - start)
+    if "fp32" in opts.variants or "int8" in opts.variants:
+        _timed("export fp32", export.export_graph, model, tmp / "fp32" / "model.onnx")
+    if "fp16" in opts.variants:
+        export.to_half(model)
+        _timed("export fp16", export.export_graph, model, tmp / "fp16" / "model.onnx")
+    del model
+    gc.collect()
+    return architecture, reference
+
+
+def _finish_variant(name: str, tmp: Path, opts: Options, batch, reference, tokenizer) -> dict:
+    recipe = None
+    if name == "int8":
+        recipe = quantize.SHIPPED_INT8
+        _timed("quantize int8", quantize.quantize, tmp / "fp32" / "model.onnx", tmp / "int8" / "model.onnx", recipe)
+    long_input = samples.long_ids(tokenizer, FP16_LONG_INPUT) if name == "fp16" else None
+    start = time.perf_counter()
+    try:
+        parity = verify.verify_variant(name, tmp / name / "model.onnx", batch, reference,
+                                       opts.thresholds[name], long_input, opts.threads)
+    except verify.VerificationError as e:
+        raise ExportError(str(e)) from e
+    log.info("verify %s in %.1f s (peak RSS so far %.2f GiB)", name, time.perf_counter() - start, peak_rss_gib())
+    gc.collect()
+    return manifest.variant_entry(tmp, name, DTYPES[name], recipe.describe() if recipe else None, parity)
+
+
+def _readable(tmp: Path) -> None:
+    """Some writers (onnx's external data) create 0600 files; a package is meant to be shared."""
+    for path in tmp.rglob("*"):
+        if path.is_file():
+            path.chmod(0o644)
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """Rename the finished directory into place; an existing `out` (only with --force) goes last."""
+    old = None
+    if out.exists():
+        old = out.with_name(f"{out.name}.old-{os.getpid()}")
+        os.rename(out, old)
+    os.rename(tmp, out)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def _timed(what: str, fn, *args):
+    start = time.perf_counter()
+    result = fn(*args)
+    log.info("%s in %.1f s (peak RSS so far %.2f GiB)", what, time.perf_counter() - start, peak_rss_gib())
+    return result
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

@@ -1,0 +1,130 @@
+"""Parity of an exported graph against PyTorch fp32.
+
+Every row of one right-padded batch is pooled at its last real token (`sum(mask) - 1`) and
+L2-normalised, exactly as the runtime does; the graph's embeddings are compared with PyTorch's by
+cosine. A variant whose minimum cosine is under its threshold fails the export.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+log = logging.getLogger(__name__)
+
+THRESHOLDS = {"fp32": 0.99999, "fp16": 0.999, "int8": 0.99}
+
+
+class VerificationError(RuntimeError):
+    pass
+
+
+@dataclass
+class Batch:
+    input_ids: np.ndarray  # int64 [batch, seq]
+    attention_mask: np.ndarray
+    position_ids: np.ndarray
+
+    def feeds(self) -> dict[str, np.ndarray]:
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "position_ids": self.position_ids}
+
+    def row(self, i: int) -> Batch:
+        n = int(self.attention_mask[i].sum())
+        return Batch(self.input_ids[i : i + 1, :n], self.attention_mask[i : i + 1, :n], self.position_ids[i : i + 1, :n])
+
+
+def right_padded(rows: list[list[int]], pad_id: int) -> Batch:
+    """The runtime's batch contract: right padding, mask 1 on real tokens, positions 0..len-1 (0 on padding)."""
+    seq = max(len(r) for r in rows)
+    ids = np.full((len(rows), seq), pad_id, dtype=np.int64)
+    mask = np.zeros((len(rows), seq), dtype=np.int64)
+    pos = np.zeros((len(rows), seq), dtype=np.int64)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = r
+        mask[i, : len(r)] = 1
+        pos[i, : len(r)] = np.arange(len(r))
+    return Batch(ids, mask, pos)
+
+
+def last_token(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Pool at sum(mask) - 1 and L2-normalise, in float64."""
+    last = mask.sum(axis=1) - 1
+    emb = hidden[np.arange(hidden.shape[0]), last].astype(np.float64)
+    return emb / np.linalg.norm(emb, axis=1, keepdims=True)
+
+
+def torch_hidden(model: torch.nn.Module, batch: Batch) -> np.ndarray:
+    with torch.inference_mode():
+        out = model(
+            input_ids=torch.from_numpy(batch.input_ids),
+            attention_mask=torch.from_numpy(batch.attention_mask),
+            position_ids=torch.from_numpy(batch.position_ids),
+            use_cache=False,
+        )
+    return out.last_hidden_state.float().numpy()
+
+
+def session(path: Path, threads: int = 2) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def onnx_hidden(sess: ort.InferenceSession, batch: Batch) -> np.ndarray:
+    (out,) = sess.run(["last_hidden_state"], batch.feeds())
+    return out
+
+
+def parity(reference: np.ndarray, embeddings: np.ndarray, threshold: float) -> dict:
+    cos = np.sum(reference * embeddings, axis=1)
+    return {
+        "reference": "pytorch fp32",
+        "texts": int(reference.shape[0]),
+        "min_cosine": float(cos.min()),
+        "mean_cosine": float(cos.mean()),
+        "max_abs_diff": float(np.abs(reference - embeddings).max()),
+        "threshold": float(threshold),
+    }
+
+
+def check_finite(sess: ort.InferenceSession, ids: list[int]) -> None:
+    """Run one long row; any inf/NaN in the hidden states fails the export."""
+    batch = right_padded([ids], pad_id=0)
+    hidden = onnx_hidden(sess, batch)
+    if not np.isfinite(hidden).all():
+        bad = int((~np.isfinite(hidden)).sum())
+        raise VerificationError(f"{bad} non-finite values in the hidden states of a {len(ids)}-token input")
+
+
+def verify_variant(
+    name: str,
+    graph: Path,
+    batch: Batch,
+    reference: np.ndarray,
+    threshold: float,
+    finite_ids: list[int] | None = None,
+    threads: int = 2,
+) -> dict:
+    """Parity figures of one variant; raises VerificationError when it misses `threshold`."""
+    sess = session(graph, threads)
+    embeddings = last_token(onnx_hidden(sess, batch), batch.attention_mask)
+    result = parity(reference, embeddings, threshold)
+    log.info(
+        "%s parity: min cos %.7f, mean cos %.7f, max abs diff %.2e (threshold %s)",
+        name, result["min_cosine"], result["mean_cosine"], result["max_abs_diff"], threshold,
+    )
+    if finite_ids is not None:
+        check_finite(sess, finite_ids)
+        log.info("%s: %d-token input finite", name, len(finite_ids))
+    if not result["min_cosine"] >= threshold:
+        raise VerificationError(
+            f"variant {name} failed verification: min cosine {result['min_cosine']:.7f} "
+            f"against PyTorch fp32 is under the threshold {threshold}"
+        )
+    return result
