@@ -16,6 +16,7 @@
 pub mod batch;
 pub mod embedder;
 pub mod error;
+pub mod hub;
 pub mod input;
 pub mod manifest;
 pub mod output;

@@ -9,11 +9,12 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use icl_embed::embedder::EmbedJob;
+use icl_embed::hub;
 use icl_embed::input::{self, InputFormat};
 use icl_embed::output::{self, OutputFormat};
 use icl_embed::runtime::{self, Device};
 use icl_embed::stream::{self, Progress, RunOptions, RunSettings, Shard, Source};
-use icl_embed::{Embedder, EmbedderOptions, Encoder, Example, Package};
+use icl_embed::{Embedder, EmbedderOptions, Encoder, Example, Manifest, Package};
 
 /// Embeddings from BAAI/bge-en-icl model packages on ONNX Runtime, with few-shot query prompts.
 #[derive(Parser)]
@@ -47,7 +48,8 @@ struct MergeArgs {
 
 #[derive(Args)]
 struct TextArgs {
-    /// Model package directory (made by `python -m export`).
+    /// Model package: a directory made by `python -m export`, or a Hugging Face repo id
+    /// (`owner/name[@revision]`) holding one, fetched into the hub cache (offline once cached).
     #[arg(long)]
     model: PathBuf,
     /// Input file of texts, `-` for stdin.
@@ -190,7 +192,7 @@ fn token_ids(encoder: &Encoder, args: &TextArgs, job: &Job) -> Result<Vec<Vec<u3
 }
 
 fn tokenize(args: TokenizeArgs) -> Result<()> {
-    let encoder = Encoder::open(&args.text.model)?;
+    let encoder = Encoder::open(model_dir(&args.text.model, "none", Device::Cpu)?)?;
     let job = read_job(&args.text)?;
     let ids = token_ids(&encoder, &args.text, &job)?;
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
@@ -223,7 +225,8 @@ fn embed(args: EmbedArgs) -> Result<()> {
         Some(path) => input::read_examples(path)?,
         None => Vec::new(),
     };
-    let mut embedder = Embedder::new(&args.text.model, &options)?;
+    let model = model_dir(&args.text.model, &args.variant, options.device)?;
+    let mut embedder = Embedder::new(&model, &options)?;
     if !args.quiet {
         let notes = embedder.fallback_notes();
         let why = if notes.is_empty() {
@@ -337,6 +340,44 @@ fn embed(args: EmbedArgs) -> Result<()> {
     Ok(())
 }
 
+/// `spec` itself when it is a directory; a Hugging Face repo id resolved through the hub cache
+/// (fetching the manifest, the tokenizer and the files of the variants this run may use).
+fn model_dir(spec: &Path, variant: &str, device: Device) -> Result<PathBuf> {
+    let text = spec.to_string_lossy();
+    if spec.is_dir() || !hub::is_repo_id(&text) {
+        return Ok(spec.to_path_buf());
+    }
+    let variant = variant.to_string();
+    let wanted = move |m: &Manifest| -> Vec<String> {
+        let first = |prefs: &[&str]| {
+            prefs
+                .iter()
+                .find(|p| m.variants.contains_key(**p))
+                .map(|p| p.to_string())
+        };
+        let names: Vec<String> = match variant.as_str() {
+            "none" => vec![],
+            "auto" => {
+                let mut v: Vec<String> = Vec::new();
+                if device.is_gpu() || (device == Device::Auto && runtime::cuda_driver_present()) {
+                    v.extend(first(&["fp16", "fp32"]));
+                }
+                if !device.is_gpu() {
+                    v.extend(first(&["int8", "fp32"]));
+                }
+                v
+            }
+            name => vec![name.to_string()],
+        };
+        names
+            .iter()
+            .filter_map(|n| m.variants.get(n))
+            .flat_map(|v| std::iter::once(v.file.clone()).chain(v.data.clone()))
+            .collect()
+    };
+    Ok(hub::resolve(&text, &wanted)?)
+}
+
 fn check_output_dir(output: &Path) -> Result<()> {
     let dir = match output.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
@@ -371,7 +412,7 @@ fn progress_bar(quiet: bool) -> Option<indicatif::ProgressBar> {
 fn info(args: InfoArgs) -> Result<()> {
     let mut out = std::io::stdout().lock();
     if let Some(dir) = &args.model {
-        let package = Package::open(dir)?;
+        let package = Package::open(model_dir(dir, "none", Device::Cpu)?)?;
         let m = &package.manifest;
         writeln!(out, "package {}", package.dir.display())?;
         writeln!(out, "  source: {}", m.source)?;

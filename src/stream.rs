@@ -203,6 +203,8 @@ pub struct RunSettings {
     pub input_format: String,
     pub field: String,
     pub id_field: Option<String>,
+    /// Not fingerprinted: a run stopped by a malformed line resumes with `--skip-invalid`.
+    #[serde(skip)]
     pub skip_invalid: bool,
     pub output_format: String,
 }
@@ -315,8 +317,33 @@ pub enum Progress {
     Done { items: usize, tokens: usize },
 }
 
-/// Runs (or resumes) the embedding of a whole input into `options.output`.
+/// Runs (or resumes) the embedding of a whole input into `options.output`. A run that fails
+/// after committing work keeps its side files, so that the same command resumes it; one that
+/// fails before committing anything removes them.
 pub fn run(embedder: &mut dyn BatchEmbedder, options: RunOptions<'_>) -> Result<Summary> {
+    let paths = Paths::new(options.output);
+    let had_state = paths.state.exists();
+    let result = run_inner(embedder, options, &paths);
+    if result.is_err() && !had_state {
+        if let Ok(Some(state)) = load_state(&paths) {
+            if state.committed.rows == 0
+                && state.committed.skipped == 0
+                && state.pending_batches.is_empty()
+            {
+                for p in [&paths.partial, &paths.pending, &paths.skipped, &paths.state] {
+                    let _ = std::fs::remove_file(p);
+                }
+            }
+        }
+    }
+    result
+}
+
+fn run_inner(
+    embedder: &mut dyn BatchEmbedder,
+    options: RunOptions<'_>,
+    paths: &Paths,
+) -> Result<Summary> {
     let RunOptions {
         source,
         output,
@@ -326,7 +353,6 @@ pub fn run(embedder: &mut dyn BatchEmbedder, options: RunOptions<'_>) -> Result<
         progress,
         warn,
     } = options;
-    let paths = Paths::new(output);
     let hidden = embedder.hidden();
     let fingerprint = settings.fingerprint();
     let name = match &source {
@@ -343,14 +369,16 @@ pub fn run(embedder: &mut dyn BatchEmbedder, options: RunOptions<'_>) -> Result<
         progress(Progress::Total(t));
     }
 
-    let mut state = match load_state(&paths)? {
-        Some(_) if matches!(source, Source::Stdin) => return Err(Error::input(
-            paths.state.display().to_string(),
-            format!(
+    let mut state = match load_state(paths)? {
+        Some(_) if matches!(source, Source::Stdin) => {
+            return Err(Error::input(
+                paths.state.display().to_string(),
+                format!(
                 "an unfinished run exists, but stdin cannot be resumed: remove {}* to start over",
                 paths.partial.display()
             ),
-        )),
+            ))
+        }
         Some(old) => {
             if old.settings != fingerprint {
                 return Err(Error::input(
@@ -389,7 +417,7 @@ pub fn run(embedder: &mut dyn BatchEmbedder, options: RunOptions<'_>) -> Result<
     if state.committed.rows > 0 && !paths.partial.exists() && paths.out.exists() {
         // Killed between renaming the finished output into place and removing the run's state:
         // the output is this very run's, complete.
-        finish_side_files(&paths, state.committed.skipped)?;
+        finish_side_files(paths, state.committed.skipped)?;
         return Ok(Summary {
             items: state.committed.rows,
             tokens: state.committed.tokens,
@@ -407,7 +435,7 @@ pub fn run(embedder: &mut dyn BatchEmbedder, options: RunOptions<'_>) -> Result<
     let mut pending_file = open_truncated(&paths.pending, state.pending_bytes)?;
     let mut pending = read_pending(&paths.pending, hidden)?;
     pending.retain(|b, _| state.pending_batches.contains(b));
-    save_state(&paths, &state)?;
+    save_state(paths, &state)?;
 
     let summary_start = state.committed.rows;
     let reader: Box<dyn BufRead> = match &source {
@@ -493,7 +521,7 @@ pub fn run(embedder: &mut dyn BatchEmbedder, options: RunOptions<'_>) -> Result<
             write_at_end(&mut pending_file, &paths.pending, &bytes)?;
             state.pending_batches.push(b);
             state.pending_bytes += bytes.len() as u64;
-            save_state(&paths, &state)?;
+            save_state(paths, &state)?;
             let tokens: usize = members.iter().map(|&r| lengths[r]).sum();
             for (r, v) in members.iter().zip(vectors) {
                 rows[*r] = Some(v);
@@ -540,7 +568,7 @@ pub fn run(embedder: &mut dyn BatchEmbedder, options: RunOptions<'_>) -> Result<
         pending_file
             .set_len(0)
             .map_err(|e| Error::io(&paths.pending, "cannot truncate", e))?;
-        save_state(&paths, &state)?;
+        save_state(paths, &state)?;
     }
 
     // Finish: the real header, sync, rename into place, remove the run's side files.
@@ -558,7 +586,7 @@ pub fn run(embedder: &mut dyn BatchEmbedder, options: RunOptions<'_>) -> Result<
         .map_err(|e| Error::io(&paths.skipped, "cannot sync", e))?;
     std::fs::rename(&paths.partial, &paths.out)
         .map_err(|e| Error::io(&paths.out, "cannot write the output", e))?;
-    finish_side_files(&paths, state.committed.skipped)?;
+    finish_side_files(paths, state.committed.skipped)?;
     Ok(Summary {
         items: state.committed.rows,
         tokens: state.committed.tokens,

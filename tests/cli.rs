@@ -35,11 +35,10 @@ fn embed(pkg: &Path, input: &Path, output: &Path, extra: &[&str]) -> std::proces
         "--output".into(),
         output.display().to_string(),
     ]);
-    args.extend(
-        ["--device", "cpu", "--variant", "fp32", "-q"]
-            .iter()
-            .map(|s| s.to_string()),
-    );
+    if !extra.contains(&"--device") {
+        args.extend(["--device".to_string(), "cpu".to_string()]);
+    }
+    args.extend(["--variant", "fp32", "-q"].iter().map(|s| s.to_string()));
     args.extend(extra.iter().map(|s| s.to_string()));
     run(&args)
 }
@@ -443,4 +442,98 @@ fn stdin_input() {
         .unwrap();
     let o = child.wait_with_output().unwrap();
     assert_eq!(read_ids(&ok(o)).len(), 2);
+}
+
+/// A Hugging Face cache laid out as the hub client lays it out: refs/main names a snapshot whose
+/// files link to blobs.
+fn hub_cache(home: &Path, repo: &str, package: Option<&Path>) {
+    let folder = home
+        .join("hub")
+        .join(format!("models--{}", repo.replace('/', "--")));
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    std::fs::create_dir_all(folder.join("refs")).unwrap();
+    std::fs::write(folder.join("refs/main"), commit).unwrap();
+    let snapshot = folder.join("snapshots").join(commit);
+    std::fs::create_dir_all(&snapshot).unwrap();
+    let Some(package) = package else {
+        std::fs::write(snapshot.join("config.json"), b"{}").unwrap();
+        return;
+    };
+    let blobs = folder.join("blobs");
+    std::fs::create_dir_all(&blobs).unwrap();
+    for file in [
+        "embedder.json",
+        "tokenizer.json",
+        "fp32/model.onnx",
+        "fp32/model.onnx.data",
+    ] {
+        let blob = blobs.join(file.replace('/', "_"));
+        std::fs::copy(package.join(file), &blob).unwrap();
+        let link = snapshot.join(file);
+        std::fs::create_dir_all(link.parent().unwrap()).unwrap();
+        std::os::unix::fs::symlink(&blob, &link).unwrap();
+    }
+}
+
+#[test]
+fn a_hub_repo_id_works_offline_from_the_cache_and_says_when_there_is_no_package() {
+    let Some(f) = fixtures() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("hf");
+    hub_cache(&home, "icl-test/tiny", Some(&f.tiny_pkg));
+    hub_cache(&home, "icl-test/plain-model", None);
+    let input = write(dir.path(), "in.txt", b"hello\nworld\n");
+    let run_env = |model: &str, out: &Path| {
+        std::process::Command::new(bin())
+            .args([
+                "embed",
+                "--model",
+                model,
+                "--input",
+                input.to_str().unwrap(),
+                "--output",
+                out.to_str().unwrap(),
+            ])
+            .args(["--device", "cpu", "--variant", "fp32", "-q"])
+            .env("HF_HOME", &home)
+            .env("HF_HUB_OFFLINE", "1")
+            .output()
+            .unwrap()
+    };
+    let from_hub = dir.path().join("hub.npy");
+    ok(run_env("icl-test/tiny", &from_hub));
+    let from_dir = dir.path().join("dir.npy");
+    ok(embed(&f.tiny_pkg, &input, &from_dir, &[]));
+    assert_eq!(
+        std::fs::read(&from_hub).unwrap(),
+        std::fs::read(&from_dir).unwrap()
+    );
+    let err = fails(run_env("icl-test/plain-model", &dir.path().join("x.npy")));
+    assert!(
+        err.contains("icl-test/plain-model") && err.contains("holds no icl-embed package"),
+        "{err}"
+    );
+    let err = fails(run_env("icl-test/absent", &dir.path().join("y.npy")));
+    assert!(
+        err.contains("icl-test/absent") && err.contains("not in the Hugging Face cache"),
+        "{err}"
+    );
+    // The cached snapshot has no int8 files: asking for them offline names what is missing.
+    let o = std::process::Command::new(bin())
+        .args([
+            "embed",
+            "--model",
+            "icl-test/tiny",
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            dir.path().join("z.npy").to_str().unwrap(),
+        ])
+        .args(["--device", "cpu", "--variant", "int8"])
+        .env("HF_HOME", &home)
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    let err = fails(o);
+    assert!(err.contains("int8/model.onnx"), "{err}");
 }

@@ -1,0 +1,145 @@
+//! Model packages on the Hugging Face Hub: `--model owner/name[@revision]` is looked up in the
+//! hub client's cache (`$HF_HOME/hub`, laid out as `huggingface_hub` lays it out) and fetched with
+//! `hf-hub` only when files are missing. Only the manifest, the tokenizer and the files of the
+//! variants a run can use are fetched, not every precision of a 7B model. With
+//! `HF_HUB_OFFLINE=1` the network is never touched.
+
+use std::path::{Path, PathBuf};
+
+use hf_hub::{Cache, Repo, RepoType};
+
+use crate::error::{Error, Result};
+use crate::manifest::{Manifest, MANIFEST_FILE};
+
+/// Whether `spec` names a hub repository rather than a directory: `owner/name` or
+/// `owner/name@revision`, and no such path exists here.
+pub fn is_repo_id(spec: &str) -> bool {
+    if Path::new(spec).exists() || spec.starts_with(['.', '/', '~']) {
+        return false;
+    }
+    let id = spec.split('@').next().unwrap_or_default();
+    let parts: Vec<&str> = id.split('/').collect();
+    parts.len() == 2
+        && parts.iter().all(|p| {
+            !p.is_empty()
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        })
+}
+
+fn offline() -> bool {
+    std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| !v.is_empty() && v != "0")
+}
+
+/// The local directory of the package `spec` (a repo id), with the manifest, the tokenizer and
+/// the files that `variant_files` names present.
+pub fn resolve(spec: &str, variant_files: &dyn Fn(&Manifest) -> Vec<String>) -> Result<PathBuf> {
+    let (id, revision) = match spec.split_once('@') {
+        Some((id, rev)) => (id.to_string(), rev.to_string()),
+        None => (spec.to_string(), "main".to_string()),
+    };
+    let what = format!("model {spec}");
+    let repo = Repo::with_revision(id.clone(), RepoType::Model, revision.clone());
+    let cache = Cache::from_env();
+    let cached = cache.repo(repo.clone());
+    let needed = |dir: &Path| -> Result<Vec<String>> {
+        let manifest = read_manifest(&dir.join(MANIFEST_FILE))?;
+        let mut files = vec![manifest.tokenizer.file.clone()];
+        files.extend(variant_files(&manifest));
+        Ok(files)
+    };
+    if let Some(manifest_path) = cached.get(MANIFEST_FILE) {
+        let dir = manifest_path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
+        let files = needed(&dir)?;
+        let missing: Vec<&String> = files.iter().filter(|f| cached.get(f).is_none()).collect();
+        if missing.is_empty() {
+            return Ok(dir);
+        }
+        if offline() {
+            return Err(Error::input(
+                what,
+                format!(
+                    "the cached snapshot in {} lacks {missing:?} and HF_HUB_OFFLINE is set",
+                    dir.display()
+                ),
+            ));
+        }
+    } else if offline() {
+        let snapshot = cache.path().join(repo.folder_name());
+        let reason = if snapshot.join("refs").join(&revision).exists() {
+            format!(
+                "the cached snapshot in {} holds no icl-embed package (no {MANIFEST_FILE})",
+                snapshot.display()
+            )
+        } else {
+            format!(
+                "not in the Hugging Face cache {} and HF_HUB_OFFLINE is set",
+                cache.path().display()
+            )
+        };
+        return Err(Error::input(what, reason));
+    }
+
+    let api = hf_hub::api::sync::ApiBuilder::from_env()
+        .with_progress(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .build()
+        .map_err(|e| {
+            Error::input(
+                what.clone(),
+                format!("cannot start the Hugging Face Hub client: {e}"),
+            )
+        })?;
+    let remote = api.repo(repo);
+    let manifest_path = remote.get(MANIFEST_FILE).map_err(|e| {
+        let e = e.to_string();
+        let reason = if e.contains("404") {
+            format!("the repository holds no icl-embed package (no {MANIFEST_FILE} at revision {revision}); make one with `python -m export` and upload it")
+        } else {
+            format!("cannot fetch {MANIFEST_FILE} from the Hugging Face Hub: {e} (files already in the cache are used without the network)")
+        };
+        Error::input(what.clone(), reason)
+    })?;
+    let dir = manifest_path
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    for file in needed(&dir)? {
+        remote
+            .get(&file)
+            .map_err(|e| Error::input(what.clone(), format!("cannot fetch {file}: {e}")))?;
+    }
+    Ok(dir)
+}
+
+fn read_manifest(path: &Path) -> Result<Manifest> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::io(path, "cannot read the manifest", e))?;
+    serde_json::from_str(&text).map_err(|source| Error::Manifest {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repo_ids_and_paths() {
+        assert!(is_repo_id("BAAI/bge-en-icl"));
+        assert!(is_repo_id("org/pkg@v1.0"));
+        for path in [
+            "models/x/y",
+            "./org/name",
+            "/abs/path",
+            "name",
+            "org/",
+            "a b/c",
+        ] {
+            assert!(!is_repo_id(path), "{path}");
+        }
+    }
+}
