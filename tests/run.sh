@@ -11,4 +11,4 @@ export ICL_REQUIRE_FIXTURES=1
 echo "== python tests" >&2
 .venv/bin/python -m pytest -q tests/python
 echo "== rust tests" >&2
-cargo test --quiet
+cargo test --quiet -- --nocapture
