@@ -171,20 +171,9 @@ fn jsonl_output_holds_the_same_vectors_as_npy() {
         "cpu".into(),
     ]);
     ok(run(&args));
-    let rows: Vec<Vec<f32>> = std::fs::read_to_string(&out)
-        .unwrap()
-        .lines()
-        .enumerate()
-        .map(|(i, l)| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            assert_eq!(v["index"].as_u64(), Some(i as u64));
-            v["embedding"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_f64().unwrap() as f32)
-                .collect()
-        })
+    let rows: Vec<Vec<f32>> = read_jsonl_embeddings(&out)
+        .into_iter()
+        .map(|(_, e)| e)
         .collect();
     assert_eq!(rows, npy);
 }

@@ -248,20 +248,12 @@ fn shards_merge_back_into_input_order() {
         let rows: Vec<Vec<f32>> = if ext == "npy" {
             read_npy(&merged)
         } else {
-            std::fs::read_to_string(&merged)
-                .unwrap()
-                .lines()
+            read_jsonl_embeddings(&merged)
+                .into_iter()
                 .enumerate()
-                .map(|(i, l)| {
-                    let v: serde_json::Value = serde_json::from_str(l).unwrap();
-                    assert_eq!(v["index"].as_u64(), Some(i as u64));
+                .map(|(i, (v, e))| {
                     assert_eq!(v["id"].as_str(), Some(format!("doc-{i}").as_str()));
-                    v["embedding"]
-                        .as_array()
-                        .unwrap()
-                        .iter()
-                        .map(|x| x.as_f64().unwrap() as f32)
-                        .collect()
+                    e
                 })
                 .collect()
         };

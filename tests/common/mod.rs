@@ -118,6 +118,32 @@ pub fn read_npy(path: &Path) -> Vec<Vec<f32>> {
     data.chunks(dims[1]).map(<[f32]>::to_vec).collect()
 }
 
+/// Rows of a JSON-lines embedding output (`{"index": i, ..., "embedding": [...]}`), checking that
+/// the indices count up from 0; each row with its whole JSON object.
+pub fn read_jsonl_embeddings(path: &Path) -> Vec<(serde_json::Value, Vec<f32>)> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .enumerate()
+        .map(|(i, l)| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            assert_eq!(
+                v["index"].as_u64(),
+                Some(i as u64),
+                "{}: row {i}",
+                path.display()
+            );
+            let e = v["embedding"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap() as f32)
+                .collect();
+            (v, e)
+        })
+        .collect()
+}
+
 /// `{"index": i, "ids": [...]}` lines.
 pub fn read_ids(text: &str) -> Vec<Vec<u32>> {
     text.lines()
