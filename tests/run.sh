@@ -6,7 +6,8 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 bash export/setup.sh
 cargo build --quiet --all-targets
-eval "$(bash tests/fixtures.sh)"
+fixtures=$(bash tests/fixtures.sh)  # a failing fixture build stops here (set -e)
+eval "$fixtures"
 export ICL_REQUIRE_FIXTURES=1
 echo "== python tests" >&2
 .venv/bin/python -m pytest -q tests/python
