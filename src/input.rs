@@ -87,7 +87,8 @@ pub fn parse_texts(
         match format {
             InputFormat::Jsonl if line.trim().is_empty() => {}
             InputFormat::Jsonl => texts.push(
-                json_field(line, field)
+                parse_json_record(line, field, None)
+                    .map(|(text, _)| text)
                     .map_err(|reason| Error::input(format!("{name}, line {line_no}"), reason))?,
             ),
             _ => texts.push(line.to_string()),
@@ -96,18 +97,35 @@ pub fn parse_texts(
     Ok(texts)
 }
 
-fn json_field(line: &str, field: &str) -> std::result::Result<String, String> {
+/// The text (and, when `id_field` is set, the id) of one JSON line; the error says what is wrong.
+pub(crate) fn parse_json_record(
+    line: &str,
+    field: &str,
+    id_field: Option<&str>,
+) -> std::result::Result<(String, Option<String>), String> {
     let value: serde_json::Value =
         serde_json::from_str(line).map_err(|e| format!("malformed JSON: {e}"))?;
     let object = value.as_object().ok_or("not a JSON object")?;
-    match object.get(field) {
-        Some(serde_json::Value::String(s)) => Ok(s.clone()),
-        Some(other) => Err(format!(
-            "field {field:?} is not a string (it is {})",
-            json_kind(other)
-        )),
-        None => Err(format!("no field {field:?} (set --field)")),
-    }
+    let text = match object.get(field) {
+        Some(serde_json::Value::String(s)) => s.clone(),
+        Some(other) => {
+            return Err(format!(
+                "field {field:?} is not a string (it is {})",
+                json_kind(other)
+            ))
+        }
+        None => return Err(format!("no field {field:?} (set --field)")),
+    };
+    let id = match id_field {
+        None => None,
+        Some(f) => match object.get(f) {
+            Some(serde_json::Value::String(s)) => Some(s.clone()),
+            Some(v @ serde_json::Value::Number(_)) => Some(v.to_string()),
+            Some(_) => return Err(format!("id field {f:?} is not a string or number")),
+            None => return Err(format!("no id field {f:?}")),
+        },
+    };
+    Ok((text, id))
 }
 
 fn json_kind(v: &serde_json::Value) -> &'static str {

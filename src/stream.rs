@@ -23,7 +23,7 @@ use sha2::{Digest, Sha256};
 
 use crate::batch;
 use crate::error::{Error, Result};
-use crate::input::InputFormat;
+use crate::input::{parse_json_record, InputFormat};
 use crate::output::{npy_header, OutputFormat};
 
 /// `--shard K/N`: this run takes the records whose index is K modulo N.
@@ -159,31 +159,6 @@ impl<R: BufRead> RecordReader<R> {
             };
         }
     }
-}
-
-fn parse_json_record(
-    line: &str,
-    field: &str,
-    id_field: Option<&str>,
-) -> std::result::Result<(String, Option<String>), String> {
-    let value: serde_json::Value =
-        serde_json::from_str(line).map_err(|e| format!("malformed JSON: {e}"))?;
-    let object = value.as_object().ok_or("not a JSON object")?;
-    let text = match object.get(field) {
-        Some(serde_json::Value::String(s)) => s.clone(),
-        Some(_) => return Err(format!("field {field:?} is not a string")),
-        None => return Err(format!("no field {field:?} (set --field)")),
-    };
-    let id = match id_field {
-        None => None,
-        Some(f) => match object.get(f) {
-            Some(serde_json::Value::String(s)) => Some(s.clone()),
-            Some(v @ serde_json::Value::Number(_)) => Some(v.to_string()),
-            Some(_) => return Err(format!("id field {f:?} is not a string or number")),
-            None => return Err(format!("no id field {f:?}")),
-        },
-    };
-    Ok((text, id))
 }
 
 /// Everything that decides the bytes of the output; a resumed run must match it exactly.
