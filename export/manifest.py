@@ -101,6 +101,11 @@ def variant_entry(package: Path, name: str, dtype: str, quantization: dict | Non
         "sha256": {rel: sha256(package / rel) for rel in (graph, data)},
         "quantization": quantization,
         "parity": parity,
+        "prefix_cache": {
+            "past_key": "past.{layer}.key", "past_value": "past.{layer}.value",
+            "present_key": "present.{layer}.key", "present_value": "present.{layer}.value",
+            "dtype": "float16" if dtype == "float16" else "float32",
+        },
     }
 
 

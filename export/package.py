@@ -23,6 +23,7 @@ from pathlib import Path
 from transformers import AutoConfig, AutoTokenizer
 
 from . import export, manifest, quantize, samples, verify
+from .decoder import Decoder
 
 log = logging.getLogger(__name__)
 
@@ -98,9 +99,10 @@ def _build(model: str, model_dir: Path, revision: str | None, tmp: Path, opts: O
     log.info("%d sample texts, %d to %d tokens", len(rows), min(map(len, rows)), max(map(len, rows)))
 
     architecture, reference = _trace(model_dir, tmp, opts, batch)
+    cache_rows = samples.prefix_sharing(tokenizer, opts.max_length)
     entries = {}
     for name in opts.variants:
-        entries[name] = _finish_variant(name, tmp, opts, batch, reference, tokenizer)
+        entries[name] = _finish_variant(name, tmp, opts, batch, reference, tokenizer, cache_rows)
     if "fp32" not in opts.variants:
         shutil.rmtree(tmp / "fp32", ignore_errors=True)
 
@@ -121,17 +123,20 @@ def _trace(model_dir: Path, tmp: Path, opts: Options, batch: verify.Batch):
     start = time.perf_counter()
     reference = verify.last_token(verify.torch_hidden(model, batch), batch.attention_mask)
     log.info("PyTorch fp32 reference in %.1f s", time.perf_counter() - start)
-    if "fp32" in opts.variants or "int8" in opts.variants:
-        _timed("export fp32", export.export_graph, model, tmp / "fp32" / "model.onnx")
-    if "fp16" in opts.variants:
-        export.to_half(model)
-        _timed("export fp16", export.export_graph, model, tmp / "fp16" / "model.onnx")
+    decoder = Decoder(model, release=True)  # takes the weights over, layer by layer
     del model
+    gc.collect()
+    if "fp32" in opts.variants or "int8" in opts.variants:
+        _timed("export fp32", export.export_graph, decoder, tmp / "fp32" / "model.onnx")
+    if "fp16" in opts.variants:
+        export.to_half(decoder)
+        _timed("export fp16", export.export_graph, decoder, tmp / "fp16" / "model.onnx")
+    del decoder
     gc.collect()
     return architecture, reference
 
 
-def _finish_variant(name: str, tmp: Path, opts: Options, batch, reference, tokenizer) -> dict:
+def _finish_variant(name: str, tmp: Path, opts: Options, batch, reference, tokenizer, cache_rows) -> dict:
     recipe = None
     if name == "int8":
         recipe = quantize.SHIPPED_INT8
@@ -140,7 +145,7 @@ def _finish_variant(name: str, tmp: Path, opts: Options, batch, reference, token
     start = time.perf_counter()
     try:
         parity = verify.verify_variant(name, tmp / name / "model.onnx", batch, reference,
-                                       opts.thresholds[name], long_input, opts.threads)
+                                       opts.thresholds[name], long_input, opts.threads, cache_rows)
     except verify.VerificationError as e:
         raise ExportError(str(e)) from e
     log.info("verify %s in %.1f s (peak RSS so far %.2f GiB)", name, time.perf_counter() - start, peak_rss_gib())

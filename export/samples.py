@@ -114,6 +114,11 @@ def samples(tokenizer, max_length: int = 512) -> list[Sample]:
     return out
 
 
+def prefix_sharing(tokenizer, max_length: int = 512) -> list[int]:
+    """Indexes (into `samples()`) of the queries that share one few-shot prefix: the prefix cache check."""
+    return [i for i, s in enumerate(samples(tokenizer, max_length)) if s.kind == "query" and i < 2]
+
+
 def long_ids(tokenizer, length: int = 4096) -> list[int]:
     """Exactly `length` real token ids (no truncation at the model's max length): the fp16 range check."""
     ids = tokenizer(long_text(tokenizer, length), add_special_tokens=False)["input_ids"][: length - 1]

@@ -76,9 +76,48 @@ def session(path: Path, threads: int = 2) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def onnx_hidden(sess: ort.InferenceSession, batch: Batch) -> np.ndarray:
-    (out,) = sess.run(["last_hidden_state"], batch.feeds())
+_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+def past_inputs(sess: ort.InferenceSession) -> list[ort.NodeArg]:
+    """The graph's prefix-state inputs (`past.{i}.key|value`), in graph order; [] for a graph without."""
+    return [i for i in sess.get_inputs() if i.name.startswith("past.")]
+
+
+def empty_past(sess: ort.InferenceSession) -> dict[str, np.ndarray]:
+    """Zero-length prefix states: the plain forward."""
+    return {i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), _NUMPY[i.type]) for i in past_inputs(sess)}
+
+
+def onnx_hidden(sess: ort.InferenceSession, batch: Batch, past: dict[str, np.ndarray] | None = None) -> np.ndarray:
+    feeds = batch.feeds()
+    feeds.update(empty_past(sess) if past is None else past)
+    (out,) = sess.run(["last_hidden_state"], feeds)
     return out
+
+
+def prefix_states(sess: ort.InferenceSession, prefix: list[int]) -> dict[str, np.ndarray]:
+    """Run `prefix` alone; its `present.*` outputs renamed as the next run's `past.*` inputs."""
+    names = [i.name.replace("past.", "present.", 1) for i in past_inputs(sess)]
+    outs = sess.run(names, {**right_padded([prefix], 0).feeds(), **empty_past(sess)})
+    return {name.replace("present.", "past.", 1): out for name, out in zip(names, outs)}
+
+
+def cached_embeddings(sess: ort.InferenceSession, rows: list[list[int]], prefix_len: int, pad_id: int) -> np.ndarray:
+    """Last-token embeddings of `rows`, which all start with the same `prefix_len` ids, computed on
+    top of that prefix's states: the runtime's prefix cache."""
+    past = prefix_states(sess, rows[0][:prefix_len])
+    batch = right_padded([r[prefix_len:] for r in rows], pad_id)
+    batch.position_ids = np.where(batch.attention_mask == 1, batch.position_ids + prefix_len, 0)
+    return last_token(onnx_hidden(sess, batch, past), batch.attention_mask)
+
+
+def common_prefix(rows: list[list[int]]) -> int:
+    n = min(len(r) for r in rows)
+    for i in range(n):
+        if any(r[i] != rows[0][i] for r in rows):
+            return i
+    return n
 
 
 def parity(reference: np.ndarray, embeddings: np.ndarray, threshold: float) -> dict:
@@ -110,8 +149,13 @@ def verify_variant(
     threshold: float,
     finite_ids: list[int] | None = None,
     threads: int = 2,
+    cache_rows: list[int] | None = None,
 ) -> dict:
-    """Parity figures of one variant; raises VerificationError when it misses `threshold`."""
+    """Parity figures of one variant; raises VerificationError when it misses `threshold`.
+
+    `cache_rows` (indexes into the batch of queries that share their few-shot prefix) also checks the
+    prefix cache: those rows embedded on top of their common prefix's states, against PyTorch.
+    """
     sess = session(graph, threads)
     embeddings = last_token(onnx_hidden(sess, batch), batch.attention_mask)
     result = parity(reference, embeddings, threshold)
@@ -127,4 +171,17 @@ def verify_variant(
             f"variant {name} failed verification: min cosine {result['min_cosine']:.7f} "
             f"against PyTorch fp32 is under the threshold {threshold}"
         )
+    if cache_rows and past_inputs(sess):
+        rows = [batch.row(i).input_ids[0].tolist() for i in cache_rows]
+        prefix_len = common_prefix(rows) - 1  # at least one new token per row
+        cached = cached_embeddings(sess, rows, prefix_len, pad_id=0)
+        cache = parity(reference[cache_rows], cached, threshold)
+        cache["prefix_tokens"] = prefix_len
+        log.info("%s prefix cache (%d-token prefix): min cos %.7f", name, prefix_len, cache["min_cosine"])
+        if not cache["min_cosine"] >= threshold:
+            raise VerificationError(
+                f"variant {name} failed verification with the prefix cache: min cosine "
+                f"{cache['min_cosine']:.7f} against PyTorch fp32 is under the threshold {threshold}"
+            )
+        result["prefix_cache"] = cache
     return result

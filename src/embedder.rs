@@ -5,7 +5,7 @@ use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 
 use ort::session::{Session, SessionInputValue};
-use ort::value::{Tensor, TensorElementType, ValueType};
+use ort::value::{DynValue, Tensor, TensorElementType, ValueType};
 
 use crate::batch::{self, Batch};
 use crate::error::{Error, Result};
@@ -92,6 +92,9 @@ pub struct EmbedderOptions {
     pub ort_lib: Option<PathBuf>,
     /// Where TensorRT keeps engines and timing caches.
     pub cache_dir: Option<PathBuf>,
+    /// Compute a few-shot prefix once and embed queries on top of its key/value states, when the
+    /// package's graph supports it (on by default).
+    pub prefix_cache: bool,
 }
 
 impl Default for EmbedderOptions {
@@ -105,6 +108,7 @@ impl Default for EmbedderOptions {
             max_length: None,
             ort_lib: None,
             cache_dir: None,
+            prefix_cache: true,
         }
     }
 }
@@ -149,6 +153,40 @@ pub struct Embedder {
     max_rows: usize,
     max_length: Option<usize>,
     notes: Vec<String>,
+    /// The graph's prefix-state inputs and outputs, with zero-length states for runs without a prefix.
+    past: Option<PastLayout>,
+    use_prefix_cache: bool,
+    /// States of the last prefix computed (one (task, examples) pair at a time).
+    prefix: Option<PrefixStates>,
+    prefix_stats: PrefixStats,
+}
+
+/// Prefix-state names of a graph, and the empty states fed when there is no prefix.
+struct PastLayout {
+    /// (`past.*` input, `present.*` output) per layer, key then value.
+    names: Vec<(String, String)>,
+    empty: Vec<DynValue>,
+}
+
+/// The key/value states of one prefix, kept for the queries that start with it.
+struct PrefixStates {
+    ids: Vec<u32>,
+    states: Vec<DynValue>,
+}
+
+/// What the prefix cache did so far.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PrefixStats {
+    /// Length of the last prefix computed (tokens), and the size of its key/value states.
+    pub prefix_tokens: usize,
+    pub state_bytes: usize,
+    /// Prefixes computed.
+    pub prefixes: usize,
+    /// Queries embedded on top of a cached prefix.
+    pub cached: usize,
+    /// Queries computed in full because their ids do not start with the prefix's (a tokenizer
+    /// merged tokens across the boundary).
+    pub fallback: usize,
 }
 
 impl Embedder {
@@ -184,6 +222,7 @@ impl Embedder {
                 Ok(session) => {
                     let (inputs, output) =
                         check_graph(&encoder.package, &name, &variant, &session)?;
+                    let past = past_layout(&encoder.package, &name, &variant, &session)?;
                     let hidden = encoder.package.manifest.architecture.hidden;
                     return Ok(Embedder {
                         encoder,
@@ -199,6 +238,10 @@ impl Embedder {
                         max_rows: options.max_rows.max(1),
                         max_length: options.max_length,
                         notes,
+                        past,
+                        use_prefix_cache: options.prefix_cache,
+                        prefix: None,
+                        prefix_stats: PrefixStats::default(),
                     });
                 }
                 Err(e) if options.device == Device::Auto && device != Device::Cpu => {
@@ -239,17 +282,69 @@ impl Embedder {
         self.embed_ids(&ids, &mut |_, _| {})
     }
 
-    /// Embeddings of queries with an optional task instruction and few-shot examples.
+    /// Embeddings of queries with an optional task instruction and few-shot examples. With examples
+    /// (and a package that supports it) the shared prefix is computed once and the queries on top
+    /// of it; see [`Embedder::cache_prefix`].
     pub fn embed_queries(
         &mut self,
         task: Option<&str>,
         examples: &[Example],
         texts: &[&str],
     ) -> Result<Vec<Vec<f32>>> {
-        let ids = self
+        let prompt = self
             .encoder
-            .queries(task, examples, texts, self.max_length)?;
-        self.embed_ids(&ids, &mut |_, _| {})
+            .query_prompt(task, examples, self.max_length)?;
+        let ids = prompt.ids(&self.encoder.tokenizer, texts)?;
+        let prefix = self.cache_prefix(&prompt)?;
+        let costs: Vec<usize> = ids
+            .iter()
+            .map(|r| plan_cost(r, prefix.as_deref()))
+            .collect();
+        let pad_id = self.encoder.package.manifest.special_tokens.pad_id;
+        let mut out = vec![Vec::new(); ids.len()];
+        for rows in batch::plan(&costs, self.batch_tokens, self.max_rows) {
+            let batch = batch::pad(&ids, &rows, pad_id);
+            let vectors = self.embed_batch_after(&batch, prefix.as_deref())?;
+            for (row, v) in batch.rows.iter().zip(vectors) {
+                out[*row] = v;
+            }
+        }
+        Ok(out)
+    }
+
+    /// The leading ids of `prompt`'s queries that the prefix cache computes once, or `None` when the
+    /// cache does not apply: turned off, a graph without prefix-state inputs, or no few-shot
+    /// examples. Each candidate ([`QueryPrompt::shared_prefixes`]) is cut to what a probe query's
+    /// ids share with it (a tokenizer may merge the prefix's last tokens with the query's first:
+    /// smollm2's byte-level BPE splits a closing "\n\n" differently when text follows it), and the
+    /// longest cut wins. The probe, not the input, decides, so the choice is the same for every
+    /// chunk of a run and for a resumed one.
+    pub fn cache_prefix(&self, prompt: &QueryPrompt) -> Result<Option<Vec<u32>>> {
+        if !self.use_prefix_cache || self.past.is_none() {
+            return Ok(None);
+        }
+        let tokenizer = &self.encoder.tokenizer;
+        let probe = prompt.ids(tokenizer, &["probe"])?.remove(0);
+        let shared = |c: &Vec<u32>| {
+            c.iter()
+                .zip(&probe)
+                .take_while(|(a, b)| a == b)
+                .count()
+                .min(probe.len() - 1)
+        };
+        let best = prompt
+            .shared_prefixes(tokenizer)?
+            .iter()
+            .map(shared)
+            .max()
+            .unwrap_or(0);
+        let specials = self.encoder.package.manifest.special_tokens.prepend.len();
+        Ok((best > specials).then(|| probe[..best].to_vec()))
+    }
+
+    /// What the prefix cache did so far.
+    pub fn prefix_stats(&self) -> &PrefixStats {
+        &self.prefix_stats
     }
 
     /// Embeddings of already tokenized inputs, in input order. `progress` hears (rows, tokens) after
@@ -273,21 +368,95 @@ impl Embedder {
         Ok(out)
     }
 
-    /// Normalised embeddings of one padded batch, row by row.
+    /// Normalised embeddings of one padded batch of full rows, row by row.
     pub fn embed_batch(&mut self, batch: &Batch) -> Result<Vec<Vec<f32>>> {
-        let shape = [batch.rows.len(), batch.seq];
-        let mut feed: Vec<(Cow<'_, str>, SessionInputValue<'_>)> =
-            Vec::with_capacity(self.inputs.len());
-        for name in &self.inputs {
-            let data = match name.as_str() {
-                "input_ids" => &batch.input_ids,
-                "attention_mask" => &batch.attention_mask,
-                _ => &batch.position_ids,
-            };
-            let tensor = Tensor::from_array((shape, data.clone()))
-                .map_err(Error::runtime(format!("cannot build input {name}")))?;
-            feed.push((Cow::Owned(name.clone()), tensor.into()));
+        self.run_batch(batch, None)
+    }
+
+    /// Like [`Embedder::embed_batch`], with the rows that start with `prefix` computed on top of its
+    /// cached states (computed now if it is not the cached one) and the others in full.
+    pub fn embed_batch_after(&mut self, batch: &Batch, prefix: Option<&[u32]>) -> Result<Vec<Vec<f32>>> {
+        let Some(prefix) = prefix else {
+            return self.run_batch(batch, None);
+        };
+        let (mut on_prefix, mut full) = (Vec::new(), Vec::new());
+        for (i, row) in batch.row_ids().enumerate() {
+            if row.len() > prefix.len() && row.starts_with(prefix) {
+                on_prefix.push(i);
+            } else {
+                full.push(i);
+            }
         }
+        let mut out = vec![Vec::new(); batch.rows.len()];
+        if !on_prefix.is_empty() {
+            self.ensure_prefix(prefix)?;
+            let suffixes = batch.suffixes(&on_prefix, prefix.len());
+            let states = self.prefix.take();
+            let result = self.run_batch(&suffixes, states.as_ref());
+            self.prefix = states;
+            for (i, v) in on_prefix.iter().zip(result?) {
+                out[*i] = v;
+            }
+            self.prefix_stats.cached += on_prefix.len();
+        }
+        if !full.is_empty() {
+            let rest = batch.select(&full);
+            for (i, v) in full.iter().zip(self.run_batch(&rest, None)?) {
+                out[*i] = v;
+            }
+            self.prefix_stats.fallback += full.len();
+        }
+        Ok(out)
+    }
+
+    /// Computes and keeps the key/value states of `prefix`, unless they are the ones kept.
+    fn ensure_prefix(&mut self, prefix: &[u32]) -> Result<()> {
+        if self.prefix.as_ref().is_some_and(|p| p.ids == prefix) {
+            return Ok(());
+        }
+        self.prefix = None; // the old states go before the new ones are computed
+        let layout = self.past.as_ref().ok_or_else(|| {
+            Error::input("prefix cache", "this variant's graph takes no prefix states")
+        })?;
+        let single = batch::pad(&[prefix.to_vec()], &[0], 0);
+        let feed = feed_inputs(&self.inputs, &single, &layout.names, &layout.empty)?;
+        let mut outputs = self.session.run(feed).map_err(Error::runtime(format!(
+            "inference failed on the {}-token prefix",
+            prefix.len()
+        )))?;
+        let mut states = Vec::with_capacity(layout.names.len());
+        let mut bytes = 0;
+        for (_, present) in &layout.names {
+            let value = outputs.remove(present.as_str()).ok_or_else(|| {
+                Error::input("graph output", format!("no output {present:?}"))
+            })?;
+            bytes += value_bytes(&value);
+            states.push(value);
+        }
+        drop(outputs);
+        self.prefix_stats.prefix_tokens = prefix.len();
+        self.prefix_stats.state_bytes = bytes;
+        self.prefix_stats.prefixes += 1;
+        self.prefix = Some(PrefixStates {
+            ids: prefix.to_vec(),
+            states,
+        });
+        Ok(())
+    }
+
+    /// One session run; `past` are the prefix states the rows continue (positions already offset).
+    fn run_batch(&mut self, batch: &Batch, past: Option<&PrefixStates>) -> Result<Vec<Vec<f32>>> {
+        let shape = [batch.rows.len(), batch.seq];
+        let no_names = Vec::new();
+        let (names, states): (&Vec<(String, String)>, &[DynValue]) = match (&self.past, past) {
+            (Some(layout), Some(p)) => (&layout.names, &p.states),
+            (Some(layout), None) => (&layout.names, &layout.empty),
+            (None, Some(_)) => {
+                return Err(Error::input("prefix cache", "this variant's graph takes no prefix states"))
+            }
+            (None, None) => (&no_names, &[]),
+        };
+        let feed = feed_inputs(&self.inputs, batch, names, states)?;
         let outputs = self.session.run(feed).map_err(Error::runtime(format!(
             "inference failed on a batch of {} x {}",
             shape[0], shape[1]
@@ -331,6 +500,55 @@ impl Embedder {
             }
         }
         Ok(rows)
+    }
+}
+
+/// The session feed: the int64 inputs of `batch`, then each prefix-state input with its value.
+fn feed_inputs<'v>(
+    inputs: &[String],
+    batch: &Batch,
+    past: &[(String, String)],
+    states: &'v [DynValue],
+) -> Result<Vec<(Cow<'static, str>, SessionInputValue<'v>)>> {
+    let shape = [batch.rows.len(), batch.seq];
+    let mut feed: Vec<(Cow<'static, str>, SessionInputValue<'v>)> =
+        Vec::with_capacity(inputs.len() + past.len());
+    for name in inputs {
+        let data = match name.as_str() {
+            "input_ids" => &batch.input_ids,
+            "attention_mask" => &batch.attention_mask,
+            _ => &batch.position_ids,
+        };
+        let tensor = Tensor::from_array((shape, data.clone()))
+            .map_err(Error::runtime(format!("cannot build input {name}")))?;
+        feed.push((Cow::Owned(name.clone()), tensor.into()));
+    }
+    for ((name, _), value) in past.iter().zip(states) {
+        feed.push((Cow::Owned(name.clone()), SessionInputValue::from(value)));
+    }
+    Ok(feed)
+}
+
+/// Bytes held by a tensor value.
+fn value_bytes(value: &DynValue) -> usize {
+    match value.dtype() {
+        ValueType::Tensor { ty, shape, .. } => {
+            let n: i64 = shape.iter().product();
+            n.max(0) as usize * ty.byte_size(1).unwrap_or(4)
+        }
+        _ => 0,
+    }
+}
+
+/// The cost of a row in batch planning: its length, or for a row on a cached prefix its new tokens
+/// weighted by how many keys each attends to (prefix included), relative to a 512-token document.
+pub fn plan_cost(ids: &[u32], prefix: Option<&[u32]>) -> usize {
+    match prefix {
+        Some(p) if ids.len() > p.len() && ids.starts_with(p) => {
+            let new = ids.len() - p.len();
+            new.max(new * ids.len() / 512)
+        }
+        _ => ids.len(),
     }
 }
 
@@ -413,25 +631,33 @@ fn check_graph(
     variant: &Variant,
     session: &Session,
 ) -> Result<(Vec<String>, String)> {
+    let past: Vec<String> = match &variant.prefix_cache {
+        Some(spec) => spec
+            .names(package.manifest.architecture.layers)
+            .into_iter()
+            .map(|(input, _)| input)
+            .collect(),
+        None => Vec::new(),
+    };
     let graph_inputs: Vec<String> = session
         .inputs()
         .iter()
         .map(|i| i.name().to_string())
+        .filter(|n| !past.contains(n))
         .collect();
-    let mut a = graph_inputs.clone();
-    let mut b = variant.inputs.clone();
+    let mut a: Vec<String> = session.inputs().iter().map(|i| i.name().to_string()).collect();
+    let mut b: Vec<String> = variant.inputs.iter().chain(&past).cloned().collect();
     a.sort();
     b.sort();
     if a != b {
         return Err(Error::package(
             &package.dir,
             format!(
-                "variant {name}: the graph takes inputs {graph_inputs:?}, the manifest says {:?}",
-                variant.inputs
+                "variant {name}: the graph takes inputs {a:?}, the manifest says {b:?}"
             ),
         ));
     }
-    for input in session.inputs() {
+    for input in session.inputs().iter().filter(|i| !past.iter().any(|p| p == i.name())) {
         if let ValueType::Tensor { ty, .. } = input.dtype() {
             if *ty != TensorElementType::Int64 {
                 return Err(Error::package(
@@ -462,6 +688,24 @@ fn check_graph(
 pub struct EmbedJob<'a> {
     pub embedder: &'a mut Embedder,
     pub prompt: Option<QueryPrompt>,
+    /// The leading ids computed once ([`Embedder::cache_prefix`]); `None` runs every row in full.
+    pub cached_prefix: Option<Vec<u32>>,
+}
+
+impl<'a> EmbedJob<'a> {
+    /// A job for documents (`prompt` = `None`) or for queries under `prompt`, with the prefix cache
+    /// where it applies.
+    pub fn new(embedder: &'a mut Embedder, prompt: Option<QueryPrompt>) -> Result<EmbedJob<'a>> {
+        let cached_prefix = match &prompt {
+            Some(p) => embedder.cache_prefix(p)?,
+            None => None,
+        };
+        Ok(EmbedJob {
+            embedder,
+            prompt,
+            cached_prefix,
+        })
+    }
 }
 
 impl crate::stream::BatchEmbedder for EmbedJob<'_> {
@@ -476,7 +720,12 @@ impl crate::stream::BatchEmbedder for EmbedJob<'_> {
     }
 
     fn embed(&mut self, batch: &Batch) -> Result<Vec<Vec<f32>>> {
-        self.embedder.embed_batch(batch)
+        self.embedder
+            .embed_batch_after(batch, self.cached_prefix.as_deref())
+    }
+
+    fn plan_cost(&self, ids: &[u32]) -> usize {
+        plan_cost(ids, self.cached_prefix.as_deref())
     }
 
     fn pad_id(&self) -> u32 {
@@ -486,4 +735,58 @@ impl crate::stream::BatchEmbedder for EmbedJob<'_> {
     fn hidden(&self) -> usize {
         self.embedder.hidden
     }
+}
+
+/// The prefix-state layout of a variant whose manifest declares one: checks that the graph has
+/// every `past.*` input and `present.*` output in the declared dtype, and builds the zero-length
+/// states fed to runs without a prefix.
+fn past_layout(
+    package: &Package,
+    name: &str,
+    variant: &Variant,
+    session: &Session,
+) -> Result<Option<PastLayout>> {
+    let Some(spec) = &variant.prefix_cache else {
+        return Ok(None);
+    };
+    let arch = &package.manifest.architecture;
+    let want = match spec.dtype.as_str() {
+        "float32" => TensorElementType::Float32,
+        "float16" => TensorElementType::Float16,
+        other => {
+            return Err(Error::package(
+                &package.dir,
+                format!("variant {name}: prefix_cache dtype {other:?} is not float32 or float16"),
+            ))
+        }
+    };
+    let names = spec.names(arch.layers);
+    let bad = |what: String| Error::package(&package.dir, format!("variant {name}: {what}"));
+    for (input, output) in &names {
+        let i = session
+            .inputs()
+            .iter()
+            .find(|i| i.name() == input)
+            .ok_or_else(|| bad(format!("the graph has no prefix-state input {input:?}")))?;
+        if !matches!(i.dtype(), ValueType::Tensor { ty, .. } if *ty == want) {
+            return Err(bad(format!("prefix-state input {input:?} is not {}", spec.dtype)));
+        }
+        if !session.outputs().iter().any(|o| o.name() == output) {
+            return Err(bad(format!("the graph has no prefix-state output {output:?}")));
+        }
+    }
+    let shape = [1usize, arch.kv_heads, 0, arch.head_dim];
+    let empty = names
+        .iter()
+        .map(|(input, _)| -> Result<DynValue> {
+            let value = match want {
+                TensorElementType::Float16 => {
+                    Tensor::from_array((shape, Vec::<half::f16>::new())).map(|t| t.into_dyn())
+                }
+                _ => Tensor::from_array((shape, Vec::<f32>::new())).map(|t| t.into_dyn()),
+            };
+            value.map_err(Error::runtime(format!("cannot build input {input}")))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Some(PastLayout { names, empty }))
 }

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use icl_embed::embedder::EmbedJob;
+use icl_embed::embedder::{EmbedJob, PrefixStats};
 use icl_embed::hub;
 use icl_embed::input::{self, InputFormat};
 use icl_embed::output::{self, OutputFormat};
@@ -117,6 +117,10 @@ struct EmbedArgs {
     /// Records read, embedded and committed at a time (memory and resume granularity).
     #[arg(long, default_value_t = 1024)]
     chunk_records: usize,
+    /// Compute every query in full instead of computing the few-shot prefix once and the queries
+    /// on top of its key/value states (for comparison; the cache is on by default).
+    #[arg(long, requires = "queries")]
+    no_prefix_cache: bool,
     /// No progress bar or summary on stderr.
     #[arg(short, long)]
     quiet: bool,
@@ -220,6 +224,7 @@ fn embed(args: EmbedArgs) -> Result<()> {
         max_length: args.text.max_length,
         ort_lib: args.ort_lib.clone(),
         cache_dir: args.cache_dir.clone(),
+        prefix_cache: !args.no_prefix_cache,
     };
     let examples = match &args.text.examples {
         Some(path) => input::read_examples(path)?,
@@ -249,6 +254,10 @@ fn embed(args: EmbedArgs) -> Result<()> {
         )?),
         false => None,
     };
+    let cached_prefix = match &prompt {
+        Some(p) => embedder.cache_prefix(p)?,
+        None => None,
+    };
     let (batch_tokens, max_rows) = embedder.batch_limits();
     let input_format = args.text.input_format.resolve(&args.text.input);
     let settings = RunSettings {
@@ -268,6 +277,7 @@ fn embed(args: EmbedArgs) -> Result<()> {
         id_field: args.id_field.clone(),
         skip_invalid: args.skip_invalid,
         output_format: format!("{format:?}"),
+        prefix_cache: cached_prefix.is_some(),
     };
     let loaded = started.elapsed();
     let compute = Instant::now();
@@ -300,6 +310,7 @@ fn embed(args: EmbedArgs) -> Result<()> {
     let mut job = EmbedJob {
         embedder: &mut embedder,
         prompt,
+        cached_prefix,
     };
     let summary = stream::run(
         &mut job,
@@ -336,8 +347,24 @@ fn embed(args: EmbedArgs) -> Result<()> {
             loaded.as_secs_f64(),
             args.output.display()
         );
+        if let Some(line) = prefix_cache_line(job.embedder.prefix_stats(), &job.cached_prefix) {
+            eprintln!("{line}");
+        }
     }
     Ok(())
+}
+
+/// The summary's line on the prefix cache, for query runs where it applied.
+fn prefix_cache_line(stats: &PrefixStats, prefix: &Option<Vec<u32>>) -> Option<String> {
+    let prefix = prefix.as_ref()?;
+    Some(format!(
+        "prefix cache: {}-token prefix computed {} time(s), {:.1} MiB of key/value states; {} queries on top of it, {} computed in full (their ids do not start with the prefix's)",
+        prefix.len(),
+        stats.prefixes,
+        stats.state_bytes as f64 / (1024.0 * 1024.0),
+        stats.cached,
+        stats.fallback
+    ))
 }
 
 /// `spec` itself when it is a directory; a Hugging Face repo id resolved through the hub cache

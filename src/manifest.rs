@@ -103,6 +103,36 @@ pub struct Variant {
     pub quantization: serde_json::Value,
     #[serde(default)]
     pub parity: serde_json::Value,
+    /// Present when the graph takes a prefix's key/value states (`past.*`) and returns its own
+    /// (`present.*`); packages without it run without the prefix cache.
+    #[serde(default)]
+    pub prefix_cache: Option<PrefixCacheSpec>,
+}
+
+/// Names and dtype of the prefix-state inputs and outputs; `{layer}` stands for the layer index.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PrefixCacheSpec {
+    pub past_key: String,
+    pub past_value: String,
+    pub present_key: String,
+    pub present_value: String,
+    /// `float32` or `float16`.
+    pub dtype: String,
+}
+
+impl PrefixCacheSpec {
+    /// (input, output) names for every layer, key then value.
+    pub fn names(&self, layers: usize) -> Vec<(String, String)> {
+        (0..layers)
+            .flat_map(|i| {
+                let l = i.to_string();
+                [
+                    (self.past_key.replace("{layer}", &l), self.present_key.replace("{layer}", &l)),
+                    (self.past_value.replace("{layer}", &l), self.present_value.replace("{layer}", &l)),
+                ]
+            })
+            .collect()
+    }
 }
 
 fn float32() -> String {

@@ -182,6 +182,9 @@ pub struct RunSettings {
     #[serde(skip)]
     pub skip_invalid: bool,
     pub output_format: String,
+    /// Whether queries run on a cached prefix: it changes the batch plan a resumed run must repeat.
+    #[serde(default)]
+    pub prefix_cache: bool,
 }
 
 impl RunSettings {
@@ -263,6 +266,10 @@ pub trait BatchEmbedder {
     /// Final token ids of the texts of one chunk.
     fn token_ids(&mut self, texts: &[&str]) -> Result<Vec<Vec<u32>>>;
     fn embed(&mut self, batch: &batch::Batch) -> Result<Vec<Vec<f32>>>;
+    /// A row's weight in batch planning (its length unless part of it is computed elsewhere).
+    fn plan_cost(&self, ids: &[u32]) -> usize {
+        ids.len()
+    }
     fn pad_id(&self) -> u32;
     fn hidden(&self) -> usize;
 }
@@ -481,7 +488,8 @@ fn run_inner(
             embedder.token_ids(&texts)?
         };
         let lengths: Vec<usize> = ids.iter().map(Vec::len).collect();
-        let plan = batch::plan(&lengths, settings.batch_tokens, settings.max_rows);
+        let costs: Vec<usize> = ids.iter().map(|r| embedder.plan_cost(r)).collect();
+        let plan = batch::plan(&costs, settings.batch_tokens, settings.max_rows);
         let mut rows: Vec<Option<Vec<f32>>> = vec![None; chunk.len()];
         for (b, members) in plan.iter().enumerate() {
             if let Some(done) = pending.remove(&b) {
@@ -540,10 +548,12 @@ fn run_inner(
         c.chunks += 1;
         state.pending_batches.clear();
         state.pending_bytes = 0;
+        // State first: a kill between the two leaves a pending file longer than the state says,
+        // which a resume truncates; the other order could leave it shorter, which is unrecoverable.
+        save_state(paths, &state)?;
         pending_file
             .set_len(0)
             .map_err(|e| Error::io(&paths.pending, "cannot truncate", e))?;
-        save_state(paths, &state)?;
     }
 
     // Finish: the real header, sync, rename into place, remove the run's side files.

@@ -183,6 +183,26 @@ impl QueryPrompt {
         })
     }
 
+    /// Query-independent leading ids worth computing once (the prefix cache), longest first: the
+    /// wrapped prefix plus the instruction part of the query text, then the wrapped prefix alone.
+    /// Empty without few-shot examples. A caller must still check that a query's ids start with the
+    /// one it uses: a tokenizer may merge tokens across the boundary.
+    pub fn shared_prefixes(&self, tokenizer: &TextTokenizer) -> Result<Vec<Vec<u32>>> {
+        if self.prefix_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let head = self.template.query_text(self.task.as_deref(), "");
+        let mut out = Vec::new();
+        for text in [format!("{}{head}", self.prefix), self.prefix.clone()] {
+            let mut ids = tokenizer.prepend.clone();
+            ids.extend(tokenizer.encode_plain(&text)?);
+            if !out.contains(&ids) {
+                out.push(ids);
+            }
+        }
+        Ok(out)
+    }
+
     /// Final ids of each query.
     pub fn ids(&self, tokenizer: &TextTokenizer, queries: &[&str]) -> Result<Vec<Vec<u32>>> {
         let texts: Vec<String> = queries

@@ -120,13 +120,24 @@ def test_sha256_match_files(package, meta):
 @pytest.mark.parametrize("name", VARIANTS)
 def test_graph_signature_matches_manifest(package, meta, name):
     v = meta["variants"][name]
+    arch = meta["architecture"]
     graph = onnx.load(str(package / v["file"]), load_external_data=False).graph
-    assert [i.name for i in graph.input] == v["inputs"]
-    for i in graph.input:
+    layers = range(arch["layers"])
+    cache = v["prefix_cache"]
+    past = [cache[f"past_{k}"].format(layer=i) for i in layers for k in ("key", "value")]
+    present = [cache[f"present_{k}"].format(layer=i) for i in layers for k in ("key", "value")]
+    assert [i.name for i in graph.input] == v["inputs"] + past
+    for i in graph.input[: len(v["inputs"])]:
         t = i.type.tensor_type
         assert t.elem_type == onnx.TensorProto.INT64
         assert len(t.shape.dim) == 2 and all(d.dim_param for d in t.shape.dim), "batch and seq must be dynamic"
-    assert [o.name for o in graph.output] == [v["output"]]
+    for i in graph.input[len(v["inputs"]):]:
+        t = i.type.tensor_type
+        assert t.elem_type == ONNX_TYPES[cache["dtype"]]
+        dims = [d.dim_value or d.dim_param for d in t.shape.dim]
+        assert dims[0] == 1 and dims[1] == arch["kv_heads"] and dims[3] == arch["head_dim"], dims
+        assert isinstance(dims[2], str), "the prefix length must be dynamic"
+    assert [o.name for o in graph.output] == [v["output"]] + present
     out = graph.output[0].type.tensor_type
     assert out.elem_type == ONNX_TYPES[v["output_dtype"]]
     assert out.shape.dim[2].dim_value == meta["architecture"]["hidden"]
@@ -143,6 +154,9 @@ def test_parity_recorded_and_above_threshold(meta, name):
     assert p["texts"] >= 8
     assert p["threshold"] <= p["min_cosine"] <= p["mean_cosine"] <= 1.0 + 1e-9
     assert 0.0 <= p["max_abs_diff"] < 1.0
+    cached = p["prefix_cache"]  # queries on top of their prefix's states, against PyTorch
+    assert cached["texts"] == 2 and cached["prefix_tokens"] > 50
+    assert cached["threshold"] <= cached["min_cosine"] <= 1.0 + 1e-9
 
 
 def test_samples_cover_icl_tokens_and_max_length(tokenizer):
