@@ -12,7 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .package import VARIANTS, ExportError, Options, build_package
+from .package import DEFAULT_VARIANTS, VARIANTS, ExportError, Options, build_package
 from .verify import THRESHOLDS
 
 
@@ -30,7 +30,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="model directory or Hugging Face hub id")
     parser.add_argument("--out", type=Path, required=True, help="package directory to create")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of fp32,fp16,int8")
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                        help=f"comma-separated subset of {','.join(VARIANTS)} (w8a8: the faster, less faithful int8 "
+                             "recipe, export/README.md; not built by default)")
     parser.add_argument("--revision", default=None, help="hub revision (recorded in the manifest)")
     parser.add_argument("--force", action="store_true", help="replace an existing package")
     parser.add_argument("--max-length", type=int, default=512, help="max tokens of a query and of a document")

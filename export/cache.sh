@@ -26,6 +26,11 @@ standin() {
 }
 
 # package NAME VARIANTS: the exported package of $models_dir/NAME in $packages_dir/NAME.
+# A cached package built with other variants is rebuilt.
 package() {
-  build "$packages_dir/$1" $py -m export --model "$models_dir/$1" --out "$packages_dir/$1" --variants "$2"
+  local dir=$packages_dir/$1
+  if [ -f "$dir.done" ] && ! $py -c 'import json, sys; sys.exit(sorted(json.load(open(sys.argv[1]))["variants"]) != sorted(sys.argv[2].split(",")))' "$dir/embedder.json" "$2" 2>/dev/null; then
+    rm -f "$dir.done"
+  fi
+  build "$dir" $py -m export --model "$models_dir/$1" --out "$dir" --variants "$2"
 }

@@ -27,8 +27,10 @@ from .decoder import Decoder
 
 log = logging.getLogger(__name__)
 
-VARIANTS = ("fp32", "fp16", "int8")
-DTYPES = {"fp32": "float32", "fp16": "float16", "int8": "int8"}
+VARIANTS = ("fp32", "fp16", "int8", "w8a8")
+DEFAULT_VARIANTS = ("fp32", "fp16", "int8")
+DTYPES = {"fp32": "float32", "fp16": "float16", "int8": "int8", "w8a8": "int8"}
+QUANTIZED = {"int8": quantize.SHIPPED_INT8, "w8a8": quantize.SHIPPED_W8A8}
 FP16_LONG_INPUT = 4096
 
 
@@ -38,7 +40,7 @@ class ExportError(RuntimeError):
 
 @dataclass
 class Options:
-    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
+    variants: list[str] = field(default_factory=lambda: list(DEFAULT_VARIANTS))
     revision: str | None = None
     force: bool = False
     max_length: int = 512
@@ -126,7 +128,7 @@ def _trace(model_dir: Path, tmp: Path, opts: Options, batch: verify.Batch):
     decoder = Decoder(model, release=True)  # takes the weights over, layer by layer
     del model
     gc.collect()
-    if "fp32" in opts.variants or "int8" in opts.variants:
+    if "fp32" in opts.variants or any(v in QUANTIZED for v in opts.variants):
         _timed("export fp32", export.export_graph, decoder, tmp / "fp32" / "model.onnx")
     if "fp16" in opts.variants:
         export.to_half(decoder)
@@ -137,10 +139,9 @@ def _trace(model_dir: Path, tmp: Path, opts: Options, batch: verify.Batch):
 
 
 def _finish_variant(name: str, tmp: Path, opts: Options, batch, reference, tokenizer, cache_rows) -> dict:
-    recipe = None
-    if name == "int8":
-        recipe = quantize.SHIPPED_INT8
-        _timed("quantize int8", quantize.quantize, tmp / "fp32" / "model.onnx", tmp / "int8" / "model.onnx", recipe)
+    recipe = QUANTIZED.get(name)
+    if recipe is not None:
+        _timed(f"quantize {name}", quantize.quantize, tmp / "fp32" / "model.onnx", tmp / name / "model.onnx", recipe)
     long_input = samples.long_ids(tokenizer, FP16_LONG_INPUT) if name == "fp16" else None
     start = time.perf_counter()
     try:

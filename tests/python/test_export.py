@@ -20,9 +20,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from export import manifest, samples, verify  # noqa: E402
+from export import manifest, quantize, samples, verify  # noqa: E402
 
-VARIANTS = ("fp32", "fp16", "int8")
+VARIANTS = ("fp32", "fp16", "int8", "w8a8")
 ONNX_TYPES = {"float32": onnx.TensorProto.FLOAT, "float16": onnx.TensorProto.FLOAT16}
 
 
@@ -74,7 +74,7 @@ def test_tokenizer_copied_unchanged(package, tiny_dir):
     assert (package / "tokenizer.json").read_bytes() == (tiny_dir / "tokenizer.json").read_bytes()
 
 
-def test_manifest_fields(meta):
+def test_manifest_fields(package, meta):
     assert meta["format"] == "icl-embed/1"
     assert set(meta["source"]) == {"model", "revision", "model_type", "architecture"}
     assert meta["source"]["model_type"] == "mistral"
@@ -97,7 +97,12 @@ def test_manifest_fields(meta):
     assert meta["variants"]["fp32"]["dtype"] == "float32" and meta["variants"]["fp32"]["quantization"] is None
     assert meta["variants"]["fp16"]["dtype"] == "float16"
     quant = meta["variants"]["int8"]["quantization"]
-    assert quant["method"] == "matmulnbits" and quant["bits"] == 8
+    assert quant == quantize.SHIPPED_INT8.describe() and quant["method"] == "matmulnbits" and quant["bits"] == 8
+    fast = meta["variants"]["w8a8"]
+    assert fast["dtype"] == "int8" and fast["quantization"] == quantize.SHIPPED_W8A8.describe()
+    graph = onnx.load(str(package / fast["file"]), load_external_data=False).graph
+    ops = {n.op_type for n in graph.node}
+    assert "MatMulIntegerToFloat" in ops and "MatMul" in ops, "o/gate/up quantized, q/k/v/down kept fp32"
 
 
 def test_special_tokens_measured(meta, tokenizer):
