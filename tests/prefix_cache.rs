@@ -8,80 +8,8 @@ mod common;
 
 use common::*;
 use icl_embed::embedder::PrefixStats;
-use icl_embed::{Device, Embedder, EmbedderOptions, Example};
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-
-fn data_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/flagembedding-icl-examples")
-}
-
-/// A task: its instruction, its first three examples (the prefix; SummEval, STS22 and
-/// MindSmallReranking have fewer) and the queries to embed: its example queries, those not in the
-/// prefix first.
-struct Task {
-    name: String,
-    instruction: String,
-    prefix: Vec<Example>,
-    queries: Vec<String>,
-}
-
-/// Every MTEB task file of ../shared/data.
-fn mteb_tasks() -> Vec<Task> {
-    let table: BTreeMap<String, serde_json::Value> = serde_json::from_str(
-        &std::fs::read_to_string(
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/mteb_instructions.json"),
-        )
-        .unwrap(),
-    )
-    .unwrap();
-    let mut files: Vec<PathBuf> = std::fs::read_dir(data_dir().join("MTEB"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "json"))
-        .collect();
-    files.sort();
-    assert!(files.len() >= 50, "expected the MTEB example sets, found {}", files.len());
-    files
-        .iter()
-        .map(|path| {
-            let name = path.file_stem().unwrap().to_string_lossy().into_owned();
-            let task = table
-                .get(&name)
-                .and_then(|v| v.as_str())
-                .unwrap_or_else(|| panic!("no instruction for {name} in tests/data/mteb_instructions.json"))
-                .to_string();
-            let examples = icl_embed::input::read_examples(path).unwrap();
-            assert!(!examples.is_empty(), "{name}: no examples");
-            let queries = examples.iter().rev().map(|e| e.query.clone()).collect();
-            Task {
-                name,
-                instruction: task,
-                prefix: examples.into_iter().take(3).collect(),
-                queries,
-            }
-        })
-        .collect()
-}
-
-fn embedder(pkg: &Path, variant: &str, prefix_cache: bool) -> Embedder {
-    let options = EmbedderOptions {
-        variant: variant.into(),
-        device: Device::Cpu,
-        threads: Some(2),
-        prefix_cache,
-        ..EmbedderOptions::default()
-    };
-    Embedder::new(pkg, &options).unwrap()
-}
-
-fn min_cosine(a: &[Vec<f32>], b: &[Vec<f32>]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| x.iter().zip(y).map(|(p, q)| (*p as f64) * (*q as f64)).sum::<f64>())
-        .fold(f64::INFINITY, f64::min)
-}
+use icl_embed::Example;
+use std::path::Path;
 
 /// Every `stride`-th MTEB task (1: all of them): its example queries (the first `per_task`) with
 /// and without the cache. Returns the minimum cosine over all of them.

@@ -242,3 +242,76 @@ pub fn embed_case(
     ok(run(&args));
     read_npy(&out)
 }
+
+// --- the shared data and the library, for the prefix-cache and int8 quality tests ---------------
+
+use icl_embed::{Device, Embedder, EmbedderOptions, Example};
+use std::collections::BTreeMap;
+
+/// A CPU embedder with 2 threads.
+pub fn embedder(pkg: &Path, variant: &str, prefix_cache: bool) -> Embedder {
+    let options = EmbedderOptions {
+        variant: variant.into(),
+        device: Device::Cpu,
+        threads: Some(2),
+        prefix_cache,
+        ..EmbedderOptions::default()
+    };
+    Embedder::new(pkg, &options).unwrap()
+}
+
+pub fn data_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/flagembedding-icl-examples")
+}
+
+/// A task: its instruction, its first three examples (the prefix; SummEval, STS22 and
+/// MindSmallReranking have fewer) and the queries to embed: its example queries, those not in the
+/// prefix first.
+pub struct Task {
+    pub name: String,
+    pub instruction: String,
+    pub prefix: Vec<Example>,
+    pub queries: Vec<String>,
+}
+
+/// Every MTEB task file of ../shared/data.
+pub fn mteb_tasks() -> Vec<Task> {
+    let table: BTreeMap<String, serde_json::Value> = serde_json::from_str(
+        &std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/mteb_instructions.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(data_dir().join("MTEB"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 50, "expected the MTEB example sets, found {}", files.len());
+    files
+        .iter()
+        .map(|path| {
+            let name = path.file_stem().unwrap().to_string_lossy().into_owned();
+            let task = table
+                .get(&name)
+                .and_then(|v| v.as_str())
+                .unwrap_or_else(|| panic!("no instruction for {name} in tests/data/mteb_instructions.json"))
+                .to_string();
+            let examples = icl_embed::input::read_examples(path).unwrap();
+            assert!(!examples.is_empty(), "{name}: no examples");
+            let queries = examples.iter().rev().map(|e| e.query.clone()).collect();
+            Task {
+                name,
+                instruction: task,
+                prefix: examples.into_iter().take(3).collect(),
+                queries,
+            }
+        })
+        .collect()
+}
+
+pub fn min_cosine(a: &[Vec<f32>], b: &[Vec<f32>]) -> f64 {
+    min(&cosines(a, b))
+}
