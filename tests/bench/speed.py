@@ -251,6 +251,8 @@ def run_cli(row: Row, args: argparse.Namespace, env: dict[str, str], package: st
         for part in work.parts:
             out = scratch / f"cli-{work.kind}-{part.name}.npy"
             out.unlink(missing_ok=True)
+            for stale in scratch.glob(out.name + ".partial*"):  # left by an interrupted bench
+                stale.unlink()
             cmd = [args.binary, "embed", "--model", package, "--input", str(part.texts_file),
                    "--output", str(out), "--device", "cpu", "--threads", str(args.threads),
                    "--variant", row.variant, "--max-length", str(MAX_LENGTH), *extra]
