@@ -69,20 +69,7 @@ def collect(model, tokenizer, texts: list[str], max_tokens: int, max_length: int
         for name, module in (("qkv", layer.self_attn.q_proj), ("o", layer.self_attn.o_proj),
                              ("gate_up", layer.mlp.gate_proj), ("down", layer.mlp.down_proj)):
             hooks.append(module.register_forward_pre_hook(hook(f"{i}.{name}")))
-    used = 0
-    try:
-        for text in texts:
-            if used >= max_tokens:
-                break
-            ids = tokenizer(text, truncation=True, max_length=min(max_length, max_tokens - used),
-                            return_tensors="pt")["input_ids"]
-            if ids.shape[1] < 2:
-                continue
-            model(input_ids=ids, use_cache=False)
-            used += int(ids.shape[1])
-    finally:
-        for h in hooks:
-            h.remove()
+    used = _feed(model, tokenizer, texts, hooks, max_tokens, max_length, min_tokens=2)
     return stats, used
 
 
@@ -205,6 +192,13 @@ def sensitivity(model, tokenizer, texts: list[str] | None = None, max_tokens: in
         for parent, attr, short in LINEARS:
             module = getattr(getattr(layer, parent), attr)
             hooks.append(module.register_forward_hook(hook(f"{i}.{short}")))
+    _feed(model, tokenizer, texts, hooks, max_tokens, max_length)
+    return {k: (v[0] / max(v[1], 1e-30)) ** 0.5 for k, v in err.items()}
+
+
+def _feed(model, tokenizer, texts, hooks, max_tokens: int, max_length: int, min_tokens: int = 1) -> int:
+    """Runs `texts` (truncated, at most `max_tokens` in all, skipping inputs under `min_tokens`)
+    through `model`, then removes `hooks`; returns the tokens used."""
     used = 0
     try:
         for text in texts:
@@ -212,12 +206,14 @@ def sensitivity(model, tokenizer, texts: list[str] | None = None, max_tokens: in
                 break
             ids = tokenizer(text, truncation=True, max_length=min(max_length, max_tokens - used),
                             return_tensors="pt")["input_ids"]
+            if ids.shape[1] < min_tokens:
+                continue
             model(input_ids=ids, use_cache=False)
             used += int(ids.shape[1])
     finally:
         for h in hooks:
             h.remove()
-    return {k: (v[0] / max(v[1], 1e-30)) ** 0.5 for k, v in err.items()}
+    return used
 
 
 def keep_patterns(scores: dict[str, float], count: int) -> list[str]:

@@ -44,7 +44,10 @@ impl Batch {
     /// continuing from `skip` (the rows' ids after a prefix of `skip` tokens computed elsewhere).
     pub fn suffixes(&self, which: &[usize], skip: usize) -> Batch {
         let all: Vec<Vec<u32>> = self.row_ids().collect();
-        let ids: Vec<Vec<u32>> = which.iter().map(|&i| all[i][skip.min(all[i].len())..].to_vec()).collect();
+        let ids: Vec<Vec<u32>> = which
+            .iter()
+            .map(|&i| all[i][skip.min(all[i].len())..].to_vec())
+            .collect();
         let mut b = pad(&ids, &(0..ids.len()).collect::<Vec<_>>(), self.pad_id());
         b.rows = which.iter().map(|&i| self.rows[i]).collect();
         for (p, m) in b.position_ids.iter_mut().zip(&b.attention_mask) {

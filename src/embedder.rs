@@ -291,9 +291,7 @@ impl Embedder {
         examples: &[Example],
         texts: &[&str],
     ) -> Result<Vec<Vec<f32>>> {
-        let prompt = self
-            .encoder
-            .query_prompt(task, examples, self.max_length)?;
+        let prompt = self.encoder.query_prompt(task, examples, self.max_length)?;
         let ids = prompt.ids(&self.encoder.tokenizer, texts)?;
         let prefix = self.cache_prefix(&prompt)?;
         let costs: Vec<usize> = ids
@@ -375,7 +373,11 @@ impl Embedder {
 
     /// Like [`Embedder::embed_batch`], with the rows that start with `prefix` computed on top of its
     /// cached states (computed now if it is not the cached one) and the others in full.
-    pub fn embed_batch_after(&mut self, batch: &Batch, prefix: Option<&[u32]>) -> Result<Vec<Vec<f32>>> {
+    pub fn embed_batch_after(
+        &mut self,
+        batch: &Batch,
+        prefix: Option<&[u32]>,
+    ) -> Result<Vec<Vec<f32>>> {
         let Some(prefix) = prefix else {
             return self.run_batch(batch, None);
         };
@@ -416,7 +418,10 @@ impl Embedder {
         }
         self.prefix = None; // the old states go before the new ones are computed
         let layout = self.past.as_ref().ok_or_else(|| {
-            Error::input("prefix cache", "this variant's graph takes no prefix states")
+            Error::input(
+                "prefix cache",
+                "this variant's graph takes no prefix states",
+            )
         })?;
         let single = batch::pad(&[prefix.to_vec()], &[0], 0);
         let feed = feed_inputs(&self.inputs, &single, &layout.names, &layout.empty)?;
@@ -427,9 +432,9 @@ impl Embedder {
         let mut states = Vec::with_capacity(layout.names.len());
         let mut bytes = 0;
         for (_, present) in &layout.names {
-            let value = outputs.remove(present.as_str()).ok_or_else(|| {
-                Error::input("graph output", format!("no output {present:?}"))
-            })?;
+            let value = outputs
+                .remove(present.as_str())
+                .ok_or_else(|| Error::input("graph output", format!("no output {present:?}")))?;
             bytes += value_bytes(&value);
             states.push(value);
         }
@@ -452,7 +457,10 @@ impl Embedder {
             (Some(layout), Some(p)) => (&layout.names, &p.states),
             (Some(layout), None) => (&layout.names, &layout.empty),
             (None, Some(_)) => {
-                return Err(Error::input("prefix cache", "this variant's graph takes no prefix states"))
+                return Err(Error::input(
+                    "prefix cache",
+                    "this variant's graph takes no prefix states",
+                ))
             }
             (None, None) => (&no_names, &[]),
         };
@@ -645,19 +653,25 @@ fn check_graph(
         .map(|i| i.name().to_string())
         .filter(|n| !past.contains(n))
         .collect();
-    let mut a: Vec<String> = session.inputs().iter().map(|i| i.name().to_string()).collect();
+    let mut a: Vec<String> = session
+        .inputs()
+        .iter()
+        .map(|i| i.name().to_string())
+        .collect();
     let mut b: Vec<String> = variant.inputs.iter().chain(&past).cloned().collect();
     a.sort();
     b.sort();
     if a != b {
         return Err(Error::package(
             &package.dir,
-            format!(
-                "variant {name}: the graph takes inputs {a:?}, the manifest says {b:?}"
-            ),
+            format!("variant {name}: the graph takes inputs {a:?}, the manifest says {b:?}"),
         ));
     }
-    for input in session.inputs().iter().filter(|i| !past.iter().any(|p| p == i.name())) {
+    for input in session
+        .inputs()
+        .iter()
+        .filter(|i| !past.iter().any(|p| p == i.name()))
+    {
         if let ValueType::Tensor { ty, .. } = input.dtype() {
             if *ty != TensorElementType::Int64 {
                 return Err(Error::package(
@@ -769,10 +783,15 @@ fn past_layout(
             .find(|i| i.name() == input)
             .ok_or_else(|| bad(format!("the graph has no prefix-state input {input:?}")))?;
         if !matches!(i.dtype(), ValueType::Tensor { ty, .. } if *ty == want) {
-            return Err(bad(format!("prefix-state input {input:?} is not {}", spec.dtype)));
+            return Err(bad(format!(
+                "prefix-state input {input:?} is not {}",
+                spec.dtype
+            )));
         }
         if !session.outputs().iter().any(|o| o.name() == output) {
-            return Err(bad(format!("the graph has no prefix-state output {output:?}")));
+            return Err(bad(format!(
+                "the graph has no prefix-state output {output:?}"
+            )));
         }
     }
     let shape = [1usize, arch.kv_heads, 0, arch.head_dim];

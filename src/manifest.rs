@@ -127,8 +127,14 @@ impl PrefixCacheSpec {
             .flat_map(|i| {
                 let l = i.to_string();
                 [
-                    (self.past_key.replace("{layer}", &l), self.present_key.replace("{layer}", &l)),
-                    (self.past_value.replace("{layer}", &l), self.present_value.replace("{layer}", &l)),
+                    (
+                        self.past_key.replace("{layer}", &l),
+                        self.present_key.replace("{layer}", &l),
+                    ),
+                    (
+                        self.past_value.replace("{layer}", &l),
+                        self.present_value.replace("{layer}", &l),
+                    ),
                 ]
             })
             .collect()

@@ -299,6 +299,22 @@ def worker_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--save", type=Path, required=True)
 
 
+def timed_runs(a: argparse.Namespace, once, load: float) -> int:
+    """A worker's measurement: `once()` warm-up and measured runs; saves the last embeddings and
+    the load and run times for the parent."""
+    import numpy as np
+
+    times, emb = [], None
+    for rep in range(a.warmup + a.runs):
+        t = time.perf_counter()
+        emb = once()
+        if rep >= a.warmup:
+            times.append(time.perf_counter() - t)
+    np.save(a.save, emb)
+    a.result.write_text(json.dumps({"load_s": load, "times": times}))
+    return 0
+
+
 def worker_ort(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="speed.py worker-ort")
     p.add_argument("--package", type=Path, required=True)
@@ -353,15 +369,7 @@ def worker_ort(argv: list[str]) -> int:
             out[rows] = last
         return out
 
-    times, emb = [], None
-    for rep in range(a.warmup + a.runs):
-        t = time.perf_counter()
-        emb = once()
-        if rep >= a.warmup:
-            times.append(time.perf_counter() - t)
-    np.save(a.save, emb)
-    a.result.write_text(json.dumps({"load_s": load, "times": times}))
-    return 0
+    return timed_runs(a, once, load)
 
 
 def plan(lengths: list[int], budget: int, max_rows: int) -> list[list[int]]:
@@ -411,15 +419,7 @@ def worker_flag(argv: list[str]) -> int:
                 outs.append(model.encode_queries(part["texts"]))
         return np.concatenate([np.asarray(o, dtype=np.float32) for o in outs])
 
-    times, emb = [], None
-    for rep in range(a.warmup + a.runs):
-        t = time.perf_counter()
-        emb = once()
-        if rep >= a.warmup:
-            times.append(time.perf_counter() - t)
-    np.save(a.save, emb)
-    a.result.write_text(json.dumps({"load_s": load, "times": times}))
-    return 0
+    return timed_runs(a, once, load)
 
 
 # ----------------------------------------------------------------------------------------------
