@@ -20,9 +20,18 @@ fn all_tasks_parity(pkg: &Path, variant: &str, per_task: usize, stride: usize) -
     let mut worst = f64::INFINITY;
     let mut queries = 0;
     for t in &tasks {
-        let texts: Vec<&str> = t.queries.iter().take(per_task).map(String::as_str).collect();
-        let a = cached.embed_queries(Some(&t.instruction), &t.prefix, &texts).unwrap();
-        let b = full.embed_queries(Some(&t.instruction), &t.prefix, &texts).unwrap();
+        let texts: Vec<&str> = t
+            .queries
+            .iter()
+            .take(per_task)
+            .map(String::as_str)
+            .collect();
+        let a = cached
+            .embed_queries(Some(&t.instruction), &t.prefix, &texts)
+            .unwrap();
+        let b = full
+            .embed_queries(Some(&t.instruction), &t.prefix, &texts)
+            .unwrap();
         let cos = min_cosine(&a, &b);
         assert!(cos.is_finite(), "{}: no embeddings", t.name);
         worst = worst.min(cos);
@@ -30,9 +39,16 @@ fn all_tasks_parity(pkg: &Path, variant: &str, per_task: usize, stride: usize) -
     }
     let stats = cached.prefix_stats();
     assert_eq!(stats.prefixes, tasks.len(), "one prefix computed per task");
-    assert_eq!(stats.cached, queries, "every query ran on its prefix: {stats:?}");
+    assert_eq!(
+        stats.cached, queries,
+        "every query ran on its prefix: {stats:?}"
+    );
     assert_eq!(stats.fallback, 0);
-    assert_eq!(full.prefix_stats(), &PrefixStats::default(), "--no-prefix-cache computes no prefix");
+    assert_eq!(
+        full.prefix_stats(),
+        &PrefixStats::default(),
+        "--no-prefix-cache computes no prefix"
+    );
     eprintln!(
         "{} {variant}: {} tasks, {queries} queries, min cosine cached vs full {worst:.8}",
         pkg.display(),
@@ -77,26 +93,59 @@ fn cache_matches_full_computation_on_a_quarter_of_the_mteb_tasks_smollm2_int8() 
 #[test]
 fn cache_stops_before_tokens_the_query_changes() {
     let Some(f) = fixtures() else { return };
-    let examples: Vec<Example> = icl_embed::input::read_examples(&data_dir().join("MTEB/SciFact.json"))
-        .unwrap()
-        .into_iter()
-        .map(|e| Example {
-            instruct: Some("Given a scientific claim, retrieve documents that support or refute the claim".into()),
-            ..e
-        })
-        .collect();
-    let texts = ["\n\nstarts with blank lines", "   starts with spaces", "Vitamin D deficiency is linked to MS."];
+    let examples: Vec<Example> =
+        icl_embed::input::read_examples(&data_dir().join("MTEB/SciFact.json"))
+            .unwrap()
+            .into_iter()
+            .map(|e| Example {
+                instruct: Some(
+                    "Given a scientific claim, retrieve documents that support or refute the claim"
+                        .into(),
+                ),
+                ..e
+            })
+            .collect();
+    let texts = [
+        "\n\nstarts with blank lines",
+        "   starts with spaces",
+        "Vitamin D deficiency is linked to MS.",
+    ];
     let mut cached = embedder(&f.smollm2_pkg, "fp32", true);
     let mut full = embedder(&f.smollm2_pkg, "fp32", false);
     let prompt = cached.encoder.query_prompt(None, &examples, None).unwrap();
-    let mut whole = cached.encoder.tokenizer.encode_plain(&prompt.prefix).unwrap();
-    whole.splice(0..0, cached.encoder.package.manifest.special_tokens.prepend.clone());
-    let prefix = cached.cache_prefix(&prompt).unwrap().expect("the cache applies");
-    assert!(whole.starts_with(&prefix) && prefix.len() < whole.len() && prefix.len() + 3 > whole.len(),
-            "cached {} of the prefix's {} ids", prefix.len(), whole.len());
+    let mut whole = cached
+        .encoder
+        .tokenizer
+        .encode_plain(&prompt.prefix)
+        .unwrap();
+    whole.splice(
+        0..0,
+        cached
+            .encoder
+            .package
+            .manifest
+            .special_tokens
+            .prepend
+            .clone(),
+    );
+    let prefix = cached
+        .cache_prefix(&prompt)
+        .unwrap()
+        .expect("the cache applies");
+    assert!(
+        whole.starts_with(&prefix) && prefix.len() < whole.len() && prefix.len() + 3 > whole.len(),
+        "cached {} of the prefix's {} ids",
+        prefix.len(),
+        whole.len()
+    );
     let a = cached.embed_queries(None, &examples, &texts).unwrap();
     let b = full.embed_queries(None, &examples, &texts).unwrap();
-    assert_eq!(cached.prefix_stats().cached, texts.len(), "{:?}", cached.prefix_stats());
+    assert_eq!(
+        cached.prefix_stats().cached,
+        texts.len(),
+        "{:?}",
+        cached.prefix_stats()
+    );
     assert!(min_cosine(&a, &b) >= 0.99999);
 }
 
@@ -107,13 +156,23 @@ fn rows_that_do_not_start_with_the_prefix_fall_back() {
     let Some(f) = fixtures() else { return };
     let task = "Given a scientific claim, retrieve documents that support or refute the claim";
     let examples = icl_embed::input::read_examples(&data_dir().join("MTEB/SciFact.json")).unwrap();
-    let texts = ["Aspirin lowers the risk of colorectal cancer.", "what causes tides", "boiling point of water"];
+    let texts = [
+        "Aspirin lowers the risk of colorectal cancer.",
+        "what causes tides",
+        "boiling point of water",
+    ];
     let mut cached = embedder(&f.tiny_pkg, "fp32", true);
     let mut full = embedder(&f.tiny_pkg, "fp32", false);
-    let prompt = cached.encoder.query_prompt(Some(task), &examples, None).unwrap();
+    let prompt = cached
+        .encoder
+        .query_prompt(Some(task), &examples, None)
+        .unwrap();
     let ids = prompt.ids(&cached.encoder.tokenizer, &texts).unwrap();
     // A prefix one token into the first query: the other two rows diverge from it.
-    let shared = cached.cache_prefix(&prompt).unwrap().expect("the cache applies");
+    let shared = cached
+        .cache_prefix(&prompt)
+        .unwrap()
+        .expect("the cache applies");
     let prefix = ids[0][..shared.len() + 1].to_vec();
     let diverging = ids.iter().filter(|r| !r.starts_with(&prefix)).count();
     assert_eq!(diverging, 2, "the texts must start with different tokens");
@@ -121,7 +180,11 @@ fn rows_that_do_not_start_with_the_prefix_fall_back() {
     let a = cached.embed_batch_after(&batch, Some(&prefix)).unwrap();
     let b = full.embed_batch(&batch).unwrap();
     let stats = cached.prefix_stats();
-    assert_eq!((stats.cached, stats.fallback, stats.prefixes), (1, 2, 1), "{stats:?}");
+    assert_eq!(
+        (stats.cached, stats.fallback, stats.prefixes),
+        (1, 2, 1),
+        "{stats:?}"
+    );
     assert_eq!(stats.prefix_tokens, prefix.len());
     assert!(min_cosine(&a, &b) >= 0.99999);
 }
@@ -133,15 +196,31 @@ fn cli_uses_the_cache_by_default_and_no_prefix_cache_turns_it_off() {
     let Some(f) = fixtures() else { return };
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("q.txt");
-    std::fs::write(&input, "what causes tides\nhow do vaccines work\nboiling point of water\n").unwrap();
+    std::fs::write(
+        &input,
+        "what causes tides\nhow do vaccines work\nboiling point of water\n",
+    )
+    .unwrap();
     let examples = data_dir().join("MTEB/SciFact.json");
     let run_with = |out: &str, extra: &[&str]| {
         let out = dir.path().join(out);
         let mut args: Vec<String> = [
-            "embed", "--model", f.tiny_pkg.to_str().unwrap(), "--input", input.to_str().unwrap(),
-            "--output", out.to_str().unwrap(), "--queries", "--task",
+            "embed",
+            "--model",
+            f.tiny_pkg.to_str().unwrap(),
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+            "--queries",
+            "--task",
             "Given a scientific claim, retrieve documents that support or refute the claim",
-            "--examples", examples.to_str().unwrap(), "--device", "cpu", "--variant", "fp32",
+            "--examples",
+            examples.to_str().unwrap(),
+            "--device",
+            "cpu",
+            "--variant",
+            "fp32",
         ]
         .iter()
         .map(|s| s.to_string())
@@ -155,13 +234,22 @@ fn cli_uses_the_cache_by_default_and_no_prefix_cache_turns_it_off() {
     let (a, err_a) = run_with("a.npy", &[]);
     let (b, err_b) = run_with("b.npy", &["--no-prefix-cache"]);
     assert!(
-        err_a.contains("prefix cache:") && err_a.contains("3 queries on top of it, 0 computed in full"),
+        err_a.contains("prefix cache:")
+            && err_a.contains("3 queries on top of it, 0 computed in full"),
         "{err_a}"
     );
     assert!(!err_b.contains("prefix cache:"), "{err_b}");
     assert!(min_cosine(&a, &b) >= 0.99999);
-    let o = run(&["embed", "--model", f.tiny_pkg.to_str().unwrap(), "--input", input.to_str().unwrap(),
-        "--output", dir.path().join("c.npy").to_str().unwrap(), "--no-prefix-cache"]);
+    let o = run(&[
+        "embed",
+        "--model",
+        f.tiny_pkg.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        dir.path().join("c.npy").to_str().unwrap(),
+        "--no-prefix-cache",
+    ]);
     let err = fails(o);
     assert!(err.contains("--queries"), "{err}");
 }

@@ -30,7 +30,12 @@ fn int8_matches_fp32_on_every_shared_text_smollm2() {
     let mut passages: Vec<String> = Vec::new();
     for path in std::fs::read_dir(data_dir().join("MTEB")).unwrap() {
         let path = path.unwrap().path();
-        passages.extend(icl_embed::input::read_examples(&path).unwrap().into_iter().map(|e| e.response));
+        passages.extend(
+            icl_embed::input::read_examples(&path)
+                .unwrap()
+                .into_iter()
+                .map(|e| e.response),
+        );
     }
     let mut air_queries: Vec<String> = Vec::new();
     for dir in ["qa", "long-doc"] {
@@ -47,23 +52,55 @@ fn int8_matches_fp32_on_every_shared_text_smollm2() {
         }
     }
     passages.sort();
-    let msmarco = tasks.iter().find(|t| t.name == "MSMARCO").expect("MSMARCO examples");
+    let msmarco = tasks
+        .iter()
+        .find(|t| t.name == "MSMARCO")
+        .expect("MSMARCO examples");
 
     let mut all: Vec<f64> = Vec::new();
     let mut fp32 = embedder(&f.smollm2_pkg, "fp32", true);
     let mut int8 = embedder(&f.smollm2_pkg, "int8", true);
     let texts: Vec<&str> = passages.iter().map(String::as_str).collect();
-    let lengths: Vec<usize> = fp32.encoder.documents(&texts, None).unwrap().iter().map(Vec::len).collect();
-    let passage_cos = cosines(&fp32.embed_documents(&texts).unwrap(), &int8.embed_documents(&texts).unwrap());
-    let tiny: Vec<f64> = passage_cos.iter().zip(&lengths).filter(|(_, &n)| n <= 2).map(|(c, _)| *c).collect();
-    let mut longer: Vec<f64> = passage_cos.iter().zip(&lengths).filter(|(_, &n)| n > 2).map(|(c, _)| *c).collect();
+    let lengths: Vec<usize> = fp32
+        .encoder
+        .documents(&texts, None)
+        .unwrap()
+        .iter()
+        .map(Vec::len)
+        .collect();
+    let passage_cos = cosines(
+        &fp32.embed_documents(&texts).unwrap(),
+        &int8.embed_documents(&texts).unwrap(),
+    );
+    let tiny: Vec<f64> = passage_cos
+        .iter()
+        .zip(&lengths)
+        .filter(|(_, &n)| n <= 2)
+        .map(|(c, _)| *c)
+        .collect();
+    let mut longer: Vec<f64> = passage_cos
+        .iter()
+        .zip(&lengths)
+        .filter(|(_, &n)| n > 2)
+        .map(|(c, _)| *c)
+        .collect();
     all.extend(&passage_cos);
     let mut query_count = 0;
     let mut groups: Vec<(&str, &[icl_embed::Example], Vec<&str>)> = tasks
         .iter()
-        .map(|t| (t.instruction.as_str(), &t.prefix[..], t.queries.iter().map(String::as_str).collect()))
+        .map(|t| {
+            (
+                t.instruction.as_str(),
+                &t.prefix[..],
+                t.queries.iter().map(String::as_str).collect(),
+            )
+        })
         .collect();
-    groups.push((&msmarco.instruction, &msmarco.prefix[..], air_queries.iter().map(String::as_str).collect()));
+    groups.push((
+        &msmarco.instruction,
+        &msmarco.prefix[..],
+        air_queries.iter().map(String::as_str).collect(),
+    ));
     for (task, prefix, queries) in groups {
         let a = fp32.embed_queries(Some(task), prefix, &queries).unwrap();
         let b = int8.embed_queries(Some(task), prefix, &queries).unwrap();
@@ -81,9 +118,22 @@ fn int8_matches_fp32_on_every_shared_text_smollm2() {
         longer.len(),
         tiny.len()
     );
-    assert!(passages.len() >= 250 && query_count >= 250, "the whole shared set");
-    assert!(tiny.len() <= 40, "{} passages of at most two tokens", tiny.len());
+    assert!(
+        passages.len() >= 250 && query_count >= 250,
+        "the whole shared set"
+    );
+    assert!(
+        tiny.len() <= 40,
+        "{} passages of at most two tokens",
+        tiny.len()
+    );
     assert!(mean >= 0.999, "mean cosine {mean:.6} < 0.999");
-    assert!(worst_longer >= 0.99, "min cosine {worst_longer:.5} < 0.99 over inputs of more than two tokens");
-    assert!(worst_tiny >= 0.95, "min cosine {worst_tiny:.5} < 0.95 on one- and two-token inputs");
+    assert!(
+        worst_longer >= 0.99,
+        "min cosine {worst_longer:.5} < 0.99 over inputs of more than two tokens"
+    );
+    assert!(
+        worst_tiny >= 0.95,
+        "min cosine {worst_tiny:.5} < 0.95 on one- and two-token inputs"
+    );
 }

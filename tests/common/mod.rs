@@ -289,7 +289,11 @@ pub fn mteb_tasks() -> Vec<Task> {
         .filter(|p| p.extension().is_some_and(|e| e == "json"))
         .collect();
     files.sort();
-    assert!(files.len() >= 50, "expected the MTEB example sets, found {}", files.len());
+    assert!(
+        files.len() >= 50,
+        "expected the MTEB example sets, found {}",
+        files.len()
+    );
     files
         .iter()
         .map(|path| {
@@ -297,7 +301,9 @@ pub fn mteb_tasks() -> Vec<Task> {
             let task = table
                 .get(&name)
                 .and_then(|v| v.as_str())
-                .unwrap_or_else(|| panic!("no instruction for {name} in tests/data/mteb_instructions.json"))
+                .unwrap_or_else(|| {
+                    panic!("no instruction for {name} in tests/data/mteb_instructions.json")
+                })
                 .to_string();
             let examples = icl_embed::input::read_examples(path).unwrap();
             assert!(!examples.is_empty(), "{name}: no examples");
