@@ -1,15 +1,28 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh machine: Python environment, Rust build, fixtures (stand-in
 # models, packages, reference outputs; cached in .cache/), then the Python and Rust tests.
+# Each stage prints its wall time, so a slow CI run says where the time went.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
+stage() { echo "== $1 (${SECONDS}s so far)" >&2; }
+stage "python environment"
 bash export/setup.sh
+stage "rust build"
 cargo build --quiet --all-targets
+cargo test --quiet --no-run
+stage "fixtures"
 fixtures=$(bash tests/fixtures.sh)  # a failing fixture build stops here (set -e)
 eval "$fixtures"
 export ICL_REQUIRE_FIXTURES=1
-echo "== python tests" >&2
-.venv/bin/python -m pytest -q tests/python
-echo "== rust tests" >&2
-cargo test --quiet -- --nocapture
+stage "python tests"
+.venv/bin/python -m pytest -q --durations=5 tests/python
+stage "rust tests"
+cargo test --quiet --lib --bins -- --nocapture
+cargo test --quiet --doc
+for t in tests/*.rs; do
+  name=$(basename "$t" .rs)
+  stage "rust tests: $name"
+  cargo test --quiet --test "$name" -- --nocapture
+done
+stage "done"
