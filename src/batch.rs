@@ -1,6 +1,7 @@
 //! Batching: inputs are sorted longest first so that rows of similar length share a batch, batches
-//! are cut by a token budget (rows x padded length), padded on the right, and every row remembers
-//! its input index so results go back in input order.
+//! are cut within a token budget (rows x padded length) where padding plus a per-batch overhead is
+//! least, padded on the right, and every row remembers its input index so results go back in input
+//! order.
 
 /// One padded batch, ready for the graph.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,24 +69,42 @@ impl Batch {
     }
 }
 
+/// What one more batch costs beyond its padded tokens, in tokens: every run reads all the weights
+/// once and pays the graph's fixed overhead, so a batch is split only where that saves more padding.
+pub const BATCH_OVERHEAD: usize = 64;
+
 /// Groups input indices into batches: longest first (ties keep input order), each batch at most
 /// `max_rows` rows and `rows x longest <= budget` tokens (a single longer row gets a batch alone).
+/// Within those limits the cut points minimise padded tokens plus [`BATCH_OVERHEAD`] per batch, so
+/// a few long rows do not pad a batch of short ones (few-shot queries on a cached prefix vary
+/// several-fold in their new tokens).
 pub fn plan(lengths: &[usize], budget: usize, max_rows: usize) -> Vec<Vec<usize>> {
     let mut order: Vec<usize> = (0..lengths.len()).collect();
     order.sort_by(|&a, &b| lengths[b].cmp(&lengths[a]));
-    let mut batches: Vec<Vec<usize>> = Vec::new();
-    let mut current: Vec<usize> = Vec::new();
-    for index in order {
-        if let Some(&first) = current.first() {
-            let longest = lengths[first].max(1);
-            if current.len() >= max_rows.max(1) || (current.len() + 1) * longest > budget {
-                batches.push(std::mem::take(&mut current));
+    let n = order.len();
+    // best[i]: least cost of batching order[i..]; end[i]: where the first of those batches ends.
+    let mut best = vec![usize::MAX; n + 1];
+    let mut end = vec![n; n + 1];
+    best[n] = 0;
+    for i in (0..n).rev() {
+        let longest = lengths[order[i]].max(1);
+        for j in i + 1..=n {
+            let rows = j - i;
+            if rows > max_rows.max(1) || (rows > 1 && rows * longest > budget) {
+                break;
+            }
+            let cost = rows * longest + BATCH_OVERHEAD + best[j];
+            if cost <= best[i] {
+                best[i] = cost;
+                end[i] = j;
             }
         }
-        current.push(index);
     }
-    if !current.is_empty() {
-        batches.push(current);
+    let mut batches = Vec::new();
+    let mut i = 0;
+    while i < n {
+        batches.push(order[i..end[i]].to_vec());
+        i = end[i];
     }
     batches
 }
@@ -137,6 +156,16 @@ mod tests {
         assert!(batches.iter().all(|b| b.len() <= 4));
         seen.sort();
         assert_eq!(seen, (0..50).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn plan_splits_off_long_rows_when_padding_costs_more_than_a_batch() {
+        let mut lengths = vec![200];
+        lengths.extend([10; 20]);
+        let batches = plan(&lengths, 8192, 64);
+        assert_eq!(batches, vec![vec![0], (1..21).collect::<Vec<_>>()]);
+        // A few tokens of padding are cheaper than another batch.
+        assert_eq!(plan(&[12, 10, 10, 9], 8192, 64), vec![vec![0, 1, 2, 3]]);
     }
 
     #[test]
