@@ -39,13 +39,15 @@ while [ $# -gt 0 ]; do
   esac
 done
 # Sized so that the whole run takes about half an hour on 2 cores (FlagEmbedding on slice7b loads
-# 2.3 GB and probes its batch size in every run): one few-shot task, Python onnxruntime on fp32.
-extra=(--tasks SciFact --queries-per-task 6 --ort-variants fp32)
+# 2.3 GB and probes its batch size in every run): one few-shot task (MSMARCO's instruction and 3
+# examples, a retrieval task like the ones bge-en-icl serves) over 16 real retrieval questions (the
+# AIR-Bench queries), Python onnxruntime on fp32.
+extra=(--tasks MSMARCO --query-source air-bench --queries-per-task 16 --ort-variants fp32)
 if [ $quick = 1 ]; then
   [ $models_given = 1 ] || models=tiny
   [ $runs_given = 1 ] || runs=1
   warmup=0
-  extra=(--quick --tasks SciFact --queries-per-task 2)
+  extra=(--quick --tasks MSMARCO --query-source air-bench --queries-per-task 2)
   output=${output:-.cache/bench/BENCHMARKS.quick.md}
 fi
 output=${output:-BENCHMARKS.md}

@@ -16,7 +16,7 @@ workload, then `--runs` measured ones; the tables give medians. What each engine
   CLI's load time (manifest, tokenizer, ONNX Runtime session). "whole run" is the process wall time.
 - Python `onnxruntime`: the forward runs (plus pooling) on the ids `icl-embed tokenize` printed,
   right-padded in the batches the CLI would make (longest first, rows x padded length <= 4096,
-  at most 64 rows); load is `InferenceSession` creation.
+  at most 64 rows, cut to least padding + per-batch overhead); load is `InferenceSession` creation.
 - FlagEmbedding: `encode_corpus` / `encode_queries` of `FlagICLModel(use_fp16=False, devices="cpu")`
   with its default batching (including its batch-size probe, one extra forward of the first batch
   per call); load is the constructor.
@@ -52,6 +52,7 @@ REAL_LAYERS = 32
 # CLI defaults on CPU (README): rows x padded length per batch, rows per batch.
 BATCH_TOKENS = 4096
 MAX_ROWS = 64
+BATCH_OVERHEAD = 64  # src/batch.rs
 GIB_MIB = 1024
 
 
@@ -115,6 +116,7 @@ class Part:
 class Workload:
     kind: str  # "documents" or "queries"
     parts: list[Part]
+    source: str = ""  # where query texts come from (queries)
 
     @property
     def items(self) -> int:
@@ -152,24 +154,39 @@ def document_pool() -> list[str]:
     return [text for text in pool if len(text) >= MIN_PASSAGE_CHARS]
 
 
-def make_workloads(n_docs: int, tasks: list[str], per_task: int) -> tuple[Workload, Workload]:
+def air_bench_queries() -> list[str]:
+    """The AIR-Bench `query` fields (qa, then long-doc; files sorted): real retrieval questions."""
+    pool = []
+    for kind in ("qa", "long-doc"):
+        for path in sorted(glob.glob(str(DATA / "AIR-Bench" / kind / "*.jsonl"))):
+            with open(path, encoding="utf-8") as f:
+                pool += [json.loads(line)["query"] for line in f if line.strip()]
+    return pool
+
+
+def make_workloads(n_docs: int, tasks: list[str], per_task: int,
+                   query_source: str = "mteb") -> tuple[Workload, Workload]:
     docs = Workload("documents", [Part("documents", spaced(document_pool(), n_docs))])
     instructions = load_instructions()
     examples = {}
     for task in tasks:
         with open(DATA / "MTEB" / f"{task}.json", encoding="utf-8") as f:
             examples[task] = json.load(f)[:SHOTS]
-    # Query texts: the example queries of the other MTEB tasks (tasks sorted, file order), spread
-    # evenly and interleaved between the measured tasks; what matters here is their length mix.
-    pool = []
-    for task in mteb_tasks():
-        if task in tasks:
-            continue
-        with open(DATA / "MTEB" / f"{task}.json", encoding="utf-8") as f:
-            pool += [e["query"] for e in json.load(f) if e.get("query")]
+    # Query texts, spread evenly and interleaved between the measured tasks: the AIR-Bench
+    # questions (`air-bench`), or the example queries of the other MTEB tasks (`mteb`: tasks sorted,
+    # file order; a length mix from short questions to whole reviews and arguments).
+    if query_source == "air-bench":
+        pool = air_bench_queries()
+    else:
+        pool = []
+        for task in mteb_tasks():
+            if task in tasks:
+                continue
+            with open(DATA / "MTEB" / f"{task}.json", encoding="utf-8") as f:
+                pool += [e["query"] for e in json.load(f) if e.get("query")]
     parts = [Part(task, spaced(pool, per_task, k, len(tasks)), instructions[task], examples[task])
              for k, task in enumerate(tasks)]
-    return docs, Workload("queries", parts)
+    return docs, Workload("queries", parts, query_source)
 
 
 def prepare(work: Workload, binary: str, package: str, directory: Path) -> None:
@@ -214,6 +231,7 @@ class Row:
     rss_kb: int = 0
     weights: int = 0
     embeddings: Any = None  # [N, hidden] in workload order, for the cosine column
+    prefix_line: str | None = None  # the CLI's `prefix cache: ...` summary (queries)
     error: str | None = None
 
 
@@ -263,6 +281,9 @@ def run_cli(row: Row, args: argparse.Namespace, env: dict[str, str], package: st
             if m is None:
                 raise RuntimeError(f"no `done:` summary from {shlex.join(cmd)}:\n{proc.stderr[-1000:]}")
             compute += done_seconds(m)
+            cached = re.findall(r"prefix cache: (.*)", proc.stderr)
+            if cached:
+                row.prefix_line = cached[-1].strip()
             loads.append(float(m.group(5)))
             wall += secs
             row.rss_kb = max(row.rss_kb, kb)
@@ -373,18 +394,24 @@ def worker_ort(argv: list[str]) -> int:
 
 
 def plan(lengths: list[int], budget: int, max_rows: int) -> list[list[int]]:
-    """The CLI's batch plan (src/batch.rs): longest first, ties in input order, rows x longest <= budget."""
+    """The CLI's batch plan (src/batch.rs `plan`): longest first, ties in input order, rows x longest
+    <= budget, at most max_rows rows, cut where padded tokens + BATCH_OVERHEAD per batch is least."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    batches, current = [], []
-    for index in order:
-        if current:
-            longest = max(lengths[current[0]], 1)
-            if len(current) >= max(max_rows, 1) or (len(current) + 1) * longest > budget:
-                batches.append(current)
-                current = []
-        current.append(index)
-    if current:
-        batches.append(current)
+    n = len(order)
+    best, end = [None] * n + [0], [n] * (n + 1)
+    for i in range(n - 1, -1, -1):
+        longest = max(lengths[order[i]], 1)
+        for j in range(i + 1, n + 1):
+            rows = j - i
+            if rows > max(max_rows, 1) or (rows > 1 and rows * longest > budget):
+                break
+            cost = rows * longest + BATCH_OVERHEAD + best[j]
+            if best[i] is None or cost <= best[i]:
+                best[i], end[i] = cost, j
+    batches, i = [], 0
+    while i < n:
+        batches.append(order[i:end[i]])
+        i = end[i]
     return batches
 
 
@@ -534,16 +561,35 @@ def table(model: Model, work: Workload, rows: list[Row], slice_layers: int | Non
 
 
 def prefix_cache_table(work: Workload, rows: list[Row]) -> list[str]:
-    lines = ["| variant | tokens/s with prefix cache | without (`--no-prefix-cache`) | ratio |",
-             "| --- | --- | --- | --- |"]
+    fe = next((r for r in rows if r.engine.startswith("FlagEmbedding") and r.times), None)
+    lines = ["| variant | queries/s with prefix cache | without (`--no-prefix-cache`) | ratio | "
+             "with cache vs FlagEmbedding | the CLI's `prefix cache:` line |",
+             "| --- | --- | --- | --- | --- | --- |"]
     for with_row in (r for r in rows if r.engine == "icl-embed" and r.times):
         without = next((r for r in rows if r.engine == "icl-embed --no-prefix-cache"
                         and r.variant == with_row.variant and r.times), None)
         if without is None:
             continue
-        a, b = work.tokens / med(with_row.times), work.tokens / med(without.times)
-        lines.append(f"| {with_row.variant} | {a:,.1f} | {b:,.1f} | {a / b:.2f}x |")
-    return lines if len(lines) > 2 else []
+        a, b = work.items / med(with_row.times), work.items / med(without.times)
+        vs_fe = f"{a / (work.items / med(fe.times)):.2f}x" if fe else "-"
+        lines.append(f"| {with_row.variant} | {a:,.2f} | {b:,.2f} | {a / b:.2f}x | {vs_fe} | "
+                     f"{(with_row.prefix_line or '-').replace('|', '/')} |")
+    if len(lines) <= 2:
+        return []
+    # What the cache can save: per (task, examples), N queries with a P-token shared prefix and q new
+    # tokens each cost N(P + q) without it and P + Nq with it (attention to the prefix aside).
+    bounds = []
+    for part in work.parts:
+        lengths = [len(r) for r in part.ids]
+        prefix = len(os.path.commonprefix(part.ids)) if len(part.ids) > 1 else 0
+        new = sum(lengths) - prefix * len(lengths)
+        if prefix and new:
+            bounds.append(f"{part.name}: {len(lengths)} queries, {prefix}-token shared prefix, {new / len(lengths):.1f} "
+                          f"new tokens per query on average: at most {sum(lengths) / (prefix + new):.1f}x")
+    if bounds:
+        lines += ["", "Token arithmetic (the ratio's ceiling if every token cost the same): " + "; ".join(bounds)
+                  + ". The ceiling grows with the queries per (task, examples), toward (P + q) / q."]
+    return lines
 
 
 def sh(cmd: list[str]) -> str:
@@ -632,6 +678,8 @@ def run(argv: list[str]) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--tasks", default="SciFact,Banking77Classification")
     p.add_argument("--queries-per-task", type=int, default=4)
+    p.add_argument("--query-source", choices=("mteb", "air-bench"), default="mteb",
+                   help="query texts: other MTEB tasks' example queries, or the AIR-Bench questions")
     p.add_argument("--variants", default="fp32,fp16,int8")
     p.add_argument("--ort-variants", default="fp32,int8")
     p.add_argument("--output", type=Path, required=True)
@@ -671,7 +719,7 @@ def run(argv: list[str]) -> int:
         config = json.loads((model.model_dir / "config.json").read_text())
         layers = int(config.get("num_hidden_layers", 0))
         slice_layers = layers if name.startswith("slice7b") else None
-        docs, queries = make_workloads(model.n_docs, tasks, args.queries_per_task)
+        docs, queries = make_workloads(model.n_docs, tasks, args.queries_per_task, args.query_source)
         scratch = args.work / name
         sections += [f"### {name}", "", model_blurb(name, config, model), ""]
         for work in (docs, queries):
@@ -714,6 +762,13 @@ def model_blurb(name: str, config: dict[str, Any], model: Model) -> str:
     return f"`{name}` ({shape})."
 
 
+QUERY_SOURCES = {
+    "air-bench": "the AIR-Bench `query` fields of `../shared/data/flagembedding-icl-examples` (qa, then long-doc; "
+                 "real retrieval questions)",
+    "mteb": "MTEB example queries of the other tasks",
+}
+
+
 def work_title(work: Workload) -> str:
     return "documents" if work.kind == "documents" else "few-shot queries"
 
@@ -730,7 +785,7 @@ def workload_blurb(work: Workload, model: Model) -> str:
                       f"{len(p.examples or [])} examples, instruction from tests/data/mteb_instructions.json)"
                       for p in work.parts)
     return (f"{stats}, counted over the whole prompts (prefix + instruction + query + suffix), what each engine "
-            f"embeds: {tasks}. Query texts: MTEB example queries of the other tasks, spread evenly. `icl-embed` "
+            f"embeds: {tasks}. Query texts: {QUERY_SOURCES[work.source]}, spread evenly. `icl-embed` "
             f"runs once per task (`--queries --task T --examples E`); its load time is counted once per run.")
 
 
@@ -754,13 +809,13 @@ def render(args: argparse.Namespace, header: list[str], sections: list[str],
             "- `icl-embed embed --device cpu --threads N --variant V` (release build): the CLI's own `done:` "
             "figure, everything after loading (reading, tokenizing, batching, forward runs, writing `.npy`);",
             "- Python `onnxruntime` on the same graphs: the forward runs and pooling only, on the ids "
-            "`icl-embed tokenize` prints, right-padded in the batches the CLI makes (longest first, "
+            "`icl-embed tokenize` prints, right-padded in the batches the CLI makes (src/batch.rs: longest first, "
             f"rows x padded length <= {BATCH_TOKENS}, at most {MAX_ROWS} rows);",
             "- FlagEmbedding `FlagICLModel(use_fp16=False, devices=\"cpu\")`, `encode_corpus` / `encode_queries` "
             "with its default batching, as a user runs it (it probes the batch size with one extra forward of "
             "its first batch on every call).", "",
             *sections]
-    out += ["## Peak memory against the weights (issue 5)", "",
+    out += ["## Peak memory against the weights (issue 4)", "",
             "Goal: peak RSS <= weights + 1 GiB (1024 MiB) for `icl-embed`. From the tables above.", "",
             f"`{args.command}`", "",
             "| model | input | variant | weights (MiB) | peak RSS (MiB) | RSS - weights (MiB) | <= weights + 1 GiB |",
