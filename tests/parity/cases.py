@@ -71,15 +71,27 @@ def cases() -> list[dict]:
     ]
 
 
-def write_cases(out: Path, only: set[str] | None = None) -> list[dict]:
+def spread(items: list, n: int) -> list:
+    """n of items spread evenly, the first and the last included (all of them when n >= len)."""
+    if n >= len(items):
+        return list(items)
+    if n <= 1:
+        return list(items[:n])
+    return [items[round(i * (len(items) - 1) / (n - 1))] for i in range(n)]
+
+
+def write_cases(out: Path, only: set[str] | None = None, max_texts: dict[str, int] | None = None) -> list[dict]:
     """Writes each case's input (JSON lines) and examples file under `out`, and `out/cases.json`;
-    `only` restricts the set to the named cases."""
+    `only` restricts the set to the named cases, `max_texts` cuts a case to that many of its texts
+    (spread over it)."""
     out.mkdir(parents=True, exist_ok=True)
     listed = []
     for case in cases():
         if only is not None and case["name"] not in only:
             continue
         name = case["name"]
+        if max_texts and name in max_texts:
+            case["texts"] = spread(case["texts"], max_texts[name])
         with open(out / f"{name}.jsonl", "w", encoding="utf-8") as f:
             for text in case["texts"]:
                 f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")

@@ -2,7 +2,7 @@
 `<out>/<case>.npy` (FlagEmbedding's embeddings) and `<out>/<case>.ids.jsonl` (the token ids it fed
 the model), computed by `export.reference` (FlagEmbedding itself, fp32, CPU).
 
-    python tests/parity/golden.py --model MODEL_DIR --out DIR
+    python tests/parity/golden.py --model MODEL_DIR --out DIR [--only CASES] [--max-texts CASE=N ...]
 """
 
 from __future__ import annotations
@@ -27,10 +27,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--only", default=None, help="comma-separated case names (default: all)")
+    parser.add_argument("--max-texts", action="append", default=[], metavar="CASE=N",
+                        help="cut CASE to N of its texts, spread over it (repeatable)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     only = set(args.only.split(",")) if args.only else None
-    for case in write_cases(args.out, only):
+    try:
+        max_texts = {k: int(v) for k, v in (item.split("=", 1) for item in args.max_texts)}
+    except ValueError:
+        parser.error(f"--max-texts takes CASE=N, got {args.max_texts}")
+    for case in write_cases(args.out, only, max_texts):
         texts = [json.loads(line)["text"] for line in (args.out / case["input"]).read_text(encoding="utf-8").splitlines()]
         examples = json.loads((args.out / case["examples"]).read_text(encoding="utf-8")) if case["examples"] else None
         embeddings, ids = reference_embed(args.model, texts, case["queries"], task=case["task"], examples=examples,
