@@ -79,10 +79,11 @@ fn cache_matches_full_computation_on_every_mteb_task_smollm2_fp32() {
 }
 
 #[test]
-fn cache_matches_full_computation_on_a_quarter_of_the_mteb_tasks_smollm2_int8() {
-    // Every fourth task keeps CI's time in bounds; fp32 above covers all of them on this model.
+fn cache_matches_full_computation_on_an_eighth_of_the_mteb_tasks_smollm2_int8() {
+    // Every eighth task (7 of 56) keeps CI's time in bounds; fp32 above covers all of them on this
+    // model.
     let Some(f) = fixtures() else { return };
-    let cos = all_tasks_parity(&f.smollm2_pkg, "int8", 1, 4);
+    let cos = all_tasks_parity(&f.smollm2_pkg, "int8", 1, 8);
     assert!(cos >= 0.99, "min cosine {cos}");
 }
 
