@@ -27,20 +27,13 @@ fn write(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
 }
 
 fn embed(pkg: &Path, input: &Path, output: &Path, extra: &[&str]) -> std::process::Output {
-    let mut args: Vec<String> = ["embed", "--model"].iter().map(|s| s.to_string()).collect();
-    args.extend([
-        pkg.display().to_string(),
-        "--input".into(),
-        input.display().to_string(),
-        "--output".into(),
-        output.display().to_string(),
-    ]);
+    let mut args: Vec<&str> = Vec::new();
     if !extra.contains(&"--device") {
-        args.extend(["--device".to_string(), "cpu".to_string()]);
+        args.extend(["--device", "cpu"]);
     }
-    args.extend(["--variant", "fp32", "-q"].iter().map(|s| s.to_string()));
-    args.extend(extra.iter().map(|s| s.to_string()));
-    run(&args)
+    args.extend(["--variant", "fp32", "-q"]);
+    args.extend(extra);
+    run(&embed_args(pkg, input, output, &args))
 }
 
 /// Runs a failing embed and checks that the error names `needle` and no output appeared.

@@ -205,14 +205,7 @@ fn cli_uses_the_cache_by_default_and_no_prefix_cache_turns_it_off() {
     let examples = data_dir().join("MTEB/SciFact.json");
     let run_with = |out: &str, extra: &[&str]| {
         let out = dir.path().join(out);
-        let mut args: Vec<String> = [
-            "embed",
-            "--model",
-            f.tiny_pkg.to_str().unwrap(),
-            "--input",
-            input.to_str().unwrap(),
-            "--output",
-            out.to_str().unwrap(),
+        let mut args = vec![
             "--queries",
             "--task",
             "Given a scientific claim, retrieve documents that support or refute the claim",
@@ -222,11 +215,9 @@ fn cli_uses_the_cache_by_default_and_no_prefix_cache_turns_it_off() {
             "cpu",
             "--variant",
             "fp32",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        args.extend(extra.iter().map(|s| s.to_string()));
+        ];
+        args.extend(extra);
+        let args = embed_args(&f.tiny_pkg, &input, &out, &args);
         let o = run(&args);
         let err = stderr(&o);
         ok(o);
@@ -241,16 +232,12 @@ fn cli_uses_the_cache_by_default_and_no_prefix_cache_turns_it_off() {
     );
     assert!(!err_b.contains("prefix cache:"), "{err_b}");
     assert!(min_cosine(&a, &b) >= 0.99999);
-    let o = run(&[
-        "embed",
-        "--model",
-        f.tiny_pkg.to_str().unwrap(),
-        "--input",
-        input.to_str().unwrap(),
-        "--output",
-        dir.path().join("c.npy").to_str().unwrap(),
-        "--no-prefix-cache",
-    ]);
+    let o = run(&embed_args(
+        &f.tiny_pkg,
+        &input,
+        &dir.path().join("c.npy"),
+        &["--no-prefix-cache"],
+    ));
     let err = fails(o);
     assert!(err.contains("--queries"), "{err}");
 }

@@ -50,6 +50,21 @@ pub fn run<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Output {
         .expect("cannot start icl-embed")
 }
 
+/// `embed --model PKG --input INPUT --output OUTPUT` followed by `extra`.
+pub fn embed_args(pkg: &Path, input: &Path, output: &Path, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = vec![
+        "embed".into(),
+        "--model".into(),
+        pkg.display().to_string(),
+        "--input".into(),
+        input.display().to_string(),
+        "--output".into(),
+        output.display().to_string(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
