@@ -534,8 +534,13 @@ def min_cos(a: Any, b: Any) -> float | None:
     return float(np.min(np.sum(a * b, axis=1)))
 
 
+def flag_row(rows: list[Row]) -> Row | None:
+    """The table's FlagEmbedding row, if it ran: what the "vs FlagEmbedding" ratios divide by."""
+    return next((r for r in rows if r.engine.startswith("FlagEmbedding") and r.times), None)
+
+
 def table(model: Model, work: Workload, rows: list[Row], slice_layers: int | None) -> list[str]:
-    fe = next((r for r in rows if r.engine.startswith("FlagEmbedding") and r.times), None)
+    fe = flag_row(rows)
     fe_rate = work.tokens / med(fe.times) if fe else None
     head = ["engine", "variant", "tokens/s", "embeddings/s", "vs FlagEmbedding", "load (s)",
             "whole run (s)", "peak RSS (MiB)", "weights (MiB)", "min cos vs FlagEmbedding"]
@@ -561,7 +566,7 @@ def table(model: Model, work: Workload, rows: list[Row], slice_layers: int | Non
 
 
 def prefix_cache_table(work: Workload, rows: list[Row]) -> list[str]:
-    fe = next((r for r in rows if r.engine.startswith("FlagEmbedding") and r.times), None)
+    fe = flag_row(rows)
     lines = ["| variant | queries/s with prefix cache | without (`--no-prefix-cache`) | ratio | "
              "with cache vs FlagEmbedding | the CLI's `prefix cache:` line |",
              "| --- | --- | --- | --- | --- | --- |"]
