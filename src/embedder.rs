@@ -381,6 +381,10 @@ impl Embedder {
         ids: &'a [Vec<u32>],
         prefix: Option<&[u32]>,
     ) -> Result<Batches<'a>> {
+        for (i, row) in ids.iter().enumerate() {
+            self.model
+                .check_tokens(row.len(), &format!("text {}", i + 1))?;
+        }
         let pad_id = self.encoder.pad_id();
         let use_prefix = prefix.filter(|p| {
             self.use_prefix_cache

@@ -318,7 +318,7 @@ impl Model {
                 ),
             )
         })?;
-        self.check_window(ids.len(), "the prefix")?;
+        self.check_tokens(ids.len(), "the few-shot prefix")?;
         let single = batch::pad(&[ids.to_vec()], &[0], 0);
         let feed = feed_inputs(&self.inputs, &single, &layout.names, &layout.empty)?;
         let mut outputs = self.session.run(feed).map_err(Error::runtime(format!(
@@ -354,7 +354,7 @@ impl Model {
                     "has no tokens to pool (an empty text in a package whose tokenizer adds no special tokens)",
                 ));
             }
-            self.check_window(before + len, &format!("row {i} of the batch"))?;
+            self.check_tokens(before + len, &format!("row {i} of the batch"))?;
         }
         let no_names = Vec::new();
         let (names, states): (&Vec<(String, String)>, &[DynValue]) = match (&self.past, prefix) {
@@ -422,7 +422,9 @@ impl Model {
         Ok(pooled)
     }
 
-    fn check_window(&self, tokens: usize, what: &str) -> Result<()> {
+    /// An input error naming `what` when a row of `tokens` tokens (prefix included) is longer
+    /// than the model's attention window ([`Model::max_tokens`]).
+    pub fn check_tokens(&self, tokens: usize, what: &str) -> Result<()> {
         match self.sliding_window {
             Some(w) if tokens > w => Err(Error::input(
                 what,
@@ -430,7 +432,7 @@ impl Model {
                     "is {tokens} tokens, longer than the model's {w}-token attention window \
                      (architecture.sliding_window in {}): the exported graphs attend to every \
                      earlier token, so it would not be embedded as the reference embeds it; \
-                     lower --max-length to at most {w}",
+                     shorten it or lower --max-length",
                     self.dir.join(crate::manifest::MANIFEST_FILE).display()
                 ),
             )),

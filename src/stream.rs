@@ -482,6 +482,11 @@ fn run_inner(embedder: &mut Embedder, options: RunOptions<'_>, paths: &Paths) ->
             (false, Some(p)) => embedder.encoder().queries(p, &texts)?,
             (false, None) => embedder.encoder().documents(&texts, settings.max_length)?,
         };
+        for (record, row) in chunk.iter().zip(&ids) {
+            embedder
+                .model()
+                .check_tokens(row.len(), &format!("{name}, line {}", record.line))?;
+        }
         let done = std::mem::take(&mut pending);
         let mut rows = Array2::<f32>::zeros((chunk.len(), hidden));
         let mut finished_rows = 0;
@@ -508,8 +513,10 @@ fn run_inner(embedder: &mut Embedder, options: RunOptions<'_>, paths: &Paths) ->
             counted.push(f);
         }
         drop(batches);
-        for f in &counted {
-            embedder.count_batch(f);
+        if prefix.is_some() {
+            for f in &counted {
+                embedder.count_batch(f);
+            }
         }
         if finished_rows != chunk.len() {
             return Err(Error::input(

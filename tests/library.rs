@@ -222,3 +222,21 @@ fn auto_runs_int8_on_this_cpu_when_only_int8_is_present() {
         assert_eq!(got, want, "{}", pkg.display());
     }
 }
+
+/// What a server shares between threads: the encoder and prompts (handlers tokenize), and the
+/// model with its prefix states (moved into the one thread that runs batches).
+#[test]
+fn the_types_a_server_shares_are_send_and_sync_where_it_needs() {
+    fn send<T: Send>() {}
+    fn sync<T: Sync>() {}
+    send::<Encoder>();
+    sync::<Encoder>();
+    send::<icl_embed::QueryPrompt>();
+    sync::<icl_embed::QueryPrompt>();
+    send::<Model>();
+    send::<icl_embed::Prefix>();
+    send::<icl_embed::PrefixCache>();
+    send::<Embedder>();
+    send::<Error>();
+    sync::<Error>();
+}
