@@ -211,8 +211,13 @@ impl PrefixCache {
 
     /// Counts the rows of a finished batch (on the prefix, or in full).
     pub fn count(&mut self, finished: &Finished) {
-        self.stats.cached += finished.on_prefix;
-        self.stats.fallback += finished.rows.len() - finished.on_prefix;
+        self.count_rows(finished.rows.len(), finished.on_prefix);
+    }
+
+    /// Counts `rows` rows of which `on_prefix` ran on a prefix (the others in full).
+    pub fn count_rows(&mut self, rows: usize, on_prefix: usize) {
+        self.stats.cached += on_prefix;
+        self.stats.fallback += rows - on_prefix;
     }
 }
 
@@ -365,9 +370,8 @@ impl Embedder {
             each(f)
         })?;
         if prefix.is_some() {
-            for (rows, on) in counted {
-                self.prefixes.stats.cached += on;
-                self.prefixes.stats.fallback += rows - on;
+            for (rows, on_prefix) in counted {
+                self.prefixes.count_rows(rows, on_prefix);
             }
         }
         Ok(rows)
@@ -375,7 +379,7 @@ impl Embedder {
 
     /// The batch driver over `ids` (see [`Batches`]), with `prefix`'s states computed (or taken
     /// from the cache) first when the cache applies. Count finished batches with
-    /// [`Embedder::count_batch`] to keep [`Embedder::prefix_stats`] right.
+    /// [`Embedder::count_rows`] to keep [`Embedder::prefix_stats`] right.
     pub fn batches<'a>(
         &'a mut self,
         ids: &'a [Vec<u32>],
@@ -404,9 +408,10 @@ impl Embedder {
         ))
     }
 
-    /// Counts a finished batch in [`Embedder::prefix_stats`].
-    pub fn count_batch(&mut self, finished: &Finished) {
-        self.prefixes.count(finished);
+    /// Counts a finished batch's rows in [`Embedder::prefix_stats`]: `on_prefix` of `rows` ran on
+    /// the prefix.
+    pub fn count_rows(&mut self, rows: usize, on_prefix: usize) {
+        self.prefixes.count_rows(rows, on_prefix);
     }
 
     /// What the prefix cache did so far.
