@@ -390,7 +390,7 @@ fn model_dir(spec: &Path, variant: &str, device: Device) -> Result<PathBuf> {
                     v.extend(first(&["fp16", "fp32"]));
                 }
                 if !device.is_gpu() {
-                    v.extend(first(&["int8", "fp32"]));
+                    v.extend(icl_embed::embedder::auto_cpu_variant(m).0);
                 }
                 v
             }
@@ -473,6 +473,12 @@ fn info(args: InfoArgs) -> Result<()> {
                 v.inputs.join(", ")
             )?;
         }
+        let (choice, why) = icl_embed::embedder::auto_cpu_variant(m);
+        writeln!(
+            out,
+            "  --variant auto on the CPU: {} ({why})",
+            choice.as_deref().unwrap_or("none")
+        )?;
     }
     match runtime::environment(args.ort_lib.as_deref()) {
         Ok(_) => {
