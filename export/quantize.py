@@ -105,8 +105,9 @@ RECIPES = {
     "w8a8": _w8("w8a8"),
     "w8a8-o8": _w8("w8a8-o8", outliers=8),
     "w8a8-o32": _w8("w8a8-o32", outliers=32),
+    "w8a8-o32-down128": _w8("w8a8-o32-down128", outliers=32, outliers_by_kind={"down": 128}),
+    "w8a8-o64-down256": _w8("w8a8-o64-down256", outliers=64, outliers_by_kind={"down": 256}),
     "w8a8-o32-down-fp32": _w8("w8a8-o32-down-fp32", outliers=32, keep=[_DOWN]),
-    "w8a8-o32-qkv-down-fp32": _w8("w8a8-o32-qkv-down-fp32", outliers=32, keep=[_DOWN, _ATTN_IN]),
     "nbits8-acc1": Recipe("nbits8-acc1", "matmulnbits",
                           {"bits": 8, "block_size": 32, "symmetric": True, "accuracy_level": 1}),
 }
@@ -303,6 +304,7 @@ def _w8a8(src: Path, dst: Path, s: dict, stats: dict[str, np.ndarray]) -> None:
     if s.get("activations", "u8") != "u8" or s.get("weights", "s8") != "s8":
         raise ValueError(f"w8a8 supports u8 activations x s8 weights, not {s}")
     k_out = int(s.get("outliers", 0))
+    k_by_kind = {kind: int(k) for kind, k in s.get("outliers_by_kind", {}).items()}  # e.g. {"down": 128}
     keep = [re.compile(p) for p in s.get("keep", [])]
 
     model = onnx.load(os.fspath(src), load_external_data=False)
@@ -312,7 +314,13 @@ def _w8a8(src: Path, dst: Path, s: dict, stats: dict[str, np.ndarray]) -> None:
     eligible = _eligible(g, inits)
     targets = [n for n in eligible if not any(p.search(n.name) or p.search(n.input[1]) for p in keep)]
     target_ids = {id(n) for n in targets}
-    if k_out:
+    def k_for(node: onnx.NodeProto) -> int:
+        for kind, k in k_by_kind.items():
+            if re.search(rf"[./]{kind}[./]", node.name) or re.search(rf"[./]{kind}[./]", node.input[1]):
+                return k
+        return k_out
+
+    if k_out or k_by_kind:
         missing = sorted({n.input[0] for n in targets} - set(stats))
         if missing:
             raise ValueError(f"no calibration statistics for {len(missing)} MatMul inputs (first: {missing[0]})")
@@ -347,12 +355,12 @@ def _w8a8(src: Path, dst: Path, s: dict, stats: dict[str, np.ndarray]) -> None:
     activations: dict[str, tuple[str, str, str | None, np.ndarray | None]] = {}
     weights: dict[str, tuple[str, str, str | None]] = {}
 
-    def quant_activation(a: str, k: int, out: list) -> tuple[str, str, str | None, np.ndarray | None]:
+    def quant_activation(a: str, k: int, n_out: int, out: list) -> tuple[str, str, str | None, np.ndarray | None]:
         """(u8 q, row scale [..., 1], gathered outlier channels or None, their indexes)."""
         if a in activations:
             return activations[a]
         stem = a.strip("/").replace("/", "_")
-        idx = outlier_channels(stats[a], k_out) if k_out else None
+        idx = outlier_channels(stats[a], n_out) if n_out else None
         x, gathered = a, None
         if idx is not None:
             mask = np.ones(k, dtype=np.float32)
@@ -390,7 +398,7 @@ def _w8a8(src: Path, dst: Path, s: dict, stats: dict[str, np.ndarray]) -> None:
             continue
         a, wname = node.input[0], node.input[1]
         (y,) = node.output
-        q, rs, gathered, idx = quant_activation(a, int(inits[wname].dims[0]), new_nodes)
+        q, rs, gathered, idx = quant_activation(a, int(inits[wname].dims[0]), k_for(node), new_nodes)
         qw, cs, orows = quant_weight(wname, idx)
         replaced[wname] = replaced.get(wname, 0) + 1
         stem = node.name or y
@@ -454,6 +462,10 @@ def meets(fid: dict, thresholds: dict = FIDELITY) -> bool:
     return fid["min_cosine"] >= thresholds["min_cosine"] and fid["mean_cosine"] >= thresholds["mean_cosine"]
 
 
+def _needs_stats(recipe: Recipe) -> bool:
+    return bool(recipe.settings.get("outliers") or recipe.settings.get("outliers_by_kind"))
+
+
 def choose(fp32_graph: Path, dst: Path, tokenizer, candidates: list[str] | None = None, threads: int = 2,
            max_length: int = 512, thresholds: dict = FIDELITY) -> dict:
     """Quantize `dst` with the first (fastest) recipe of `candidates` that is faithful on the
@@ -468,7 +480,7 @@ def choose(fp32_graph: Path, dst: Path, tokenizer, candidates: list[str] | None 
     tried = []
     for i, name in enumerate(names):
         recipe = RECIPES[name]
-        if recipe.settings.get("outliers") and stats is None:
+        if _needs_stats(recipe) and stats is None:
             stats = calibrate(fp32_graph, rows, threads)
         quantize(fp32_graph, dst, recipe, stats)
         emb, seconds = embed_rows(dst, rows, threads)
@@ -500,7 +512,7 @@ def compare(model_dir: Path, fp32_graph: Path, names: list[str], runs: int = 3, 
     rows = calibration_rows(tokenizer)
     tokens = sum(map(len, rows))
     reference, _ = embed_rows(fp32_graph, rows, threads)
-    stats = calibrate(fp32_graph, rows, threads) if any(RECIPES[n].settings.get("outliers") for n in names) else None
+    stats = calibrate(fp32_graph, rows, threads) if any(_needs_stats(RECIPES[n]) for n in names) else None
     table = {"fp32": {"recipe": "fp32 graph", "min_cosine": 1.0, "mean_cosine": 1.0, "times": []}}
     with tempfile.TemporaryDirectory(dir=fp32_graph.parent.parent) as tmp:
         graphs = {"fp32": fp32_graph}
@@ -514,10 +526,11 @@ def compare(model_dir: Path, fp32_graph: Path, names: list[str], runs: int = 3, 
         for _ in range(runs):
             for name, graph in graphs.items():
                 table[name]["times"].append(embed_rows(graph, rows, threads)[1])
-    fp32_speed = tokens / statistics.median(table["fp32"]["times"])
+    if runs:
+        fp32_speed = tokens / statistics.median(table["fp32"]["times"])
     for row in table.values():
-        row["tokens_per_s"] = tokens / statistics.median(row["times"])
-        row["vs_fp32"] = row["tokens_per_s"] / fp32_speed
+        row["tokens_per_s"] = tokens / statistics.median(row["times"]) if runs else float("nan")
+        row["vs_fp32"] = row["tokens_per_s"] / fp32_speed if runs else float("nan")
     return list(table.values())
 
 
