@@ -31,8 +31,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", required=True, help="model directory or Hugging Face hub id")
     parser.add_argument("--out", type=Path, required=True, help="package directory to create")
     parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
-                        help=f"comma-separated subset of {','.join(VARIANTS)} (w8a8: the faster, less faithful int8 "
-                             "recipe, export/README.md; not built by default)")
+                        help=f"comma-separated subset of {','.join(VARIANTS)} (int8: the fastest faithful 8-bit "
+                             "recipe for this model, export/README.md)")
     parser.add_argument("--revision", default=None, help="hub revision (recorded in the manifest)")
     parser.add_argument("--force", action="store_true", help="replace an existing package")
     parser.add_argument("--max-length", type=int, default=512, help="max tokens of a query and of a document")

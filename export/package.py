@@ -27,10 +27,10 @@ from .decoder import Decoder
 
 log = logging.getLogger(__name__)
 
-VARIANTS = ("fp32", "fp16", "int8", "w8a8")
+VARIANTS = ("fp32", "fp16", "int8")
 DEFAULT_VARIANTS = ("fp32", "fp16", "int8")
-DTYPES = {"fp32": "float32", "fp16": "float16", "int8": "int8", "w8a8": "int8"}
-QUANTIZED = {"int8": quantize.SHIPPED_INT8, "w8a8": quantize.SHIPPED_W8A8}
+DTYPES = {"fp32": "float32", "fp16": "float16", "int8": "int8"}
+QUANTIZED = ("int8",)  # quantized from the fp32 graph, recipe chosen per model (quantize.choose)
 FP16_LONG_INPUT = 4096
 
 
@@ -139,9 +139,10 @@ def _trace(model_dir: Path, tmp: Path, opts: Options, batch: verify.Batch):
 
 
 def _finish_variant(name: str, tmp: Path, opts: Options, batch, reference, tokenizer, cache_rows) -> dict:
-    recipe = QUANTIZED.get(name)
-    if recipe is not None:
-        _timed(f"quantize {name}", quantize.quantize, tmp / "fp32" / "model.onnx", tmp / name / "model.onnx", recipe)
+    quantization = None
+    if name in QUANTIZED:
+        quantization = _timed(f"quantize {name}", quantize.choose, tmp / "fp32" / "model.onnx",
+                              tmp / name / "model.onnx", tokenizer, None, opts.threads, opts.max_length)
     long_input = samples.long_ids(tokenizer, FP16_LONG_INPUT) if name == "fp16" else None
     start = time.perf_counter()
     try:
@@ -151,7 +152,7 @@ def _finish_variant(name: str, tmp: Path, opts: Options, batch, reference, token
         raise ExportError(str(e)) from e
     log.info("verify %s in %.1f s (peak RSS so far %.2f GiB)", name, time.perf_counter() - start, peak_rss_gib())
     gc.collect()
-    return manifest.variant_entry(tmp, name, DTYPES[name], recipe.describe() if recipe else None, parity)
+    return manifest.variant_entry(tmp, name, DTYPES[name], quantization, parity)
 
 
 def _readable(tmp: Path) -> None:

@@ -1,17 +1,38 @@
-"""8-bit variants of the fp32 graph, and the measurement that chose the shipped one.
+"""The `int8` variant: each model gets the fastest 8-bit recipe that stays faithful on it.
 
-Method "w8a8" (`_w8a8`) rewrites every MatMul whose second input is a 2-D float initializer into
-per-token dynamic int8 activations x per-output-channel int8 weights (com.microsoft
-MatMulIntegerToFloat + a row-scale Mul), streaming one weight at a time; pair it with SmoothQuant
-(`export/smooth.py`) applied to the PyTorch model before the fp32 graph is traced.
+Recipes (`RECIPES`, fastest first, speeds in export/README.md):
 
-The shipped `int8` is weight-only: every constant MatMul weight becomes a `MatMulNBits` node with
-8-bit symmetric blocks of 32 along the input dimension; activations stay fp32. Per-tensor dynamic
-activation quantization (`quantize_dynamic`) is fast but not faithful on real LLM activations, whose
-few huge values wipe out one shared scale (export/README.md has the table).
+- `w8a8*` (method "w8a8", `_w8a8`): every MatMul whose second input is a 2-D float initializer
+  becomes per-token dynamic uint8 activations (zero point 128, scale max|row| / 127) x
+  per-output-channel symmetric int8 weights through `com.microsoft.MatMulIntegerToFloat` (ONNX
+  Runtime's u8 x s8 GEMM: VNNI on AVX-512 VNNI / AVX-VNNI CPUs). Options:
+  - `outliers: k`: the k input channels of each MatMul input with the largest calibrated |x| are
+    taken out of the int8 product (masked to 0 before the per-token scale is taken) and computed
+    in fp32 by a small `[.., k] x [k, N]` MatMul added to the result (static outlier
+    decomposition, LLM.int8()-style but with a fixed channel list);
+  - `keep`: regexes on MatMul node or weight names that stay fp32.
+- `nbits8-acc1` (method "matmulnbits"): 8-bit weight-only `MatMulNBits`, blocks of 32, fp32
+  compute: faithful on every model measured, but slower than fp32 (it expands the weights on every
+  run). The last resort.
 
-`python -m export.quantize --model DIR --fp32 GRAPH` rebuilds that table: each recipe's last-token
-embeddings against the fp32 graph on the built-in samples, and its speed.
+u8 x s8 and CPUs without VNNI: ONNX Runtime's AVX2 u8 x s8 kernel sums pairs of products in int16
+(`vpmaddubsw`) and saturates with full-range 8-bit weights. The session option
+`session.x64quantprecision=1` makes ONNX Runtime rewrite the s8 weights of MatMulIntegerToFloat
+(and MatMulInteger, QGemm, ...) to u8 at load (`Avx2WeightS8ToU8Transformer`, applied only when
+`MlasPlatformU8S8Overflow()`); the runtime sets it where the CPU lacks VNNI, so one package is exact
+on both (src/runtime.rs).
+
+`choose()` is what the exporter calls: it quantizes with each recipe in order and keeps the first
+whose last-token embeddings on the calibration texts (`calibration.txt` plus one- and two-token
+inputs) meet `FIDELITY` against the fp32 graph; the manifest records the recipe and what every
+tried recipe measured.
+
+Per tensor: `quantize_matmul_weight(w, outliers)` turns one fp32 `[in, out]` weight (and the
+static outlier channel list of its input) into the int8 initializers, so a streaming exporter can
+call it weight by weight.
+
+`python -m export.quantize --model DIR --fp32 GRAPH` measures every recipe (fidelity on the
+calibration set and speed, each text alone) against the fp32 graph.
 """
 
 from __future__ import annotations
@@ -33,73 +54,80 @@ import onnx
 
 log = logging.getLogger(__name__)
 
+CALIBRATION = Path(__file__).with_name("calibration.txt")
+# One- and two-token inputs (with the tokenizer's own special tokens added): the inputs whose last
+# token sits next to position 0's huge activations. Not taken from the shared test data.
+SHORT_TEXTS = ["", "ok", "No", "cat", "Why?", "blue sky", "It works."]
+# The int8 variant must meet both on the calibration texts (the export's sample check stays at
+# verify.THRESHOLDS["int8"]).
+FIDELITY = {"min_cosine": 0.99, "mean_cosine": 0.999}
+
 
 @dataclass(frozen=True)
 class Recipe:
     name: str
-    method: str  # "matmulnbits" or "dynamic"
+    method: str  # "w8a8" or "matmulnbits"
     settings: dict = field(default_factory=dict)
 
+    @property
+    def kernel(self) -> str:
+        """The speed class the runtime's `--variant auto` reads (FORMAT.md)."""
+        if self.method == "w8a8":
+            return "u8s8"
+        return "matmulnbits-fp32" if self.settings.get("accuracy_level") == 1 else "matmulnbits-int8"
+
     def describe(self) -> dict:
-        """The manifest's `quantization` field."""
-        return {"method": self.method, **self.settings}
+        """The manifest's `quantization` field (before `choose` adds the selection)."""
+        return {"recipe": self.name, "method": self.method, "kernel": self.kernel, **self.settings}
 
 
+def cpu_class() -> str:
+    """The instruction sets that decide int8 speed on this machine, in words (as src/runtime.rs)."""
+    try:
+        flags = set(next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split())
+    except (OSError, StopIteration):
+        return "unknown"
+    if "avx512_vnni" in flags or "avx_vnni" in flags:
+        return "x86-64 with VNNI"
+    return "x86-64 AVX2 without VNNI" if "avx2" in flags else "other"
+
+
+def _w8(name: str, **extra) -> Recipe:
+    return Recipe(name, "w8a8", {"activations": "u8", "weights": "s8", **extra})
+
+
+_ATTN_IN = r"[./](q|k|v)[./]"
+_DOWN = r"[./]down[./]"
+
+# Fastest first (slice7b, AVX-512 VNNI, 2 threads; export/README.md). `choose` takes the first
+# that is faithful on the model being exported.
 RECIPES = {
+    "w8a8": _w8("w8a8"),
+    "w8a8-o8": _w8("w8a8-o8", outliers=8),
+    "w8a8-o32": _w8("w8a8-o32", outliers=32),
+    "w8a8-o32-down128": _w8("w8a8-o32-down128", outliers=32, outliers_by_kind={"down": 128}),
+    "w8a8-o64-down256": _w8("w8a8-o64-down256", outliers=64, outliers_by_kind={"down": 256}),
+    "w8a8-o32-down-fp32": _w8("w8a8-o32-down-fp32", outliers=32, keep=[_DOWN]),
     "nbits8-acc1": Recipe("nbits8-acc1", "matmulnbits",
                           {"bits": 8, "block_size": 32, "symmetric": True, "accuracy_level": 1}),
-    "nbits8-acc4": Recipe("nbits8-acc4", "matmulnbits",
-                          {"bits": 8, "block_size": 32, "symmetric": True, "accuracy_level": 4}),
-    "nbits4-acc4": Recipe("nbits4-acc4", "matmulnbits",
-                          {"bits": 4, "block_size": 32, "symmetric": True, "accuracy_level": 4}),
-    # Per-token dynamic int8 activations x per-output-channel int8 weights (method "w8a8", _w8a8).
-    # u8 activations (zero point 128) with u8 weights (zero point 128) use ORT's exact u8u8 kernel;
-    # u8 x s8 is faster but its AVX2 kernel (vpmaddubsw) saturates int16 pair sums, wrong on CPUs
-    # without VNNI (measured: max abs error 93348 on random full-range inputs on the dev machine).
-    "w8a8-token": Recipe("w8a8-token", "w8a8",
-                         {"activations": "u8", "weights": "u8", "quant_op": "div", "matmul": "mmitf"}),
-    "w8a8-token-s7": Recipe("w8a8-token-s7", "w8a8",
-                            {"activations": "u8", "weights": "s7", "quant_op": "div", "matmul": "mmitf"}),
-    # The shipped one: w8a8-token on the MLP's gate/up and the attention output (o), which carry
-    # 61% of a layer's MatMul work and the least error; q/k/v and down (the most sensitive, measured
-    # one kind at a time) stay fp32.
-    "w8a8-mixed": Recipe("w8a8-mixed", "w8a8",
-                         {"activations": "u8", "weights": "u8", "quant_op": "div", "matmul": "mmitf",
-                          "keep": [r"[./]down[./]", r"[./](q|k|v)[./]"]}),
-    "dynamic-int8": Recipe("dynamic-int8", "dynamic",
-                           {"weight_type": "int8", "per_channel": True, "reduce_range": False,
-                            "ops": ["MatMul"]}),
 }
-
-# export/README.md has the measurements: w8a8-token on every MatMul (even with SmoothQuant,
-# export/smooth.py, and the 4 most sensitive MatMuls kept fp32) stays near min cosine 0.98 on
-# smollm2; w8a8-mixed reaches 0.995 on the shared texts and is 1.3-1.5x fp32 on AVX2, but a
-# one-token input (an empty text on a tokenizer without BOS) falls to 0.958, so `int8` stays the
-# weight-only nbits8-acc1 (faithful everywhere, slower than fp32 on this CPU, a third of its size)
-# and w8a8-mixed is the opt-in variant `w8a8` (`--variants ...,w8a8`).
-SHIPPED_INT8 = RECIPES["nbits8-acc1"]
-SHIPPED_W8A8 = RECIPES["w8a8-mixed"]
+CANDIDATES = list(RECIPES)
 
 
-def with_keep(recipe: Recipe, patterns: list[str]) -> Recipe:
-    """`recipe` (method w8a8) with MatMuls matching `patterns` (e.g. smooth.keep_patterns(...)) left fp32."""
-    return Recipe(recipe.name + f"-keep{len(patterns)}", recipe.method,
-                  {**recipe.settings, "keep": list(recipe.settings.get("keep", [])) + list(patterns)})
+def quantize(src: Path, dst: Path, recipe: Recipe, stats: dict[str, np.ndarray] | None = None) -> None:
+    """Write `dst` (+ `dst.name + ".data"`) from the fp32 graph `src`.
 
-
-def quantize(src: Path, dst: Path, recipe: Recipe) -> None:
-    """Write `dst` (+ `dst.name + ".data"`) from the fp32 graph `src`."""
+    `stats` (from `calibrate`) is needed by recipes with `outliers`.
+    """
     dst.parent.mkdir(parents=True, exist_ok=True)
     if recipe.method == "matmulnbits":
         _matmul_nbits(src, dst, recipe.settings)
-    elif recipe.method == "dynamic":
-        _dynamic(src, dst, recipe.settings)
     elif recipe.method == "w8a8":
-        _w8a8(src, dst, recipe.settings)
+        _w8a8(src, dst, recipe.settings, stats or {})
     else:
         raise ValueError(f"unknown quantization method {recipe.method!r}")
     gc.collect()
-    log.info("quantized %s -> %s with %s", src, dst, recipe.describe())
+    log.info("quantized %s -> %s with %s", src, dst, recipe.name)
 
 
 def _matmul_nbits(src: Path, dst: Path, s: dict) -> None:
@@ -119,22 +147,50 @@ def _matmul_nbits(src: Path, dst: Path, s: dict) -> None:
     del quantizer
 
 
-def _dynamic(src: Path, dst: Path, s: dict) -> None:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    quantize_dynamic(
-        os.fspath(src),
-        os.fspath(dst),
-        op_types_to_quantize=s["ops"],
-        per_channel=s["per_channel"],
-        reduce_range=s["reduce_range"],
-        weight_type=QuantType.QInt8,
-        use_external_data_format=True,
-    )
+# --- per tensor -----------------------------------------------------------------------------------
 
 
+def quantize_matmul_weight(w: np.ndarray, outliers: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """One fp32 `[in, out]` MatMul weight as the int8 recipe's initializers.
 
-# --- w8a8: per-token dynamic int8 activations x per-channel int8 weights ------------------------
+    Returns `q` (int8 `[in, out]`, symmetric per output column, range -127..127, the rows of
+    `outliers` set to 0), `scale` (float32 `[out]`: w ~= q * scale) and, when `outliers` (int64
+    input-channel indexes) is given and not empty, `outlier_rows` (float32 `[k, out]`: those rows
+    of `w`, exact). The scale is taken over the other rows only. Needs nothing but this weight and
+    its channel list, so an exporter can stream the model through it one tensor at a time.
+    """
+    if w.ndim != 2 or w.dtype != np.float32:
+        raise ValueError(f"expected a 2-D float32 weight, got {w.dtype} {w.shape}")
+    out: dict[str, np.ndarray] = {}
+    if outliers is not None and len(outliers):
+        outliers = np.asarray(outliers, dtype=np.int64)
+        out["outlier_rows"] = np.ascontiguousarray(w[outliers])
+        w = w.copy()
+        w[outliers] = 0.0
+    scale = (np.abs(w).max(axis=0) / 127.0).astype(np.float32)
+    scale[scale == 0] = 1.0
+    out["q"] = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
+    out["scale"] = scale
+    return out
+
+
+def outlier_channels(channel_max: np.ndarray, k: int) -> np.ndarray:
+    """The `k` input channels with the largest calibrated max |x|, ascending."""
+    k = min(k, channel_max.shape[0])
+    return np.sort(np.argsort(-channel_max, kind="stable")[:k]).astype(np.int64)
+
+
+# --- calibration ----------------------------------------------------------------------------------
+
+
+def calibration_rows(tokenizer, max_length: int = 512) -> list[list[int]]:
+    """Token ids of the calibration texts as documents, then the short texts (one and two tokens)."""
+    from . import samples
+
+    texts = [t.strip("\n") for t in CALIBRATION.read_text(encoding="utf-8").split("\n----\n") if t.strip()]
+    rows = [samples.encode_document(tokenizer, t, max_length) for t in texts]
+    rows += [samples.encode_document(tokenizer, t, max_length) for t in SHORT_TEXTS]
+    return [r for r in rows if r]
 
 
 def _eligible(graph: onnx.GraphProto, inits: dict) -> list[onnx.NodeProto]:
@@ -149,6 +205,45 @@ def _eligible(graph: onnx.GraphProto, inits: dict) -> list[onnx.NodeProto]:
         if len(w.dims) == 2 and w.data_type == onnx.TensorProto.FLOAT:
             out.append(node)
     return out
+
+
+def calibrate(fp32_graph: Path, rows: list[list[int]], threads: int = 2) -> dict[str, np.ndarray]:
+    """Per-channel max |x| of every quantizable MatMul's input over `rows` (each run alone)."""
+    import onnxruntime as ort
+
+    from . import verify
+
+    model = onnx.load(os.fspath(fp32_graph), load_external_data=False)
+    inits = {t.name: t for t in model.graph.initializer}
+    names = sorted({n.input[0] for n in _eligible(model.graph, inits)})
+    existing = {o.name for o in model.graph.output}
+    for name in names:
+        if name not in existing:
+            model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    # Beside the original so that its external data resolves.
+    probe = fp32_graph.with_name(f".calibrate-{os.getpid()}.onnx")
+    onnx.save(model, os.fspath(probe))
+    del model
+    try:
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        sess = ort.InferenceSession(os.fspath(probe), opts, providers=["CPUExecutionProvider"])
+        stats: dict[str, np.ndarray] = {}
+        for row in rows:
+            batch = verify.right_padded([row], pad_id=0)
+            feeds = batch.feeds()
+            feeds.update(verify.empty_past(sess))
+            for name, x in zip(names, sess.run(names, feeds)):
+                m = np.abs(x.reshape(-1, x.shape[-1])).max(axis=0)
+                stats[name] = m if name not in stats else np.maximum(stats[name], m)
+        del sess
+    finally:
+        probe.unlink(missing_ok=True)
+    return stats
+
+
+# --- w8a8: per-token dynamic int8 activations x per-channel int8 weights ------------------------
 
 
 class _DataWriter:
@@ -197,48 +292,45 @@ def _weight(tensor: onnx.TensorProto, base: Path) -> np.ndarray:
     return numpy_helper.to_array(tensor)
 
 
-def quantize_weight(w: np.ndarray, bits: int = 8) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric per-output-channel (column of a [in, out] weight) int8: (q int8 [in, out], scale f32 [out])."""
-    qmax = float(2 ** (bits - 1) - 1)
-    scale = np.abs(w).max(axis=0).astype(np.float32) / qmax
-    scale[scale == 0] = 1.0
-    q = np.clip(np.rint(w / scale), -qmax, qmax).astype(np.int8)
-    return q, scale
+def _w8a8(src: Path, dst: Path, s: dict, stats: dict[str, np.ndarray]) -> None:
+    """Rewrite every eligible MatMul(x, W) into per-token u8 x per-channel s8 (+ fp32 outliers).
 
-
-def _w8a8(src: Path, dst: Path, s: dict) -> None:
-    """Rewrite every eligible MatMul(x, W) into per-token int8 x per-channel int8.
-
-    Streams: weights are read, quantized and written one tensor at a time, so the peak memory is
-    one weight matrix, not a copy of the model. Nodes named in `s["keep"]` (regexes on the MatMul's
-    node name or weight name) stay fp32.
+    Streams: weights are read, quantized (`quantize_matmul_weight`) and written one tensor at a
+    time, so the peak memory is one weight matrix, not a copy of the model. MatMuls matching a
+    `keep` regex stay fp32.
     """
-    from onnx import helper
+    from onnx import helper, numpy_helper
 
-    act = s.get("activations", "u8")  # "u8" (zero point 128) or "s8"
-    qop = s.get("quant_op", "div")  # "div" (Div/Round/Cast) or "qlinear" (per-axis QuantizeLinear)
-    mm = s.get("matmul", "mmitf")  # "mmitf" (com.microsoft MatMulIntegerToFloat) or "mmi" (MatMulInteger)
-    wtype = s.get("weights", "s8")  # "s8", "s7" (7-bit range, no u8s8 overflow on AVX2) or "u8" (zero point 128)
+    if s.get("activations", "u8") != "u8" or s.get("weights", "s8") != "s8":
+        raise ValueError(f"w8a8 supports u8 activations x s8 weights, not {s}")
+    k_out = int(s.get("outliers", 0))
+    k_by_kind = {kind: int(k) for kind, k in s.get("outliers_by_kind", {}).items()}  # e.g. {"down": 128}
     keep = [re.compile(p) for p in s.get("keep", [])]
 
     model = onnx.load(os.fspath(src), load_external_data=False)
     g = model.graph
     base = src.parent
     inits = {t.name: t for t in g.initializer}
-    targets = [n for n in _eligible(g, inits)
-               if not any(p.search(n.name) or p.search(n.input[1]) for p in keep)]
-    _eligible_names = [n.name for n in _eligible(g, inits)]
+    eligible = _eligible(g, inits)
+    targets = [n for n in eligible if not any(p.search(n.name) or p.search(n.input[1]) for p in keep)]
     target_ids = {id(n) for n in targets}
+    def k_for(node: onnx.NodeProto) -> int:
+        for kind, k in k_by_kind.items():
+            if re.search(rf"[./]{kind}[./]", node.name) or re.search(rf"[./]{kind}[./]", node.input[1]):
+                return k
+        return k_out
+
+    if k_out or k_by_kind:
+        missing = sorted({n.input[0] for n in targets} - set(stats))
+        if missing:
+            raise ValueError(f"no calibration statistics for {len(missing)} MatMul inputs (first: {missing[0]})")
     uses: dict[str, int] = {}
     for n in g.node:
         for i in n.input:
             uses[i] = uses.get(i, 0) + 1
-    for o in g.output:
-        uses[o.name] = uses.get(o.name, 0) + 1
 
     dst.parent.mkdir(parents=True, exist_ok=True)
-    data_path = dst.parent / (dst.name + ".data")
-    writer = _DataWriter(data_path)
+    writer = _DataWriter(dst.parent / (dst.name + ".data"))
     new_inits: list[onnx.TensorProto] = []
     counter = [0]
 
@@ -247,175 +339,199 @@ def _w8a8(src: Path, dst: Path, s: dict) -> None:
         return f"w8a8_{stem}_{counter[0]}"
 
     def const(name: str, arr: np.ndarray) -> str:
-        from onnx import numpy_helper
-
         t = numpy_helper.from_array(arr, name)
         if t.ByteSize() > 4096:
-            raw = t.raw_data
-            writer.put(t, raw)
+            writer.put(t, t.raw_data)
         new_inits.append(t)
         return name
 
-    zp_dtype = np.uint8 if act == "u8" else np.int8
-    zp_value = 128 if act == "u8" else 0
     c_axes = const("w8a8_axes_last", np.array([-1], dtype=np.int64))
     c_inv127 = const("w8a8_inv127", np.array(1.0 / 127.0, dtype=np.float32))
     c_eps = const("w8a8_eps", np.array(1e-12, dtype=np.float32))
-    c_zp = const("w8a8_zp", np.array(zp_value, dtype=zp_dtype))
+    c_zp = const("w8a8_zp", np.array(128, dtype=np.uint8))
     c_one = const("w8a8_one", np.array(1.0, dtype=np.float32))
     c_128f = const("w8a8_128f", np.array(128.0, dtype=np.float32))
-    c_wzp = const("w8a8_wzp", np.array(128 if wtype == "u8" else 0, dtype=np.uint8 if wtype == "u8" else np.int8))
-    quantized_inputs: dict[str, tuple[str, str]] = {}  # activation -> (q, row scale [..., 1])
-    weights: dict[str, tuple[str, str]] = {}  # weight -> (q name, scale name)
+    c_wzp = const("w8a8_wzp", np.array(0, dtype=np.int8))
+    activations: dict[str, tuple[str, str, str | None, np.ndarray | None]] = {}
+    weights: dict[str, tuple[str, str, str | None]] = {}
 
-    def quant_activation(a: str, k: int, out: list) -> tuple[str, str]:
-        if a in quantized_inputs:
-            return quantized_inputs[a]
-        stem = a.replace("/", "_")
-        absn, amax, scale = fresh(stem + "_abs"), fresh(stem + "_amax"), fresh(stem + "_scale")
-        out.append(helper.make_node("Abs", [a], [absn]))
+    def quant_activation(a: str, k: int, n_out: int, out: list) -> tuple[str, str, str | None, np.ndarray | None]:
+        """(u8 q, row scale [..., 1], gathered outlier channels or None, their indexes)."""
+        if a in activations:
+            return activations[a]
+        stem = a.strip("/").replace("/", "_")
+        idx = outlier_channels(stats[a], n_out) if n_out else None
+        x, gathered = a, None
+        if idx is not None:
+            mask = np.ones(k, dtype=np.float32)
+            mask[idx] = 0.0
+            x, gathered = fresh(stem + "_inliers"), fresh(stem + "_outliers")
+            out.append(helper.make_node("Mul", [a, const(fresh(stem + "_mask"), mask)], [x]))
+            out.append(helper.make_node("Gather", [a, const(fresh(stem + "_outlier_idx"), idx)], [gathered], axis=-1))
+        absn, amax, sc0, scale = (fresh(stem + t) for t in ("_abs", "_amax", "_sc0", "_scale"))
+        out.append(helper.make_node("Abs", [x], [absn]))
         out.append(helper.make_node("ReduceMax", [absn, c_axes], [amax], keepdims=1))
-        sc0 = fresh(stem + "_sc0")
         out.append(helper.make_node("Mul", [amax, c_inv127], [sc0]))
         out.append(helper.make_node("Max", [sc0, c_eps], [scale]))
-        q = fresh(stem + "_q")
-        if qop == "div":
-            d, r = fresh(stem + "_div"), fresh(stem + "_round")
-            out.append(helper.make_node("Div", [a, scale], [d]))
-            out.append(helper.make_node("Round", [d], [r]))
-            if act == "u8":
-                r2 = fresh(stem + "_shift")
-                out.append(helper.make_node("Add", [r, c_128f], [r2]))
-                r = r2
-            out.append(helper.make_node("Cast", [r], [q], to=onnx.TensorProto.UINT8 if act == "u8" else onnx.TensorProto.INT8))
-        elif qop == "qlinear":
-            # Per-axis QuantizeLinear over rows: flatten to [rows, K], 1-D scale per row.
-            shape2 = const(fresh("shape2"), np.array([-1, k], dtype=np.int64))
-            flat_a, flat_s, q2 = fresh(stem + "_flat"), fresh(stem + "_sflat"), fresh(stem + "_q2")
-            out.append(helper.make_node("Reshape", [a, shape2], [flat_a]))
-            shape1 = const(fresh("shape1"), np.array([-1], dtype=np.int64))
-            out.append(helper.make_node("Reshape", [scale, shape1], [flat_s]))
-            zpv = const(fresh("zpv"), np.array([zp_value], dtype=zp_dtype))
-            # zero point must match the scale's shape for per-axis: expand it.
-            zp_full = fresh(stem + "_zpfull")
-            out.append(helper.make_node("Expand", [zpv, helper_shape(flat_s, out)], [zp_full]))
-            out.append(helper.make_node("QuantizeLinear", [flat_a, flat_s, zp_full], [q2], axis=0))
-            shp = fresh(stem + "_shape")
-            out.append(helper.make_node("Shape", [a], [shp]))
-            out.append(helper.make_node("Reshape", [q2, shp], [q]))
-        else:
-            raise ValueError(f"unknown quant_op {qop!r}")
-        quantized_inputs[a] = (q, scale)
-        return q, scale
+        d, r, r2, q = (fresh(stem + t) for t in ("_div", "_round", "_shift", "_q"))
+        out.append(helper.make_node("Div", [x, scale], [d]))
+        out.append(helper.make_node("Round", [d], [r]))
+        out.append(helper.make_node("Add", [r, c_128f], [r2]))
+        out.append(helper.make_node("Cast", [r2], [q], to=onnx.TensorProto.UINT8))
+        activations[a] = (q, scale, gathered, idx)
+        return activations[a]
 
-    def helper_shape(name: str, out: list) -> str:
-        s_ = fresh("shapeof")
-        out.append(helper.make_node("Shape", [name], [s_]))
-        return s_
-
-    def quant_weight(wname: str) -> tuple[str, str]:
+    def quant_weight(wname: str, idx: np.ndarray | None) -> tuple[str, str, str | None]:
         if wname not in weights:
-            w = _weight(inits[wname], base)
-            q, scale = quantize_weight(w, 7 if wtype == "s7" else 8)
-            del w
-            if wtype == "u8":
-                q = (q.astype(np.int16) + 128).astype(np.uint8)
-            qn = const(wname + "_w8", q)
-            sn = const(wname + "_w8_scale", scale)
-            weights[wname] = (qn, sn)
+            parts = quantize_matmul_weight(_weight(inits[wname], base), idx)
+            qn = const(wname + "_w8", parts["q"])
+            sn = const(wname + "_w8_scale", parts["scale"])
+            on = const(wname + "_outlier_rows", parts["outlier_rows"]) if "outlier_rows" in parts else None
+            weights[wname] = (qn, sn, on)
         return weights[wname]
 
     new_nodes: list[onnx.NodeProto] = []
-    replaced_weight_uses: dict[str, int] = {}
+    replaced: dict[str, int] = {}
     for node in g.node:
         if id(node) not in target_ids:
             new_nodes.append(node)
             continue
         a, wname = node.input[0], node.input[1]
         (y,) = node.output
-        k = int(inits[wname].dims[0])
-        q, rs = quant_activation(a, k, new_nodes)
-        qw, cs = quant_weight(wname)
-        replaced_weight_uses[wname] = replaced_weight_uses.get(wname, 0) + 1
+        q, rs, gathered, idx = quant_activation(a, int(inits[wname].dims[0]), k_for(node), new_nodes)
+        qw, cs, orows = quant_weight(wname, idx)
+        replaced[wname] = replaced.get(wname, 0) + 1
         stem = node.name or y
-        if mm == "mmitf":
-            t = fresh(stem + "_mm")
-            new_nodes.append(helper.make_node("MatMulIntegerToFloat", [q, qw, c_one, cs, c_zp, c_wzp], [t],
-                                              domain="com.microsoft", name=stem + "_w8a8"))
-            new_nodes.append(helper.make_node("Mul", [t, rs], [y], name=stem + "_rowscale"))
-        elif mm == "mmi":
-            i32, f, t = fresh(stem + "_i32"), fresh(stem + "_f"), fresh(stem + "_cs")
-            new_nodes.append(helper.make_node("MatMulInteger", [q, qw, c_zp, c_wzp], [i32], name=stem + "_w8a8"))
-            new_nodes.append(helper.make_node("Cast", [i32], [f], to=onnx.TensorProto.FLOAT))
-            new_nodes.append(helper.make_node("Mul", [f, cs], [t]))
+        t = fresh(stem + "_mm")
+        new_nodes.append(helper.make_node("MatMulIntegerToFloat", [q, qw, c_one, cs, c_zp, c_wzp], [t],
+                                          domain="com.microsoft", name=stem + "_w8a8"))
+        if orows is None:
             new_nodes.append(helper.make_node("Mul", [t, rs], [y], name=stem + "_rowscale"))
         else:
-            raise ValueError(f"unknown matmul {mm!r}")
+            t2, o = fresh(stem + "_int"), fresh(stem + "_fp32")
+            new_nodes.append(helper.make_node("Mul", [t, rs], [t2], name=stem + "_rowscale"))
+            new_nodes.append(helper.make_node("MatMul", [gathered, orows], [o], name=stem + "_outliers"))
+            new_nodes.append(helper.make_node("Add", [t2, o], [y], name=stem + "_sum"))
 
     # Initializers: drop weights no longer used, copy the rest into the new data file.
     kept = []
     for t in g.initializer:
-        if t.name in replaced_weight_uses and replaced_weight_uses[t.name] >= uses.get(t.name, 0):
+        if t.name in replaced and replaced[t.name] >= uses.get(t.name, 0):
             continue
         if t.data_location == onnx.TensorProto.EXTERNAL:
             writer.put(t, _read_raw(t, base))
         kept.append(t)
     writer.close()
-    referenced = {i for n in new_nodes for i in n.input}
     del g.initializer[:]
-    g.initializer.extend(kept + [t for t in new_inits if t.name in referenced])
+    g.initializer.extend(kept + new_inits)
     del g.node[:]
     g.node.extend(new_nodes)
-    if mm == "mmitf" and not any(o.domain == "com.microsoft" for o in model.opset_import):
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     onnx.save(model, os.fspath(dst))
-    log.info("w8a8: %d MatMuls rewritten (%d activations quantized once each), %d kept fp32",
-             len(targets), len(quantized_inputs), len(_eligible_names) - len(targets))
+    log.info("w8a8: %d MatMuls rewritten (%d inputs quantized, %d outlier channels each), %d kept fp32",
+             len(targets), len(activations), k_out, len(eligible) - len(targets))
+
+
+# --- choosing per model ---------------------------------------------------------------------------
+
+
+def embed_rows(graph: Path, rows: list[list[int]], threads: int = 2) -> tuple[np.ndarray, float]:
+    """Last-token embeddings of `rows`, each run alone (no padding), and the seconds it took."""
+    from . import verify
+
+    sess = verify.session(graph, threads)
+    out = []
+    start = time.perf_counter()
+    for row in rows:
+        batch = verify.right_padded([row], pad_id=0)
+        out.append(verify.last_token(verify.onnx_hidden(sess, batch), batch.attention_mask)[0])
+    seconds = time.perf_counter() - start
+    del sess
+    return np.stack(out), seconds
+
+
+def fidelity(reference: np.ndarray, embeddings: np.ndarray, rows: list[list[int]]) -> dict:
+    cos = np.sum(reference * embeddings, axis=1)
+    worst = int(np.argmin(cos))
+    return {"texts": len(rows), "min_cosine": round(float(cos.min()), 6), "mean_cosine": round(float(cos.mean()), 6),
+            "worst_tokens": len(rows[worst])}
+
+
+def meets(fid: dict, thresholds: dict = FIDELITY) -> bool:
+    return fid["min_cosine"] >= thresholds["min_cosine"] and fid["mean_cosine"] >= thresholds["mean_cosine"]
+
+
+def _needs_stats(recipe: Recipe) -> bool:
+    return bool(recipe.settings.get("outliers") or recipe.settings.get("outliers_by_kind"))
+
+
+def choose(fp32_graph: Path, dst: Path, tokenizer, candidates: list[str] | None = None, threads: int = 2,
+           max_length: int = 512, thresholds: dict = FIDELITY) -> dict:
+    """Quantize `dst` with the first (fastest) recipe of `candidates` that is faithful on the
+    calibration texts; returns the manifest's `quantization` field (the recipe and the selection).
+
+    The last candidate is taken if none passes (the export's own parity check still applies).
+    """
+    names = candidates or CANDIDATES
+    rows = calibration_rows(tokenizer, max_length)
+    reference, fp32_seconds = embed_rows(fp32_graph, rows, threads)
+    stats = None
+    tried = []
+    for i, name in enumerate(names):
+        recipe = RECIPES[name]
+        if _needs_stats(recipe) and stats is None:
+            stats = calibrate(fp32_graph, rows, threads)
+        quantize(fp32_graph, dst, recipe, stats)
+        emb, seconds = embed_rows(dst, rows, threads)
+        fid = fidelity(reference, emb, rows)
+        # One pass each, on whatever else the machine runs: a speed class, not a benchmark.
+        tried.append({"recipe": name, **fid, "speed_vs_fp32": round(fp32_seconds / seconds, 2)})
+        log.info("int8 candidate %s: min cosine %.6f, mean %.6f on %d calibration texts", name,
+                 fid["min_cosine"], fid["mean_cosine"], fid["texts"])
+        if meets(fid, thresholds) or i == len(names) - 1:
+            return {**recipe.describe(),
+                    "selection": {"texts": f"{CALIBRATION.name} + {len(SHORT_TEXTS)} short texts",
+                                  "cpu": cpu_class(), "threads": threads,
+                                  "thresholds": dict(thresholds), "chosen": name, "faithful": meets(fid, thresholds),
+                                  "tried": tried}}
+        for p in (dst, dst.with_name(dst.name + ".data")):
+            p.unlink(missing_ok=True)
+    raise ValueError("no int8 candidates")
 
 
 # --- the comparison (not part of an export) -----------------------------------------------------
 
 
-def _embed_and_time(graph: Path, rows: list[list[int]], runs: int, threads: int) -> tuple[np.ndarray, float]:
-    """Embeddings of one right-padded batch, and tokens/s of running each row alone (median of runs)."""
-    from . import verify
-
-    sess = verify.session(graph, threads)
-    batch = verify.right_padded(rows, pad_id=0)
-    emb = verify.last_token(verify.onnx_hidden(sess, batch), batch.attention_mask)
-    singles = [batch.row(i) for i in range(len(rows))]
-    verify.onnx_hidden(sess, singles[0])  # warm-up
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        for single in singles:
-            verify.onnx_hidden(sess, single)
-        times.append(time.perf_counter() - start)
-    tokens = sum(len(r) for r in rows)
-    return emb, tokens / statistics.median(times)
-
-
-def compare(model_dir: Path, fp32_graph: Path, recipes: list[Recipe], runs: int = 3, threads: int = 2) -> list[dict]:
+def compare(model_dir: Path, fp32_graph: Path, names: list[str], runs: int = 3, threads: int = 2) -> list[dict]:
+    """Each recipe's fidelity on the calibration rows and tokens/s (each row alone), alternating
+    recipes within each run so that a shared machine's load hits them alike; medians."""
     from transformers import AutoTokenizer
 
-    from . import samples
-
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    rows = [s.ids for s in samples.samples(tokenizer)]
-    reference, fp32_speed = _embed_and_time(fp32_graph, rows, runs, threads)
-    table = [{"recipe": "fp32 graph", "min_cosine": 1.0, "mean_cosine": 1.0, "tokens_per_s": fp32_speed}]
-    with tempfile.TemporaryDirectory() as tmp:
-        for recipe in recipes:
-            dst = Path(tmp) / recipe.name / "model.onnx"
-            start = time.perf_counter()
-            quantize(fp32_graph, dst, recipe)
-            seconds = time.perf_counter() - start
-            emb, speed = _embed_and_time(dst, rows, runs, threads)
-            cos = np.sum(reference * emb, axis=1)
-            table.append({"recipe": recipe.name, "settings": recipe.describe(), "min_cosine": float(cos.min()),
-                          "mean_cosine": float(cos.mean()), "tokens_per_s": speed, "quantize_s": seconds})
-            log.info("%s", table[-1])
-    return table
+    rows = calibration_rows(tokenizer)
+    tokens = sum(map(len, rows))
+    reference, _ = embed_rows(fp32_graph, rows, threads)
+    stats = calibrate(fp32_graph, rows, threads) if any(_needs_stats(RECIPES[n]) for n in names) else None
+    table = {"fp32": {"recipe": "fp32 graph", "min_cosine": 1.0, "mean_cosine": 1.0, "times": []}}
+    with tempfile.TemporaryDirectory(dir=fp32_graph.parent.parent) as tmp:
+        graphs = {"fp32": fp32_graph}
+        for name in names:
+            dst = Path(tmp) / name / "model.onnx"
+            quantize(fp32_graph, dst, RECIPES[name], stats)
+            emb, _ = embed_rows(dst, rows, threads)
+            table[name] = {"recipe": name, **fidelity(reference, emb, rows), "times": []}
+            graphs[name] = dst
+            log.info("%s", table[name])
+        for _ in range(runs):
+            for name, graph in graphs.items():
+                table[name]["times"].append(embed_rows(graph, rows, threads)[1])
+    if runs:
+        fp32_speed = tokens / statistics.median(table["fp32"]["times"])
+    for row in table.values():
+        row["tokens_per_s"] = tokens / statistics.median(row["times"]) if runs else float("nan")
+        row["vs_fp32"] = row["tokens_per_s"] / fp32_speed if runs else float("nan")
+    return list(table.values())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -427,12 +543,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    recipes = [RECIPES[name] for name in args.recipes.split(",")]
-    table = compare(args.model, args.fp32, recipes, args.runs, args.threads)
-    print("| recipe | min cosine | mean cosine | tokens/s |")
-    print("| --- | --- | --- | --- |")
+    table = compare(args.model, args.fp32, args.recipes.split(","), args.runs, args.threads)
+    print(f"load average {os.getloadavg()[0]:.2f}")
+    print("| recipe | min cosine | mean cosine | worst text (tokens) | tokens/s | vs fp32 |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for row in table:
-        print(f"| {row['recipe']} | {row['min_cosine']:.4f} | {row['mean_cosine']:.4f} | {row['tokens_per_s']:.0f} |")
+        print(f"| {row['recipe']} | {row['min_cosine']:.4f} | {row['mean_cosine']:.5f} | {row.get('worst_tokens', '-')} "
+              f"| {row['tokens_per_s']:.0f} | {row['vs_fp32']:.2f} |")
     return 0
 
 

@@ -17,7 +17,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-THRESHOLDS = {"fp32": 0.99999, "fp16": 0.999, "int8": 0.99, "w8a8": 0.99}
+THRESHOLDS = {"fp32": 0.99999, "fp16": 0.999, "int8": 0.99}
 
 
 class VerificationError(RuntimeError):

@@ -46,7 +46,7 @@ pub use embedder::{Embedder, EmbedderOptions, Encoder, PrefixCache, PrefixStats}
 pub use error::{Error, Result};
 pub use hub::{is_repo_id, locate};
 pub use manifest::{Architecture, Manifest, Package, Stamps, VariantSpec, MANIFEST_FILE};
-pub use model::{default_cache_dir, Model, ModelOptions, Prefix, Variant};
+pub use model::{auto_cpu_variant, default_cache_dir, Model, ModelOptions, Prefix, Variant};
 pub use prompt::Example;
 pub use runtime::Device;
 pub use tokenize::{QueryPrompt, TextTokenizer};

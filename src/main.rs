@@ -444,6 +444,12 @@ fn info(args: InfoArgs) -> Result<()> {
                 v.inputs.join(", ")
             )?;
         }
+        let (choice, why) = icl_embed::auto_cpu_variant(m);
+        writeln!(
+            out,
+            "  --variant auto on the CPU: {} ({why})",
+            choice.as_deref().unwrap_or("none")
+        )?;
     }
     match runtime::environment(args.ort_lib.as_deref()) {
         Ok(_) => {

@@ -121,6 +121,61 @@ pub struct VariantSpec {
     pub prefix_cache: Option<PrefixCacheSpec>,
 }
 
+impl VariantSpec {
+    /// The int8 kernel class the exporter recorded (`quantization.kernel`): `"u8s8"` (per-token
+    /// uint8 activations x int8 weights, `MatMulIntegerToFloat`: faster than fp32 on x86-64, fastest
+    /// with VNNI) or `"matmulnbits-fp32"` (weight-only, fp32 compute: slower than fp32). Packages
+    /// from before the field: derived from `method` / `accuracy_level`; `None` for fp32/fp16.
+    pub fn int8_kernel(&self) -> Option<String> {
+        let q = &self.quantization;
+        if let Some(k) = q.get("kernel").and_then(|k| k.as_str()) {
+            return Some(k.to_string());
+        }
+        match q.get("method").and_then(|m| m.as_str())? {
+            "matmulnbits" if q.get("accuracy_level").and_then(|a| a.as_u64()) == Some(1) => {
+                Some("matmulnbits-fp32".into())
+            }
+            "w8a8" => Some("u8s8".into()),
+            other => Some(other.to_string()),
+        }
+    }
+
+    /// Whether the recipe met the exporter's fidelity thresholds on its calibration texts
+    /// (`quantization.selection.faithful`); `None` when the package does not say.
+    pub fn int8_faithful(&self) -> Option<bool> {
+        self.quantization
+            .get("selection")?
+            .get("faithful")?
+            .as_bool()
+    }
+
+    /// `quantization.recipe` and the chosen recipe's calibration figures, in words.
+    pub fn int8_summary(&self) -> String {
+        let q = &self.quantization;
+        let recipe = q
+            .get("recipe")
+            .and_then(|r| r.as_str())
+            .unwrap_or("unnamed");
+        let chosen = q
+            .get("selection")
+            .and_then(|s| s.get("tried"))
+            .and_then(|t| t.as_array())
+            .and_then(|t| {
+                t.iter()
+                    .find(|r| r.get("recipe").and_then(|n| n.as_str()) == Some(recipe))
+            });
+        match chosen {
+            Some(r) => format!(
+                "recipe {recipe}, min cosine {} / mean {} against fp32 on {} calibration texts",
+                r.get("min_cosine").unwrap_or(&serde_json::Value::Null),
+                r.get("mean_cosine").unwrap_or(&serde_json::Value::Null),
+                r.get("texts").unwrap_or(&serde_json::Value::Null)
+            ),
+            None => format!("recipe {recipe}"),
+        }
+    }
+}
+
 /// Names and dtype of the prefix-state inputs and outputs; `{layer}` stands for the layer index.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PrefixCacheSpec {

@@ -13,7 +13,7 @@ use ort::value::{DynValue, Tensor, TensorElementType, ValueType};
 
 use crate::batch::{self, Batch};
 use crate::error::{Error, Result};
-use crate::manifest::{Package, Stamps, VariantSpec};
+use crate::manifest::{Manifest, Package, Stamps, VariantSpec};
 use crate::pooling;
 use crate::runtime::{self, Device, GraphShape, SessionSettings, TensorRtSettings};
 
@@ -55,6 +55,11 @@ impl Variant {
             package.spec(name)?;
             return Ok(name.to_string());
         }
+        if !device.is_gpu() {
+            if let Some(name) = auto_cpu_variant(&package.manifest).0 {
+                return Ok(name);
+            }
+        }
         let preferred: &[&str] = if device.is_gpu() {
             &["fp16", "fp32"]
         } else {
@@ -66,6 +71,47 @@ impl Variant {
             .map(|p| p.to_string())
             .or_else(|| package.variant_names().first().map(|s| s.to_string()))
             .ok_or_else(|| Error::package(&package.dir, "has no variants"))
+    }
+}
+
+/// What `--variant auto` takes on the CPU, by what the package records about its int8 variant
+/// (kernel class and fidelity; FORMAT.md), and why, in words. `None` when the package has neither
+/// int8 nor fp32.
+pub fn auto_cpu_variant(manifest: &Manifest) -> (Option<String>, String) {
+    let variants = &manifest.variants;
+    let has_fp32 = variants.contains_key("fp32");
+    let cpu = runtime::cpu_int8_class();
+    let Some(int8) = variants.get("int8") else {
+        let why = "the package has no int8 variant".to_string();
+        return (has_fp32.then(|| "fp32".to_string()), why);
+    };
+    let summary = int8.int8_summary();
+    if int8.int8_faithful() == Some(false) && has_fp32 {
+        return (
+            Some("fp32".into()),
+            format!("fp32: the int8 variant ({summary}) missed the exporter's fidelity thresholds"),
+        );
+    }
+    match int8.int8_kernel().as_deref() {
+        Some("matmulnbits-fp32") if has_fp32 => (
+            Some("fp32".into()),
+            format!(
+                "fp32: the int8 variant ({summary}) is weight-only with fp32 compute, slower than fp32 \
+                 (pass --variant int8 for a third of the memory)"
+            ),
+        ),
+        Some("u8s8") => {
+            let kernel = if runtime::cpu_int8_needs_u8u8() {
+                "no VNNI: exact u8 x u8 GEMM via session.x64quantprecision, about 1.6x fp32 measured on AVX2"
+            } else {
+                "u8 x s8 GEMM, 3x+ fp32 measured with AVX-512 VNNI"
+            };
+            (
+                Some("int8".into()),
+                format!("int8 ({summary}); this CPU is {cpu} ({kernel})"),
+            )
+        }
+        _ => (Some("int8".into()), format!("int8 ({summary})")),
     }
 }
 

@@ -359,6 +359,13 @@ pub fn session(
             .with_intra_threads(n)
             .map_err(|e| Error::runtime(context.clone())(e.into()))?;
     }
+    if cpu_int8_needs_u8u8() {
+        // Without VNNI, ONNX Runtime's u8 x s8 GEMM saturates int16 pair sums on full-range s8
+        // weights (the int8 variant's); this makes it rewrite them to exact u8 x u8 at load.
+        builder = builder
+            .with_config_entry(X64_QUANT_PRECISION, "1")
+            .map_err(|e| Error::runtime(context.clone())(e.into()))?;
+    }
     let providers = match device {
         Device::Cpu | Device::Auto => vec![],
         Device::Cuda(n) => vec![ep::CUDA::default()
@@ -390,6 +397,56 @@ pub fn session(
             Error::runtime(context)(e)
         }
     })
+}
+
+/// ONNX Runtime's session option (`kOrtSessionOptionsAvx2PrecisionMode`): when "1" and MLAS's u8 x s8
+/// kernel can overflow on this CPU, the s8 weights of MatMulIntegerToFloat, MatMulInteger, QGemm,
+/// DynamicQuantizeMatMul, ... are converted to u8 (exact, slower) when the session is built.
+pub const X64_QUANT_PRECISION: &str = "session.x64quantprecision";
+
+/// Whether this CPU lacks the VNNI dot-product instructions, so that u8 x s8 int8 GEMM must be
+/// made exact with [`X64_QUANT_PRECISION`]: x86-64 without AVX-512 VNNI or AVX-VNNI. With VNNI the
+/// fast kernel is exact and the option would only slow it down; other architectures never need it.
+pub fn cpu_int8_needs_u8u8() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        !cpu_has_vnni()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// x86-64 with AVX-512 VNNI or AVX-VNNI (the int8 variant's fast, exact u8 x s8 GEMM).
+pub fn cpu_has_vnni() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512vnni")
+            || std::arch::is_x86_feature_detected!("avxvnni")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// The CPU's instruction sets that decide int8 speed, in words (for `info` and `--variant auto`).
+pub fn cpu_int8_class() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if cpu_has_vnni() {
+            "x86-64 with VNNI"
+        } else if std::arch::is_x86_feature_detected!("avx2") {
+            "x86-64 AVX2 without VNNI"
+        } else {
+            "x86-64 without AVX2"
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        "not x86-64"
+    }
 }
 
 fn tensorrt(

@@ -10,7 +10,7 @@ source export/cache.sh
 standin tiny-converted tiny --tokenizer-style converted
 standin tiny-legacy tiny --tokenizer-style legacy
 standin smollm2 smollm2
-package tiny-converted fp32,fp16,int8,w8a8
+package tiny-converted fp32,fp16,int8
 package tiny-legacy fp32
 package smollm2 fp32,int8
 

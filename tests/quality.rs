@@ -1,14 +1,14 @@
-//! The int8 variant's fidelity (issue 4): on `smollm2` (real weights), its embeddings against the
-//! fp32 variant's over every text of ../shared/data: all passages (MTEB example responses, AIR-Bench
-//! `pos` fields, long documents truncated at 512 tokens) and all queries with a few-shot prefix (each
-//! MTEB task's example queries under its instruction and its first three examples; the AIR-Bench
-//! queries under MSMARCO's). Goal: min cosine >= 0.99, mean >= 0.999.
+//! The int8 variant's fidelity (issues 4 and 13): on `smollm2` (real weights), its embeddings
+//! against the fp32 variant's over every text of ../shared/data: all passages (MTEB example
+//! responses, AIR-Bench `pos` fields, long documents truncated at 512 tokens) and all queries with a
+//! few-shot prefix (each MTEB task's example queries under its instruction and its first three
+//! examples; the AIR-Bench queries under MSMARCO's). Goal: min cosine >= 0.99, mean >= 0.999, one-
+//! and two-token texts included.
 //!
 //! smollm2's tokenizer adds no BOS, so a one-word passage is two tokens, its first one taking the
-//! attention-sink role with huge activations; any 8-bit recipe moves such an embedding most
-//! ("calendar": 0.967 with the weight-only int8). bge-en-icl itself starts every input with `<s>`.
-//! The 0.99 floor is therefore asserted on inputs of more than two tokens (567 of the 600; the
-//! 33 one- and two-token passages are class labels), and those are held to 0.95 and reported.
+//! attention-sink role with huge activations. A text of one token would be pooled at position 0
+//! itself (bge-en-icl starts every input with `<s>` and never pools there): such texts, if any, are
+//! reported apart and held to 0.95; every other text is held to 0.99.
 
 mod common;
 
@@ -72,16 +72,23 @@ fn int8_matches_fp32_on_every_shared_text_smollm2() {
         &fp32.embed_documents(&texts).unwrap(),
         &int8.embed_documents(&texts).unwrap(),
     );
-    let tiny: Vec<f64> = passage_cos
+    // Pooled at position 0 (one token): reported apart.
+    let position0: Vec<f64> = passage_cos
         .iter()
         .zip(&lengths)
-        .filter(|(_, &n)| n <= 2)
+        .filter(|(_, &n)| n == 1)
         .map(|(c, _)| *c)
         .collect();
-    let mut longer: Vec<f64> = passage_cos
+    let short: Vec<f64> = passage_cos
         .iter()
         .zip(&lengths)
-        .filter(|(_, &n)| n > 2)
+        .filter(|(_, &n)| n == 2)
+        .map(|(c, _)| *c)
+        .collect();
+    let mut rest: Vec<f64> = passage_cos
+        .iter()
+        .zip(&lengths)
+        .filter(|(_, &n)| n > 1)
         .map(|(c, _)| *c)
         .collect();
     all.extend(&passage_cos);
@@ -106,35 +113,48 @@ fn int8_matches_fp32_on_every_shared_text_smollm2() {
         let a = fp32.embed_queries(&prompt, &queries).unwrap();
         let b = int8.embed_queries(&prompt, &queries).unwrap();
         let c = cosines(&a, &b);
-        longer.extend(&c);
+        rest.extend(&c);
         all.extend(c);
         query_count += queries.len();
     }
     let mean = all.iter().sum::<f64>() / all.len() as f64;
-    let (worst, worst_longer, worst_tiny) = (min(&all), min(&longer), min(&tiny));
+    let (worst, worst_rest) = (min(&all), min(&rest));
+    let position0_report = if position0.is_empty() {
+        "none pooled at position 0".to_string()
+    } else {
+        format!(
+            "the {} pooled at position 0 (one token) min {:.5}",
+            position0.len(),
+            min(&position0)
+        )
+    };
     eprintln!(
         "smollm2 int8 vs fp32: {} passages, {query_count} few-shot queries; min cosine {worst:.5}, mean {mean:.6}; \
-         over the {} inputs of more than 2 tokens min {worst_longer:.5}; the {} of 1-2 tokens min {worst_tiny:.5}",
+         over the {} texts of two tokens or more min {worst_rest:.5} (the {} of exactly two: min {:.5}); {position0_report}",
         passages.len(),
-        longer.len(),
-        tiny.len()
+        rest.len(),
+        short.len(),
+        min(&short)
     );
     assert!(
         passages.len() >= 250 && query_count >= 250,
         "the whole shared set"
     );
     assert!(
-        tiny.len() <= 40,
-        "{} passages of at most two tokens",
-        tiny.len()
+        position0.len() <= 5,
+        "{} passages of one token",
+        position0.len()
     );
     assert!(mean >= 0.999, "mean cosine {mean:.6} < 0.999");
     assert!(
-        worst_longer >= 0.99,
-        "min cosine {worst_longer:.5} < 0.99 over inputs of more than two tokens"
+        worst_rest >= 0.99,
+        "min cosine {worst_rest:.5} < 0.99 over the texts of two tokens or more"
     );
-    assert!(
-        worst_tiny >= 0.95,
-        "min cosine {worst_tiny:.5} < 0.95 on one- and two-token inputs"
-    );
+    if !position0.is_empty() {
+        assert!(
+            min(&position0) >= 0.95,
+            "min cosine {:.5} < 0.95 on texts pooled at position 0",
+            min(&position0)
+        );
+    }
 }

@@ -80,8 +80,8 @@ for m in "${names[@]}"; do
     tiny) name=tiny-converted; standin tiny-converted tiny --tokenizer-style converted; docs=4; variants=fp32,fp16,int8 ;;
     # fp16 is the GPU variant; on the CPU ONNX Runtime has no fast fp16 MatMul, and the 7B slice's
     # fp16 export and runs would double the bench's time, so slice7b measures fp32 and int8.
-    slice7b) name=slice7b; standin slice7b slice7b; docs=8; variants=fp32,int8,w8a8 ;;
-    smollm2) name=smollm2; standin smollm2 smollm2; docs=32; variants=fp32,fp16,int8,w8a8 ;;
+    slice7b) name=slice7b; standin slice7b slice7b; docs=8; variants=fp32,int8 ;;
+    smollm2) name=smollm2; standin smollm2 smollm2; docs=32; variants=fp32,fp16,int8 ;;
     *) echo "run.sh: unknown model $m (slice7b, smollm2, tiny)" >&2; exit 2 ;;
   esac
   [ $quick = 1 ] && docs=4

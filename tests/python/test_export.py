@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 from export import manifest, quantize, samples, verify  # noqa: E402
 
-VARIANTS = ("fp32", "fp16", "int8", "w8a8")
+VARIANTS = ("fp32", "fp16", "int8")
 ONNX_TYPES = {"float32": onnx.TensorProto.FLOAT, "float16": onnx.TensorProto.FLOAT16}
 
 
@@ -97,12 +97,40 @@ def test_manifest_fields(package, meta):
     assert meta["variants"]["fp32"]["dtype"] == "float32" and meta["variants"]["fp32"]["quantization"] is None
     assert meta["variants"]["fp16"]["dtype"] == "float16"
     quant = meta["variants"]["int8"]["quantization"]
-    assert quant == quantize.SHIPPED_INT8.describe() and quant["method"] == "matmulnbits" and quant["bits"] == 8
-    fast = meta["variants"]["w8a8"]
-    assert fast["dtype"] == "int8" and fast["quantization"] == quantize.SHIPPED_W8A8.describe()
-    graph = onnx.load(str(package / fast["file"]), load_external_data=False).graph
+    sel = quant["selection"]
+    recipe = quantize.RECIPES[quant["recipe"]]
+    assert {k: v for k, v in quant.items() if k != "selection"} == recipe.describe()
+    assert sel["chosen"] == quant["recipe"] and sel["thresholds"] == quantize.FIDELITY
+    names = [t["recipe"] for t in sel["tried"]]
+    assert names == quantize.CANDIDATES[: len(names)] and names[-1] == quant["recipe"], "fastest first, stops at the first faithful"
+    for t in sel["tried"][:-1]:
+        assert not quantize.meets(t), f"{t['recipe']} was faithful but passed over"
+    assert sel["faithful"] == quantize.meets(sel["tried"][-1])
+    graph = onnx.load(str(package / meta["variants"]["int8"]["file"]), load_external_data=False).graph
     ops = {n.op_type for n in graph.node}
-    assert "MatMulIntegerToFloat" in ops and "MatMul" in ops, "o/gate/up quantized, q/k/v/down kept fp32"
+    if recipe.method == "w8a8":
+        assert "MatMulIntegerToFloat" in ops
+        s8 = [t for t in graph.initializer if t.name.endswith("_w8")]
+        assert s8 and all(t.data_type == onnx.TensorProto.INT8 for t in s8)
+
+
+def test_quantize_matmul_weight_per_tensor():
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(64, 48)).astype(np.float32)
+    w[5] *= 40  # an input channel with huge weights
+    plain = quantize.quantize_matmul_weight(w)
+    assert plain["q"].dtype == np.int8 and plain["q"].shape == w.shape and set(plain) == {"q", "scale"}
+    assert np.abs(plain["q"]).max() == 127 and plain["q"].min() >= -127
+    assert np.abs(plain["q"] * plain["scale"] - w).max() <= plain["scale"].max() / 2 + 1e-6
+    parts = quantize.quantize_matmul_weight(w, np.array([5, 9]))
+    assert not parts["q"][[5, 9]].any(), "outlier rows leave the int8 weight"
+    assert np.array_equal(parts["outlier_rows"], w[[5, 9]])
+    assert parts["scale"].max() < plain["scale"].max() / 10, "the scale no longer covers the outlier row"
+    x = rng.normal(size=(3, 64)).astype(np.float32)
+    approx = x @ (parts["q"] * parts["scale"]) + x[:, [5, 9]] @ parts["outlier_rows"]
+    assert np.abs(approx - x @ w).max() < np.abs(x @ (plain["q"] * plain["scale"]) - x @ w).max()
+    with pytest.raises(ValueError, match="2-D float32"):
+        quantize.quantize_matmul_weight(w.astype(np.float64))
 
 
 def test_special_tokens_measured(meta, tokenizer):
