@@ -221,6 +221,9 @@ impl PrefixCache {
     }
 }
 
+/// Makes a variant's files present (the hub client for a hub package; nothing for a directory).
+type FetchVariant = dyn FnMut(&str) -> Result<()>;
+
 /// Embeds documents and few-shot queries with one model package.
 ///
 /// ```
@@ -258,7 +261,7 @@ impl Embedder {
     pub fn new(model: impl AsRef<Path>, options: &EmbedderOptions) -> Result<Embedder> {
         let model = model.as_ref();
         let spec = model.to_string_lossy();
-        let (package, mut fetch): (Package, Box<dyn FnMut(&str) -> Result<()>>) =
+        let (package, mut fetch): (Package, Box<FetchVariant>) =
             if !model.is_dir() && hub::is_repo_id(&spec) {
                 let spec = spec.into_owned();
                 let package = Package::open(hub::resolve(&spec, &[])?)?;
