@@ -16,6 +16,7 @@ use icl_embed::runtime::{self, Device};
 use icl_embed::stream::{self, Progress, RunOptions, RunSettings, Shard, Source};
 use icl_embed::{Embedder, EmbedderOptions, Encoder, Example, Manifest, Package};
 
+#[cfg(feature = "serve")]
 mod server;
 
 /// Embeddings from BAAI/bge-en-icl model packages on ONNX Runtime, with few-shot query prompts.
@@ -36,6 +37,7 @@ enum Command {
     Info(InfoArgs),
     /// Join the outputs of `--shard 0/N` ... `--shard N-1/N` runs back into input order.
     Merge(MergeArgs),
+    #[cfg(feature = "serve")]
     /// Serve embeddings over HTTP: OpenAI's /v1/embeddings, TEI's /embed, few-shot task presets.
     Serve(server::ServeArgs),
 }
@@ -152,6 +154,7 @@ fn main() -> ExitCode {
         Command::Tokenize(args) => tokenize(args),
         Command::Info(args) => info(args),
         Command::Merge(args) => merge(args),
+        #[cfg(feature = "serve")]
         Command::Serve(args) => server::run(args),
     };
     match result {

@@ -746,18 +746,18 @@ fn every_bad_request_gets_its_status_and_names_the_field() {
 }
 
 /// Sends the head and half the body of a request; the rest is sent by [`finish`].
-fn start_request(addr: &str, body: &str) -> (TcpStream, String) {
+fn start_request(addr: &str, body: &str) -> (TcpStream, Vec<u8>) {
     let mut stream = TcpStream::connect(addr).unwrap();
     let head = request_head(addr, "POST", "/v1/embeddings", &[], body.len());
     stream.write_all(head.as_bytes()).unwrap();
-    let (first, rest) = body.split_at(body.len() / 2);
-    stream.write_all(first.as_bytes()).unwrap();
+    let (first, rest) = body.as_bytes().split_at(body.len() / 2);
+    stream.write_all(first).unwrap();
     stream.flush().unwrap();
-    (stream, rest.to_string())
+    (stream, rest.to_vec())
 }
 
-fn finish((mut stream, rest): (TcpStream, String)) -> (u16, Value) {
-    stream.write_all(rest.as_bytes()).unwrap();
+fn finish((mut stream, rest): (TcpStream, Vec<u8>)) -> (u16, Value) {
+    stream.write_all(&rest).unwrap();
     let (status, body) = read_response(stream);
     (status, serde_json::from_str(&body).unwrap())
 }
