@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{anyhow, Context, Result};
-use icl_embed::batch::{self, Batch};
+use icl_embed::batch;
 use icl_embed::embedder::plan_cost;
 use icl_embed::tokenize::QueryPrompt;
 use icl_embed::{input, Device, Embedder, EmbedderOptions, Encoder, Example};
@@ -324,11 +324,17 @@ impl Model {
         let (budget, max_rows) = self.embedder.batch_limits();
         let pad_id = self.embedder.encoder.package.manifest.special_tokens.pad_id;
         let embedder = &mut self.embedder;
+        let on = prefix.as_deref();
         let mut rows = embed_rows(
             &ids,
-            prefix.as_deref(),
-            (budget, max_rows, pad_id),
-            &mut |b, p| embedder.embed_batch_after(b, p).map_err(|e| e.to_string()),
+            on,
+            (budget, max_rows),
+            &mut |rows| {
+                let batch = batch::pad(&ids, rows, pad_id);
+                embedder
+                    .embed_batch_after(&batch, on)
+                    .map_err(|e| e.to_string())
+            },
             metrics,
         )
         .into_iter();
@@ -345,24 +351,23 @@ impl Model {
     }
 }
 
-/// One model run: a padded batch and the prefix its rows continue, to its rows' embeddings.
-type RunBatch<'a> = dyn FnMut(&Batch, Option<&[u32]>) -> Result<Vec<Vec<f32>>, String> + 'a;
+/// One model run: the input indices of a planned batch to their rows' embeddings, in that order.
+type RunRows<'a> = dyn FnMut(&[usize]) -> Result<Vec<Vec<f32>>, String> + 'a;
 
-/// Embeds `ids` in batches planned under (token budget, most rows, pad id) with `run`, each row on
-/// `prefix` where it starts with it. A batch that fails or panics fails its own rows only.
+/// Embeds `ids` in batches planned under (token budget, most rows) with `run`, the rows that start
+/// with `prefix` costed as what follows it. A batch that fails or panics fails its own rows only.
 fn embed_rows(
     ids: &[Vec<u32>],
     prefix: Option<&[u32]>,
-    (budget, max_rows, pad_id): (usize, usize, u32),
-    run: &mut RunBatch,
+    (budget, max_rows): (usize, usize),
+    run: &mut RunRows,
     metrics: &Metrics,
 ) -> Vec<Result<Vec<f32>, String>> {
     let costs: Vec<usize> = ids.iter().map(|r| plan_cost(r, prefix)).collect();
     let mut out: Vec<Result<Vec<f32>, String>> = vec![Err("not embedded".into()); ids.len()];
     for rows in batch::plan(&costs, budget, max_rows) {
-        let batch = batch::pad(ids, &rows, pad_id);
         let started = Instant::now();
-        let result = std::panic::catch_unwind(AssertUnwindSafe(|| run(&batch, prefix)))
+        let result = std::panic::catch_unwind(AssertUnwindSafe(|| run(&rows)))
             .unwrap_or_else(|_| Err("the model panicked on this batch".into()))
             .and_then(|v| match v.len() == rows.len() {
                 true => Ok(v),
@@ -371,19 +376,21 @@ fn embed_rows(
         let tokens = rows
             .iter()
             .map(|&r| match prefix {
-                Some(p) if ids[r].starts_with(p) => ids[r].len() - p.len(),
+                Some(p) if ids[r].len() > p.len() && ids[r].starts_with(p) => {
+                    ids[r].len() - p.len()
+                }
                 _ => ids[r].len(),
             })
             .sum();
         metrics.batch(rows.len(), tokens, started.elapsed(), result.is_ok());
         match result {
             Ok(vectors) => {
-                for (&r, v) in batch.rows.iter().zip(vectors) {
+                for (&r, v) in rows.iter().zip(vectors) {
                     out[r] = Ok(v);
                 }
             }
             Err(why) => {
-                for &r in &batch.rows {
+                for &r in &rows {
                     out[r] = Err(format!("inference failed: {why}"));
                 }
             }
@@ -396,14 +403,14 @@ fn embed_rows(
 mod tests {
     use super::*;
 
-    /// A fake model: each row's vector is [first id, length]; a batch holding id 13 fails and one
-    /// holding id 66 panics.
-    fn fake(b: &Batch, _: Option<&[u32]>) -> Result<Vec<Vec<f32>>, String> {
-        let rows: Vec<Vec<u32>> = b.row_ids().collect();
-        if rows.iter().flatten().any(|&i| i == 66) {
+    /// A fake model over `ids`: each row's vector is [first id, length]; a batch holding id 13
+    /// fails and one holding id 66 panics.
+    fn fake(ids: &[Vec<u32>], which: &[usize]) -> Result<Vec<Vec<f32>>, String> {
+        let rows: Vec<&[u32]> = which.iter().map(|&r| ids[r].as_slice()).collect();
+        if rows.iter().any(|r| r.contains(&66)) {
             panic!("boom");
         }
-        if rows.iter().flatten().any(|&i| i == 13) {
+        if rows.iter().any(|r| r.contains(&13)) {
             return Err("bad batch".into());
         }
         Ok(rows
@@ -423,7 +430,7 @@ mod tests {
             vec![4; 30],
             vec![5; 3],
         ];
-        let out = embed_rows(&ids, None, (4096, 2, 0), &mut fake, &m);
+        let out = embed_rows(&ids, None, (4096, 2), &mut |r| fake(&ids, r), &m);
         assert_eq!(out[0], Ok(vec![1.0, 30.0]));
         assert_eq!(out[3], Ok(vec![4.0, 30.0]));
         // 13 shares its batch (rows of length 2) with row 1; row 4 (length 3) is elsewhere.
@@ -436,7 +443,7 @@ mod tests {
     fn a_panicking_batch_is_an_error_not_a_crash() {
         let m = Metrics::default();
         let ids = vec![vec![66; 4], vec![7; 40]];
-        let out = embed_rows(&ids, None, (4096, 1, 0), &mut fake, &m);
+        let out = embed_rows(&ids, None, (4096, 1), &mut |r| fake(&ids, r), &m);
         assert!(out[0].as_ref().unwrap_err().contains("panicked"));
         assert_eq!(out[1], Ok(vec![7.0, 40.0]));
     }
