@@ -68,6 +68,7 @@ pub fn router(state: Shared) -> Router {
         .route_layer(middleware::from_fn_with_state(state.clone(), auth))
         .route("/health", get(health))
         .fallback(not_found)
+        .layer(middleware::from_fn(catch_panic))
         .layer(middleware::from_fn_with_state(state.clone(), count))
         .with_state(state)
 }
@@ -183,6 +184,16 @@ async fn count(State(s): State<Shared>, req: Request, next: Next) -> Response {
     let response = next.run(req).await;
     s.metrics.request(&route, response.status().as_u16());
     response
+}
+
+/// A handler that panics answers 500 in JSON instead of dropping the connection; the server goes
+/// on (the worker has its own guard, see `worker::embed_rows`).
+async fn catch_panic(req: Request, next: Next) -> Response {
+    let path = req.uri().path().to_string();
+    match tokio::spawn(next.run(req)).await {
+        Ok(response) => response,
+        Err(e) => ApiError::internal(format!("the request failed: {e}")).for_path(&path),
+    }
 }
 
 /// 401 unless `Authorization: Bearer KEY` matches `--api-key`.
