@@ -26,46 +26,14 @@ impl Batch {
         self.lengths.iter().sum()
     }
 
-    /// The unpadded ids of each row.
-    pub fn row_ids(&self) -> impl Iterator<Item = Vec<u32>> + '_ {
-        self.lengths.iter().enumerate().map(|(i, &n)| {
-            self.input_ids[i * self.seq..i * self.seq + n]
-                .iter()
-                .map(|&id| id as u32)
-                .collect()
-        })
-    }
-
-    /// The rows at positions `which`, re-padded to their own longest.
-    pub fn select(&self, which: &[usize]) -> Batch {
-        self.suffixes(which, 0)
-    }
-
-    /// The rows at positions `which` without their first `skip` ids, re-padded, with positions
-    /// continuing from `skip` (the rows' ids after a prefix of `skip` tokens computed elsewhere).
-    pub fn suffixes(&self, which: &[usize], skip: usize) -> Batch {
-        let all: Vec<Vec<u32>> = self.row_ids().collect();
-        let ids: Vec<Vec<u32>> = which
-            .iter()
-            .map(|&i| all[i][skip.min(all[i].len())..].to_vec())
-            .collect();
-        let mut b = pad(&ids, &(0..ids.len()).collect::<Vec<_>>(), self.pad_id());
-        b.rows = which.iter().map(|&i| self.rows[i]).collect();
-        for (p, m) in b.position_ids.iter_mut().zip(&b.attention_mask) {
+    /// Moves the positions of real tokens on by `by`: the rows continue a prefix of `by` tokens
+    /// computed elsewhere.
+    pub fn offset_positions(&mut self, by: usize) {
+        for (p, m) in self.position_ids.iter_mut().zip(&self.attention_mask) {
             if *m == 1 {
-                *p += skip as i64;
+                *p += by as i64;
             }
         }
-        b
-    }
-
-    /// The id the batch is padded with (0 when no row is padded).
-    fn pad_id(&self) -> u32 {
-        self.attention_mask
-            .iter()
-            .position(|&m| m == 0)
-            .map(|at| self.input_ids[at] as u32)
-            .unwrap_or(0)
     }
 }
 
@@ -174,16 +142,12 @@ mod tests {
     }
 
     #[test]
-    fn suffixes_drop_the_prefix_and_continue_positions() {
-        let ids = vec![vec![1, 2, 3, 4], vec![1, 2, 9], vec![7]];
-        let b = pad(&ids, &[0, 1, 2], 0);
-        let s = b.suffixes(&[0, 1], 2);
-        assert_eq!(s.rows, vec![0, 1]);
-        assert_eq!(s.lengths, vec![2, 1]);
-        assert_eq!(s.input_ids, vec![3, 4, 9, 0]);
-        assert_eq!(s.position_ids, vec![2, 3, 2, 0]);
-        let one = b.select(&[2]);
-        assert_eq!((one.rows, one.input_ids, one.seq), (vec![2], vec![7], 1));
+    fn offset_positions_moves_real_tokens_only() {
+        let ids = vec![vec![3, 4], vec![9]];
+        let mut b = pad(&ids, &[0, 1], 0);
+        b.offset_positions(2);
+        assert_eq!(b.input_ids, vec![3, 4, 9, 0]);
+        assert_eq!(b.position_ids, vec![2, 3, 2, 0]);
     }
 
     #[test]

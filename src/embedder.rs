@@ -1,31 +1,54 @@
-//! The glue: a package's tokenizer and prompt procedure ([`Encoder`], no ONNX Runtime needed) and
-//! an ONNX Runtime session that turns token ids into normalised embeddings ([`Embedder`]).
+//! The front door: [`Encoder`] (a package's tokenizer and prompt procedure, no ONNX Runtime needed)
+//! and [`Embedder`] (an encoder, a [`Model`] and a [`PrefixCache`]), which embeds documents and
+//! few-shot queries through the batch driver ([`crate::driver`]).
 
-use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 
-use ort::session::{Session, SessionInputValue};
-use ort::value::{DynValue, Tensor, TensorElementType, ValueType};
+use ndarray::Array2;
 
-use crate::batch::{self, Batch};
-use crate::error::{Error, Result};
-use crate::manifest::{Package, Variant};
-use crate::pooling;
+use crate::driver::{BatchLimits, Batches, Finished};
+use crate::error::Result;
+use crate::hub;
+use crate::manifest::Package;
+use crate::model::{Model, ModelOptions, Prefix, Variant};
 use crate::prompt::Example;
-use crate::runtime::{self, Device, SessionSettings, TensorRtSettings};
+use crate::runtime::Device;
 use crate::tokenize::{QueryPrompt, TextTokenizer};
 
 /// Tokenization of a package: final token ids for documents and queries, exactly as the
 /// reference computes them.
+///
+/// ```
+/// # let Some(pkg) = std::env::var_os("ICL_TINY_PKG") else {
+/// #     eprintln!("skipped: ICL_TINY_PKG is not set (tests/run.sh sets it)");
+/// #     return Ok(());
+/// # };
+/// use icl_embed::{Encoder, Example};
+///
+/// let encoder = Encoder::open(pkg)?;
+/// let docs = encoder.documents(&["a passage"], None)?;
+/// let examples = [Example::new("capital of Italy", "Rome is the capital of Italy.")];
+/// let prompt = encoder.query_prompt(Some("Retrieve passages that answer it"), &examples, None)?;
+/// let queries = encoder.queries(&prompt, &["capital of France"])?;
+/// // Every query starts with the ids its prompt shares, which a prefix cache computes once.
+/// assert!(queries[0].starts_with(prompt.shared_prefix().unwrap()));
+/// assert!(docs[0].len() < queries[0].len());
+/// # Ok::<(), icl_embed::Error>(())
+/// ```
 pub struct Encoder {
-    pub package: Package,
-    pub tokenizer: TextTokenizer,
+    package: Package,
+    tokenizer: TextTokenizer,
 }
 
 impl Encoder {
-    /// Opens and checks the package at `dir` and loads its tokenizer.
-    pub fn open(dir: impl AsRef<Path>) -> Result<Encoder> {
-        let package = Package::open(dir)?;
+    /// Opens and checks the package (a directory or a hub repo id, see [`crate::locate`]) and
+    /// loads its tokenizer.
+    pub fn open(package: impl AsRef<Path>) -> Result<Encoder> {
+        Encoder::from_package(Package::open(hub::locate(package)?)?)
+    }
+
+    /// The tokenizer of an opened package.
+    pub fn from_package(package: Package) -> Result<Encoder> {
         let m = &package.manifest;
         let tokenizer = TextTokenizer::from_file(
             &package.path(&m.tokenizer.file),
@@ -33,6 +56,21 @@ impl Encoder {
             m.clean_up_tokenization_spaces,
         )?;
         Ok(Encoder { package, tokenizer })
+    }
+
+    /// The package.
+    pub fn package(&self) -> &Package {
+        &self.package
+    }
+
+    /// The lower-level tokenizer (plain encoding, decoding).
+    pub fn tokenizer(&self) -> &TextTokenizer {
+        &self.tokenizer
+    }
+
+    /// The id batches are padded with.
+    pub fn pad_id(&self) -> u32 {
+        self.package.manifest.special_tokens.pad_id
     }
 
     /// Final ids of documents; `max_length` defaults to the manifest's.
@@ -43,7 +81,8 @@ impl Encoder {
         )
     }
 
-    /// The query prompt for a task and its few-shot examples.
+    /// The query prompt for a task and its few-shot examples: made once, used for any number of
+    /// queries ([`Encoder::queries`], [`Embedder::embed_queries`]).
     pub fn query_prompt(
         &self,
         task: Option<&str>,
@@ -60,29 +99,23 @@ impl Encoder {
         )
     }
 
-    /// Final ids of queries with an optional task instruction and few-shot examples.
-    pub fn queries(
-        &self,
-        task: Option<&str>,
-        examples: &[Example],
-        texts: &[&str],
-        max_length: Option<usize>,
-    ) -> Result<Vec<Vec<u32>>> {
-        self.query_prompt(task, examples, max_length)?
-            .ids(&self.tokenizer, texts)
+    /// Final ids of queries under `prompt`.
+    pub fn queries(&self, prompt: &QueryPrompt, texts: &[&str]) -> Result<Vec<Vec<u32>>> {
+        prompt.ids(&self.tokenizer, texts)
     }
 }
 
 /// How to build an [`Embedder`].
 #[derive(Debug, Clone)]
 pub struct EmbedderOptions {
-    /// `fp32`, `fp16`, `int8` (or any variant the package has), or `auto`: fp16 on GPU providers,
-    /// int8 on the CPU, fp32 when the preferred one is absent.
-    pub variant: String,
+    /// A variant the package has, or `auto`: fp16 on GPU providers, int8 on the CPU, fp32 when the
+    /// preferred one is absent.
+    pub variant: Variant,
     pub device: Device,
     /// Intra-op threads; ONNX Runtime's default (one per core) when `None`.
     pub threads: Option<usize>,
-    /// Token budget of one batch (rows x padded length); see [`EmbedderOptions::default_batch_tokens`].
+    /// Token budget of one batch (rows x padded length); [`BatchLimits::default_for`] the device
+    /// when `None`.
     pub batch_tokens: Option<usize>,
     /// Most rows in one batch.
     pub max_rows: usize,
@@ -90,17 +123,18 @@ pub struct EmbedderOptions {
     pub max_length: Option<usize>,
     /// ONNX Runtime library to load instead of searching.
     pub ort_lib: Option<PathBuf>,
-    /// Where TensorRT keeps engines and timing caches.
+    /// Where TensorRT engines and the stamps of verified files are kept; default
+    /// [`crate::default_cache_dir`].
     pub cache_dir: Option<PathBuf>,
     /// Compute a few-shot prefix once and embed queries on top of its key/value states, when the
-    /// package's graph supports it (on by default).
+    /// variant's graph supports it (on by default).
     pub prefix_cache: bool,
 }
 
 impl Default for EmbedderOptions {
     fn default() -> Self {
         EmbedderOptions {
-            variant: "auto".into(),
+            variant: Variant::Auto,
             device: Device::Cpu,
             threads: None,
             batch_tokens: None,
@@ -111,67 +145,6 @@ impl Default for EmbedderOptions {
             prefix_cache: true,
         }
     }
-}
-
-impl EmbedderOptions {
-    /// 4096 tokens on the CPU (larger batches add memory, not speed), 16384 on a GPU.
-    pub fn default_batch_tokens(device: Device) -> usize {
-        if device.is_gpu() {
-            16384
-        } else {
-            4096
-        }
-    }
-}
-
-/// Embeds documents and few-shot queries with one model package.
-///
-/// ```no_run
-/// use icl_embed::{Embedder, EmbedderOptions, Example};
-///
-/// let mut embedder = Embedder::new("models/bge-en-icl", &EmbedderOptions::default())?;
-/// let docs = embedder.embed_documents(&["Paris is the capital of France."])?;
-/// let examples = [Example { instruct: None, query: "capital of Italy".into(), response: "Rome is the capital of Italy.".into() }];
-/// let queries = embedder.embed_queries(
-///     Some("Given a question, retrieve passages that answer it"),
-///     &examples,
-///     &["what is the capital of France?"],
-/// )?;
-/// let score: f32 = docs[0].iter().zip(&queries[0]).map(|(a, b)| a * b).sum();
-/// assert!(score.abs() <= 1.0001);
-/// # Ok::<(), icl_embed::Error>(())
-/// ```
-pub struct Embedder {
-    pub encoder: Encoder,
-    session: Session,
-    variant: String,
-    device: Device,
-    inputs: Vec<String>,
-    output: String,
-    hidden: usize,
-    batch_tokens: usize,
-    max_rows: usize,
-    max_length: Option<usize>,
-    notes: Vec<String>,
-    /// The graph's prefix-state inputs and outputs, with zero-length states for runs without a prefix.
-    past: Option<PastLayout>,
-    use_prefix_cache: bool,
-    /// States of the last prefix computed (one (task, examples) pair at a time).
-    prefix: Option<PrefixStates>,
-    prefix_stats: PrefixStats,
-}
-
-/// Prefix-state names of a graph, and the empty states fed when there is no prefix.
-struct PastLayout {
-    /// (`past.*` input, `present.*` output) per layer, key then value.
-    names: Vec<(String, String)>,
-    empty: Vec<DynValue>,
-}
-
-/// The key/value states of one prefix, kept for the queries that start with it.
-struct PrefixStates {
-    ids: Vec<u32>,
-    states: Vec<DynValue>,
 }
 
 /// What the prefix cache did so far.
@@ -189,623 +162,255 @@ pub struct PrefixStats {
     pub fallback: usize,
 }
 
+/// Prefix states kept for reuse, least recently used out first. The [`Embedder`] keeps one (the
+/// prefix of the last query prompt); a server may keep several, one per (task, examples) pair.
+pub struct PrefixCache {
+    entries: Vec<Prefix>,
+    capacity: usize,
+    stats: PrefixStats,
+}
+
+impl PrefixCache {
+    /// A cache holding at most `capacity` prefixes (at least one).
+    pub fn new(capacity: usize) -> PrefixCache {
+        PrefixCache {
+            entries: Vec::new(),
+            capacity: capacity.max(1),
+            stats: PrefixStats::default(),
+        }
+    }
+
+    /// The states of `ids`, computed on `model` unless kept. When the cache is full the least
+    /// recently used entry goes before the new states are computed.
+    pub fn get(&mut self, model: &mut Model, ids: &[u32]) -> Result<&Prefix> {
+        if let Some(at) = self.entries.iter().position(|p| p.ids() == ids) {
+            let hit = self.entries.remove(at);
+            self.entries.push(hit);
+        } else {
+            if self.entries.len() >= self.capacity {
+                self.entries.remove(0);
+            }
+            let prefix = model.prefix(ids)?;
+            self.stats.prefixes += 1;
+            self.stats.prefix_tokens = ids.len();
+            self.stats.state_bytes = prefix.bytes();
+            self.entries.push(prefix);
+        }
+        Ok(self.entries.last().expect("just pushed"))
+    }
+
+    /// Bytes of key/value states held.
+    pub fn bytes(&self) -> usize {
+        self.entries.iter().map(Prefix::bytes).sum()
+    }
+
+    /// What the cache did so far.
+    pub fn stats(&self) -> &PrefixStats {
+        &self.stats
+    }
+
+    /// Counts the rows of a finished batch (on the prefix, or in full).
+    pub fn count(&mut self, finished: &Finished) {
+        self.stats.cached += finished.on_prefix;
+        self.stats.fallback += finished.rows.len() - finished.on_prefix;
+    }
+}
+
+/// Embeds documents and few-shot queries with one model package.
+///
+/// ```
+/// # let Some(pkg) = std::env::var_os("ICL_TINY_PKG") else {
+/// #     eprintln!("skipped: ICL_TINY_PKG is not set (tests/run.sh sets it)");
+/// #     return Ok(());
+/// # };
+/// use icl_embed::{Embedder, EmbedderOptions, Example};
+///
+/// // A package directory, or a Hugging Face repo id such as "owner/name".
+/// let mut embedder = Embedder::new(pkg, &EmbedderOptions::default())?;
+/// let docs = embedder.embed_documents(&["Paris is the capital of France."])?;
+/// let examples = [Example::new("capital of Italy", "Rome is the capital of Italy.")];
+/// let prompt = embedder.query_prompt(Some("Retrieve passages that answer it"), &examples)?;
+/// let queries = embedder.embed_queries(&prompt, &["capital of France?", "capital of Spain?"])?;
+/// assert_eq!(queries.dim(), (2, docs.ncols()));
+/// let score = docs.row(0).dot(&queries.row(0));
+/// assert!(score.abs() <= 1.0001);
+/// # Ok::<(), icl_embed::Error>(())
+/// ```
+pub struct Embedder {
+    encoder: Encoder,
+    model: Model,
+    limits: BatchLimits,
+    max_length: Option<usize>,
+    use_prefix_cache: bool,
+    prefixes: PrefixCache,
+}
+
 impl Embedder {
-    /// Loads the package at `dir`, ONNX Runtime and one variant's session.
-    pub fn new(dir: impl AsRef<Path>, options: &EmbedderOptions) -> Result<Embedder> {
-        let encoder = Encoder::open(dir)?;
-        runtime::environment(options.ort_lib.as_deref())?;
-        let candidates = match options.device {
-            Device::Auto => vec![Device::TensorRt(0), Device::Cuda(0), Device::Cpu],
-            d => vec![d],
+    /// Loads a package, ONNX Runtime and one variant's session. `model` is a package directory or
+    /// a Hugging Face repo id (`owner/name[@revision]`), fetched into the hub cache, only the
+    /// manifest, the tokenizer and the variant that runs (offline once cached; `HF_HUB_OFFLINE=1`
+    /// never touches the network).
+    pub fn new(model: impl AsRef<Path>, options: &EmbedderOptions) -> Result<Embedder> {
+        let model = model.as_ref();
+        let spec = model.to_string_lossy();
+        let (package, mut fetch): (Package, Box<dyn FnMut(&str) -> Result<()>>) =
+            if !model.is_dir() && hub::is_repo_id(&spec) {
+                let spec = spec.into_owned();
+                let package = Package::open(hub::resolve(&spec, &[])?)?;
+                let fetch = move |variant: &str| -> Result<()> {
+                    let name = variant.to_string();
+                    hub::resolve(&spec, &[name]).map(|_| ())
+                };
+                (package, Box::new(fetch))
+            } else {
+                (Package::open(model)?, Box::new(|_: &str| Ok(())))
+            };
+        let encoder = Encoder::from_package(package)?;
+        let limits = BatchLimits::default_for(options.device);
+        let model_options = ModelOptions {
+            variant: options.variant.clone(),
+            device: options.device,
+            threads: options.threads,
+            ort_lib: options.ort_lib.clone(),
+            cache_dir: options.cache_dir.clone(),
+            max_rows: options.max_rows.max(1),
+            batch_tokens: options.batch_tokens.unwrap_or(limits.tokens),
         };
-        let mut notes = Vec::new();
-        for device in candidates {
-            let name = choose_variant(&encoder.package, &options.variant, device)?;
-            let variant = encoder.package.variant(&name)?.clone();
-            if options.device == Device::Auto && device.is_gpu() {
-                if !runtime::provider_compiled_in(device)? {
-                    notes.push(format!("{device}: not in this ONNX Runtime library"));
-                    continue;
-                }
-                if !runtime::cuda_driver_present() {
-                    notes.push(format!("{device}: no NVIDIA driver"));
-                    continue;
-                }
-            }
-            let settings = session_settings(options, device);
-            match runtime::session(
-                &encoder.package.path(&variant.file),
-                &variant.inputs,
-                device,
-                &settings,
-            ) {
-                Ok(session) => {
-                    let (inputs, output) =
-                        check_graph(&encoder.package, &name, &variant, &session)?;
-                    let past = past_layout(&encoder.package, &name, &variant, &session)?;
-                    let hidden = encoder.package.manifest.architecture.hidden;
-                    return Ok(Embedder {
-                        encoder,
-                        session,
-                        variant: name,
-                        device,
-                        inputs,
-                        output,
-                        hidden,
-                        batch_tokens: options
-                            .batch_tokens
-                            .unwrap_or(EmbedderOptions::default_batch_tokens(device)),
-                        max_rows: options.max_rows.max(1),
-                        max_length: options.max_length,
-                        notes,
-                        past,
-                        use_prefix_cache: options.prefix_cache,
-                        prefix: None,
-                        prefix_stats: PrefixStats::default(),
-                    });
-                }
-                Err(e) if options.device == Device::Auto && device != Device::Cpu => {
-                    notes.push(format!("{device}: {e}"))
-                }
-                Err(e) => return Err(e),
-            }
+        let model = Model::load(encoder.package(), &model_options, &mut fetch)?;
+        Ok(Embedder::from_parts(encoder, model, options))
+    }
+
+    /// An embedder from a loaded encoder and model (the same package).
+    pub fn from_parts(encoder: Encoder, model: Model, options: &EmbedderOptions) -> Embedder {
+        let default = BatchLimits::default_for(model.device());
+        Embedder {
+            encoder,
+            model,
+            limits: BatchLimits {
+                tokens: options.batch_tokens.unwrap_or(default.tokens),
+                rows: options.max_rows.max(1),
+            },
+            max_length: options.max_length,
+            use_prefix_cache: options.prefix_cache,
+            prefixes: PrefixCache::new(1),
         }
-        Err(Error::Provider {
-            provider: "auto".into(),
-            reason: notes.join("; "),
-        })
     }
 
-    /// The variant that runs.
-    pub fn variant(&self) -> &str {
-        &self.variant
+    /// The tokenizer side.
+    pub fn encoder(&self) -> &Encoder {
+        &self.encoder
     }
 
-    /// The device that runs it.
-    pub fn device(&self) -> Device {
-        self.device
+    /// The model (variant, device, [`Model::forward`]).
+    pub fn model(&self) -> &Model {
+        &self.model
     }
 
-    /// The batch limits in force: (token budget, most rows).
-    pub fn batch_limits(&self) -> (usize, usize) {
-        (self.batch_tokens, self.max_rows)
+    /// The model, mutably, with the encoder beside it (a server batches and runs with both).
+    pub fn parts_mut(&mut self) -> (&Encoder, &mut Model) {
+        (&self.encoder, &mut self.model)
     }
 
-    /// Why `auto` passed over the providers it did not choose.
+    /// The batch limits in force.
+    pub fn batch_limits(&self) -> BatchLimits {
+        self.limits
+    }
+
+    /// Why `auto` passed over the devices it did not choose.
     pub fn fallback_notes(&self) -> &[String] {
-        &self.notes
+        self.model.notes()
     }
 
-    /// Embeddings of documents, in input order, L2-normalised.
-    pub fn embed_documents(&mut self, texts: &[&str]) -> Result<Vec<Vec<f32>>> {
+    /// Embeddings of documents, in input order, one row each: `[texts.len(), hidden]`.
+    pub fn embed_documents(&mut self, texts: &[&str]) -> Result<Array2<f32>> {
         let ids = self.encoder.documents(texts, self.max_length)?;
-        self.embed_ids(&ids, &mut |_, _| {})
+        self.embed_ids(&ids, None, &mut |_| {})
     }
 
-    /// Embeddings of queries with an optional task instruction and few-shot examples. With examples
-    /// (and a package that supports it) the shared prefix is computed once and the queries on top
-    /// of it; see [`Embedder::cache_prefix`].
-    pub fn embed_queries(
-        &mut self,
-        task: Option<&str>,
-        examples: &[Example],
-        texts: &[&str],
-    ) -> Result<Vec<Vec<f32>>> {
-        let prompt = self.encoder.query_prompt(task, examples, self.max_length)?;
-        let ids = prompt.ids(&self.encoder.tokenizer, texts)?;
-        let prefix = self.cache_prefix(&prompt)?;
-        let costs: Vec<usize> = ids
-            .iter()
-            .map(|r| plan_cost(r, prefix.as_deref()))
-            .collect();
-        let pad_id = self.encoder.package.manifest.special_tokens.pad_id;
-        let mut out = vec![Vec::new(); ids.len()];
-        for rows in batch::plan(&costs, self.batch_tokens, self.max_rows) {
-            let batch = batch::pad(&ids, &rows, pad_id);
-            let vectors = self.embed_batch_after(&batch, prefix.as_deref())?;
-            for (row, v) in batch.rows.iter().zip(vectors) {
-                out[*row] = v;
-            }
+    /// The query prompt for a task and its few-shot examples, made once for any number of
+    /// [`Embedder::embed_queries`] calls.
+    pub fn query_prompt(&self, task: Option<&str>, examples: &[Example]) -> Result<QueryPrompt> {
+        self.encoder.query_prompt(task, examples, self.max_length)
+    }
+
+    /// Embeddings of queries under `prompt`, in input order. With few-shot examples (and a variant
+    /// that supports it) the shared prefix is computed once and the queries on top of its states.
+    pub fn embed_queries(&mut self, prompt: &QueryPrompt, texts: &[&str]) -> Result<Array2<f32>> {
+        let ids = self.encoder.queries(prompt, texts)?;
+        let prefix = self.cached_prefix(prompt).map(<[u32]>::to_vec);
+        self.embed_ids(&ids, prefix.as_deref(), &mut |_| {})
+    }
+
+    /// The leading ids of `prompt`'s queries that this embedder computes once, or `None` when the
+    /// cache does not apply: turned off, a graph without prefix states, or no few-shot examples.
+    pub fn cached_prefix<'p>(&self, prompt: &'p QueryPrompt) -> Option<&'p [u32]> {
+        if self.use_prefix_cache && self.model.supports_prefix() {
+            prompt.shared_prefix()
+        } else {
+            None
         }
-        Ok(out)
     }
 
-    /// The leading ids of `prompt`'s queries that the prefix cache computes once, or `None` when the
-    /// cache does not apply: turned off, a graph without prefix-state inputs, or no few-shot
-    /// examples. Each candidate ([`QueryPrompt::shared_prefixes`]) is cut to what a probe query's
-    /// ids share with it (a tokenizer may merge the prefix's last tokens with the query's first:
-    /// smollm2's byte-level BPE splits a closing "\n\n" differently when text follows it), and the
-    /// longest cut wins. The probe, not the input, decides, so the choice is the same for every
-    /// chunk of a run and for a resumed one.
-    pub fn cache_prefix(&self, prompt: &QueryPrompt) -> Result<Option<Vec<u32>>> {
-        if !self.use_prefix_cache || self.past.is_none() {
-            return Ok(None);
-        }
-        let tokenizer = &self.encoder.tokenizer;
-        let probe = prompt.ids(tokenizer, &["probe"])?.remove(0);
-        let shared = |c: &Vec<u32>| {
-            c.iter()
-                .zip(&probe)
-                .take_while(|(a, b)| a == b)
-                .count()
-                .min(probe.len() - 1)
-        };
-        let best = prompt
-            .shared_prefixes(tokenizer)?
-            .iter()
-            .map(shared)
-            .max()
-            .unwrap_or(0);
-        let specials = self.encoder.package.manifest.special_tokens.prepend.len();
-        Ok((best > specials).then(|| probe[..best].to_vec()))
-    }
-
-    /// What the prefix cache did so far.
-    pub fn prefix_stats(&self) -> &PrefixStats {
-        &self.prefix_stats
-    }
-
-    /// Embeddings of already tokenized inputs, in input order. `progress` hears (rows, tokens) after
-    /// each batch.
+    /// Embeddings of token ids, in input order; the rows that continue `prefix` run on its cached
+    /// states. `each` hears every finished batch.
     pub fn embed_ids(
         &mut self,
         ids: &[Vec<u32>],
-        progress: &mut dyn FnMut(usize, usize),
-    ) -> Result<Vec<Vec<f32>>> {
-        let lengths: Vec<usize> = ids.iter().map(Vec::len).collect();
-        let pad_id = self.encoder.package.manifest.special_tokens.pad_id;
-        let mut out = vec![Vec::new(); ids.len()];
-        for rows in batch::plan(&lengths, self.batch_tokens, self.max_rows) {
-            let batch = batch::pad(ids, &rows, pad_id);
-            let vectors = self.embed_batch(&batch)?;
-            for (row, v) in batch.rows.iter().zip(vectors) {
-                out[*row] = v;
-            }
-            progress(batch.rows.len(), batch.tokens());
-        }
-        Ok(out)
-    }
-
-    /// Normalised embeddings of one padded batch of full rows, row by row.
-    pub fn embed_batch(&mut self, batch: &Batch) -> Result<Vec<Vec<f32>>> {
-        self.run_batch(batch, None)
-    }
-
-    /// Like [`Embedder::embed_batch`], with the rows that start with `prefix` computed on top of its
-    /// cached states (computed now if it is not the cached one) and the others in full.
-    pub fn embed_batch_after(
-        &mut self,
-        batch: &Batch,
         prefix: Option<&[u32]>,
-    ) -> Result<Vec<Vec<f32>>> {
-        let Some(prefix) = prefix else {
-            return self.run_batch(batch, None);
-        };
-        let (mut on_prefix, mut full) = (Vec::new(), Vec::new());
-        for (i, row) in batch.row_ids().enumerate() {
-            if row.len() > prefix.len() && row.starts_with(prefix) {
-                on_prefix.push(i);
-            } else {
-                full.push(i);
-            }
-        }
-        let mut out = vec![Vec::new(); batch.rows.len()];
-        if !on_prefix.is_empty() {
-            self.ensure_prefix(prefix)?;
-            let suffixes = batch.suffixes(&on_prefix, prefix.len());
-            let states = self.prefix.take();
-            let result = self.run_batch(&suffixes, states.as_ref());
-            self.prefix = states;
-            for (i, v) in on_prefix.iter().zip(result?) {
-                out[*i] = v;
-            }
-            self.prefix_stats.cached += on_prefix.len();
-        }
-        if !full.is_empty() {
-            let rest = batch.select(&full);
-            for (i, v) in full.iter().zip(self.run_batch(&rest, None)?) {
-                out[*i] = v;
-            }
-            self.prefix_stats.fallback += full.len();
-        }
-        Ok(out)
-    }
-
-    /// Computes and keeps the key/value states of `prefix`, unless they are the ones kept.
-    fn ensure_prefix(&mut self, prefix: &[u32]) -> Result<()> {
-        if self.prefix.as_ref().is_some_and(|p| p.ids == prefix) {
-            return Ok(());
-        }
-        self.prefix = None; // the old states go before the new ones are computed
-        let layout = self.past.as_ref().ok_or_else(|| {
-            Error::input(
-                "prefix cache",
-                "this variant's graph takes no prefix states",
-            )
+        each: &mut dyn FnMut(&Finished),
+    ) -> Result<Array2<f32>> {
+        let mut counted = Vec::new();
+        let rows = self.batches(ids, prefix)?.collect_rows(&mut |f| {
+            counted.push((f.rows.len(), f.on_prefix));
+            each(f)
         })?;
-        let single = batch::pad(&[prefix.to_vec()], &[0], 0);
-        let feed = feed_inputs(&self.inputs, &single, &layout.names, &layout.empty)?;
-        let mut outputs = self.session.run(feed).map_err(Error::runtime(format!(
-            "inference failed on the {}-token prefix",
-            prefix.len()
-        )))?;
-        let mut states = Vec::with_capacity(layout.names.len());
-        let mut bytes = 0;
-        for (_, present) in &layout.names {
-            let value = outputs
-                .remove(present.as_str())
-                .ok_or_else(|| Error::input("graph output", format!("no output {present:?}")))?;
-            bytes += value_bytes(&value);
-            states.push(value);
-        }
-        drop(outputs);
-        self.prefix_stats.prefix_tokens = prefix.len();
-        self.prefix_stats.state_bytes = bytes;
-        self.prefix_stats.prefixes += 1;
-        self.prefix = Some(PrefixStates {
-            ids: prefix.to_vec(),
-            states,
-        });
-        Ok(())
-    }
-
-    /// One session run; `past` are the prefix states the rows continue (positions already offset).
-    fn run_batch(&mut self, batch: &Batch, past: Option<&PrefixStates>) -> Result<Vec<Vec<f32>>> {
-        let shape = [batch.rows.len(), batch.seq];
-        let no_names = Vec::new();
-        let (names, states): (&Vec<(String, String)>, &[DynValue]) = match (&self.past, past) {
-            (Some(layout), Some(p)) => (&layout.names, &p.states),
-            (Some(layout), None) => (&layout.names, &layout.empty),
-            (None, Some(_)) => {
-                return Err(Error::input(
-                    "prefix cache",
-                    "this variant's graph takes no prefix states",
-                ))
-            }
-            (None, None) => (&no_names, &[]),
-        };
-        let feed = feed_inputs(&self.inputs, batch, names, states)?;
-        let outputs = self.session.run(feed).map_err(Error::runtime(format!(
-            "inference failed on a batch of {} x {}",
-            shape[0], shape[1]
-        )))?;
-        let value = &outputs[self.output.as_str()];
-        let expect = [shape[0] as i64, shape[1] as i64, self.hidden as i64];
-        let mut rows = match value.dtype().tensor_type() {
-            Some(TensorElementType::Float32) => {
-                let (s, data) = value
-                    .try_extract_tensor::<f32>()
-                    .map_err(Error::runtime("cannot read the output"))?;
-                check_output_shape(&s[..], &expect)?;
-                pooling::last_token(data, batch.seq, self.hidden, &batch.lengths)
-            }
-            Some(TensorElementType::Float16) => {
-                let (s, data) = value
-                    .try_extract_tensor::<half::f16>()
-                    .map_err(Error::runtime("cannot read the output"))?;
-                check_output_shape(&s[..], &expect)?;
-                pooling::last_token(data, batch.seq, self.hidden, &batch.lengths)
-            }
-            other => {
-                return Err(Error::input(
-                    "graph output",
-                    format!("unsupported element type {other:?}"),
-                ))
-            }
-        };
-        for v in &mut rows {
-            if v.iter().any(|x| !x.is_finite()) {
-                return Err(Error::input(
-                    "graph output",
-                    format!(
-                        "non-finite values in the embeddings ({} variant)",
-                        self.variant
-                    ),
-                ));
-            }
-            if self.encoder.package.manifest.normalize {
-                pooling::normalize(v);
+        if prefix.is_some() {
+            for (rows, on) in counted {
+                self.prefixes.stats.cached += on;
+                self.prefixes.stats.fallback += rows - on;
             }
         }
         Ok(rows)
     }
-}
 
-/// The session feed: the int64 inputs of `batch`, then each prefix-state input with its value.
-fn feed_inputs<'v>(
-    inputs: &[String],
-    batch: &Batch,
-    past: &[(String, String)],
-    states: &'v [DynValue],
-) -> Result<Vec<(Cow<'static, str>, SessionInputValue<'v>)>> {
-    let shape = [batch.rows.len(), batch.seq];
-    let mut feed: Vec<(Cow<'static, str>, SessionInputValue<'v>)> =
-        Vec::with_capacity(inputs.len() + past.len());
-    for name in inputs {
-        let data = match name.as_str() {
-            "input_ids" => &batch.input_ids,
-            "attention_mask" => &batch.attention_mask,
-            _ => &batch.position_ids,
-        };
-        let tensor = Tensor::from_array((shape, data.clone()))
-            .map_err(Error::runtime(format!("cannot build input {name}")))?;
-        feed.push((Cow::Owned(name.clone()), tensor.into()));
-    }
-    for ((name, _), value) in past.iter().zip(states) {
-        feed.push((Cow::Owned(name.clone()), SessionInputValue::from(value)));
-    }
-    Ok(feed)
-}
-
-/// Bytes held by a tensor value.
-fn value_bytes(value: &DynValue) -> usize {
-    match value.dtype() {
-        ValueType::Tensor { ty, shape, .. } => {
-            let n: i64 = shape.iter().product();
-            n.max(0) as usize * ty.byte_size(1).unwrap_or(4)
+    /// The batch driver over `ids` (see [`Batches`]), with `prefix`'s states computed (or taken
+    /// from the cache) first when the cache applies. Count finished batches with
+    /// [`Embedder::count_batch`] to keep [`Embedder::prefix_stats`] right.
+    pub fn batches<'a>(
+        &'a mut self,
+        ids: &'a [Vec<u32>],
+        prefix: Option<&[u32]>,
+    ) -> Result<Batches<'a>> {
+        for (i, row) in ids.iter().enumerate() {
+            self.model
+                .check_tokens(row.len(), &format!("text {}", i + 1))?;
         }
-        _ => 0,
-    }
-}
-
-/// The cost of a row in batch planning: its length, or for a row on a cached prefix its new tokens
-/// weighted by how many keys each attends to (prefix included), relative to a 512-token document.
-pub fn plan_cost(ids: &[u32], prefix: Option<&[u32]>) -> usize {
-    match prefix {
-        Some(p) if ids.len() > p.len() && ids.starts_with(p) => {
-            let new = ids.len() - p.len();
-            new.max(new * ids.len() / 512)
-        }
-        _ => ids.len(),
-    }
-}
-
-fn check_output_shape(got: &[i64], want: &[i64; 3]) -> Result<()> {
-    if got != want {
-        return Err(Error::input(
-            "graph output",
-            format!("shape {got:?}, expected {want:?}"),
-        ));
-    }
-    Ok(())
-}
-
-/// Resolves `auto` to the variant preferred on `device`.
-pub fn choose_variant(package: &Package, requested: &str, device: Device) -> Result<String> {
-    if requested != "auto" {
-        package
-            .variant_names()
-            .iter()
-            .find(|n| **n == requested)
-            .ok_or_else(|| {
-                Error::package(
-                    &package.dir,
-                    format!(
-                        "has no variant {requested:?} (it has {})",
-                        package.variant_names().join(", ")
-                    ),
-                )
-            })?;
-        return Ok(requested.to_string());
-    }
-    let preferred: &[&str] = if device.is_gpu() {
-        &["fp16", "fp32"]
-    } else {
-        &["int8", "fp32"]
-    };
-    preferred
-        .iter()
-        .find(|p| package.manifest.variants.contains_key(**p))
-        .map(|p| p.to_string())
-        .or_else(|| package.variant_names().first().map(|s| s.to_string()))
-        .ok_or_else(|| Error::package(&package.dir, "has no variants"))
-}
-
-fn session_settings(options: &EmbedderOptions, device: Device) -> SessionSettings {
-    let batch_tokens = options
-        .batch_tokens
-        .unwrap_or(EmbedderOptions::default_batch_tokens(device));
-    let cache_dir = options
-        .cache_dir
-        .clone()
-        .unwrap_or_else(default_cache_dir)
-        .join("tensorrt");
-    SessionSettings {
-        threads: options.threads,
-        tensorrt: TensorRtSettings {
-            max_batch: options.max_rows.max(1),
-            opt_batch: options.max_rows.clamp(1, 16),
-            max_seq: batch_tokens.clamp(512, 4096),
-            opt_seq: 512,
-            cache_dir,
-        },
-    }
-}
-
-/// `$XDG_CACHE_HOME/icl-embed`, else `~/.cache/icl-embed`.
-pub fn default_cache_dir() -> PathBuf {
-    std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .unwrap_or_else(std::env::temp_dir)
-        .join("icl-embed")
-}
-
-/// Checks the session's inputs and outputs against the manifest; returns the input names in graph
-/// order and the output name.
-fn check_graph(
-    package: &Package,
-    name: &str,
-    variant: &Variant,
-    session: &Session,
-) -> Result<(Vec<String>, String)> {
-    let past: Vec<String> = match &variant.prefix_cache {
-        Some(spec) => spec
-            .names(package.manifest.architecture.layers)
-            .into_iter()
-            .map(|(input, _)| input)
-            .collect(),
-        None => Vec::new(),
-    };
-    let graph_inputs: Vec<String> = session
-        .inputs()
-        .iter()
-        .map(|i| i.name().to_string())
-        .filter(|n| !past.contains(n))
-        .collect();
-    let mut a: Vec<String> = session
-        .inputs()
-        .iter()
-        .map(|i| i.name().to_string())
-        .collect();
-    let mut b: Vec<String> = variant.inputs.iter().chain(&past).cloned().collect();
-    a.sort();
-    b.sort();
-    if a != b {
-        return Err(Error::package(
-            &package.dir,
-            format!("variant {name}: the graph takes inputs {a:?}, the manifest says {b:?}"),
-        ));
-    }
-    for input in session
-        .inputs()
-        .iter()
-        .filter(|i| !past.iter().any(|p| p == i.name()))
-    {
-        if let ValueType::Tensor { ty, .. } = input.dtype() {
-            if *ty != TensorElementType::Int64 {
-                return Err(Error::package(
-                    &package.dir,
-                    format!(
-                        "variant {name}: input {} is {ty:?}, expected int64",
-                        input.name()
-                    ),
-                ));
-            }
-        }
-    }
-    if !session.outputs().iter().any(|o| o.name() == variant.output) {
-        let have: Vec<&str> = session.outputs().iter().map(|o| o.name()).collect();
-        return Err(Error::package(
-            &package.dir,
-            format!(
-                "variant {name}: the graph has no output {:?} (it has {have:?})",
-                variant.output
-            ),
-        ));
-    }
-    Ok((graph_inputs, variant.output.clone()))
-}
-
-/// One run's work for [`crate::stream::run`]: documents, or queries under one prompt (prefix and
-/// limits computed once for the whole run).
-pub struct EmbedJob<'a> {
-    pub embedder: &'a mut Embedder,
-    pub prompt: Option<QueryPrompt>,
-    /// The leading ids computed once ([`Embedder::cache_prefix`]); `None` runs every row in full.
-    pub cached_prefix: Option<Vec<u32>>,
-}
-
-impl<'a> EmbedJob<'a> {
-    /// A job for documents (`prompt` = `None`) or for queries under `prompt`, with the prefix cache
-    /// where it applies.
-    pub fn new(embedder: &'a mut Embedder, prompt: Option<QueryPrompt>) -> Result<EmbedJob<'a>> {
-        let cached_prefix = match &prompt {
-            Some(p) => embedder.cache_prefix(p)?,
+        let pad_id = self.encoder.pad_id();
+        let use_prefix = prefix.filter(|p| {
+            self.use_prefix_cache
+                && self.model.supports_prefix()
+                && ids.iter().any(|r| crate::driver::continues(r, p))
+        });
+        let states = match use_prefix {
+            Some(p) => Some(self.prefixes.get(&mut self.model, p)?),
             None => None,
         };
-        Ok(EmbedJob {
-            embedder,
-            prompt,
-            cached_prefix,
-        })
-    }
-}
-
-impl crate::stream::BatchEmbedder for EmbedJob<'_> {
-    fn token_ids(&mut self, texts: &[&str]) -> Result<Vec<Vec<u32>>> {
-        match &self.prompt {
-            Some(prompt) => prompt.ids(&self.embedder.encoder.tokenizer, texts),
-            None => self
-                .embedder
-                .encoder
-                .documents(texts, self.embedder.max_length),
-        }
+        Ok(Batches::new(
+            &mut self.model,
+            ids,
+            states,
+            pad_id,
+            self.limits,
+        ))
     }
 
-    fn embed(&mut self, batch: &Batch) -> Result<Vec<Vec<f32>>> {
-        self.embedder
-            .embed_batch_after(batch, self.cached_prefix.as_deref())
+    /// Counts a finished batch in [`Embedder::prefix_stats`].
+    pub fn count_batch(&mut self, finished: &Finished) {
+        self.prefixes.count(finished);
     }
 
-    fn plan_cost(&self, ids: &[u32]) -> usize {
-        plan_cost(ids, self.cached_prefix.as_deref())
+    /// What the prefix cache did so far.
+    pub fn prefix_stats(&self) -> &PrefixStats {
+        self.prefixes.stats()
     }
-
-    fn pad_id(&self) -> u32 {
-        self.embedder.encoder.package.manifest.special_tokens.pad_id
-    }
-
-    fn hidden(&self) -> usize {
-        self.embedder.hidden
-    }
-}
-
-/// The prefix-state layout of a variant whose manifest declares one: checks that the graph has
-/// every `past.*` input and `present.*` output in the declared dtype, and builds the zero-length
-/// states fed to runs without a prefix.
-fn past_layout(
-    package: &Package,
-    name: &str,
-    variant: &Variant,
-    session: &Session,
-) -> Result<Option<PastLayout>> {
-    let Some(spec) = &variant.prefix_cache else {
-        return Ok(None);
-    };
-    let arch = &package.manifest.architecture;
-    let want = match spec.dtype.as_str() {
-        "float32" => TensorElementType::Float32,
-        "float16" => TensorElementType::Float16,
-        other => {
-            return Err(Error::package(
-                &package.dir,
-                format!("variant {name}: prefix_cache dtype {other:?} is not float32 or float16"),
-            ))
-        }
-    };
-    let names = spec.names(arch.layers);
-    let bad = |what: String| Error::package(&package.dir, format!("variant {name}: {what}"));
-    for (input, output) in &names {
-        let i = session
-            .inputs()
-            .iter()
-            .find(|i| i.name() == input)
-            .ok_or_else(|| bad(format!("the graph has no prefix-state input {input:?}")))?;
-        if !matches!(i.dtype(), ValueType::Tensor { ty, .. } if *ty == want) {
-            return Err(bad(format!(
-                "prefix-state input {input:?} is not {}",
-                spec.dtype
-            )));
-        }
-        if !session.outputs().iter().any(|o| o.name() == output) {
-            return Err(bad(format!(
-                "the graph has no prefix-state output {output:?}"
-            )));
-        }
-    }
-    let shape = [1usize, arch.kv_heads, 0, arch.head_dim];
-    let empty = names
-        .iter()
-        .map(|(input, _)| -> Result<DynValue> {
-            let value = match want {
-                TensorElementType::Float16 => {
-                    Tensor::from_array((shape, Vec::<half::f16>::new())).map(|t| t.into_dyn())
-                }
-                _ => Tensor::from_array((shape, Vec::<f32>::new())).map(|t| t.into_dyn()),
-            };
-            value.map_err(Error::runtime(format!("cannot build input {input}")))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    Ok(Some(PastLayout { names, empty }))
 }

@@ -1,5 +1,7 @@
 //! The library's one error type. Messages are lowercase and name the input that is wrong; the
-//! underlying cause stays reachable through `source()` so the CLI can print the whole chain.
+//! underlying cause stays reachable through `source()` (never flattened into the message), so the
+//! CLI can print the whole chain and a server can tell a bad request ([`Error::Input`]) from a
+//! fault of the package or the graph.
 
 use std::path::PathBuf;
 
@@ -25,20 +27,41 @@ pub enum Error {
         source: serde_json::Error,
     },
     /// The tokenizer file could not be loaded or used.
-    #[error("tokenizer: {reason}")]
-    Tokenizer { reason: String },
+    #[error("tokenizer: {context}")]
+    Tokenizer {
+        context: String,
+        #[source]
+        source: tokenizers::Error,
+    },
     /// No ONNX Runtime shared library could be found or loaded.
     #[error("no usable ONNX Runtime library found; tried:\n  {}\nfix: pass --ort-lib PATH, set ORT_DYLIB_PATH, or `pip install onnxruntime` (CPU) / `onnxruntime-gpu` (CUDA, TensorRT)", tried.join("\n  "))]
     OrtLibrary { tried: Vec<String> },
     /// An execution provider that was asked for explicitly cannot run.
     #[error("execution provider {provider} is unavailable: {reason}")]
-    Provider { provider: String, reason: String },
+    Provider {
+        provider: String,
+        reason: String,
+        #[source]
+        source: Option<ort::Error>,
+    },
     /// ONNX Runtime reported an error.
     #[error("onnx runtime: {context}")]
     Runtime {
         context: String,
         #[source]
         source: ort::Error,
+    },
+    /// The graph returned something the package's contract rules out (a wrong shape or dtype,
+    /// non-finite values): a fault of the package or the runtime, not of the input.
+    #[error("graph of variant {variant}: {reason}")]
+    Graph { variant: String, reason: String },
+    /// The Hugging Face Hub could not provide a package.
+    #[error("model {spec}: {reason}")]
+    Hub {
+        spec: String,
+        reason: String,
+        #[source]
+        source: Option<hf_hub::api::sync::ApiError>,
     },
     /// A text, example or option given by the user is unusable.
     #[error("{what}: {reason}")]
@@ -75,8 +98,26 @@ impl Error {
         }
     }
 
+    pub(crate) fn graph(variant: impl Into<String>, reason: impl Into<String>) -> Self {
+        Error::Graph {
+            variant: variant.into(),
+            reason: reason.into(),
+        }
+    }
+
+    pub(crate) fn tokenizer(context: impl Into<String>) -> impl FnOnce(tokenizers::Error) -> Self {
+        let context = context.into();
+        move |source| Error::Tokenizer { context, source }
+    }
+
     pub(crate) fn runtime(context: impl Into<String>) -> impl FnOnce(ort::Error) -> Self {
         let context = context.into();
         move |source| Error::Runtime { context, source }
+    }
+
+    /// Whether the error is the caller's input (a bad text, example or option) rather than the
+    /// package, the runtime or the machine: a server answers these with 400, the others with 500.
+    pub fn is_input(&self) -> bool {
+        matches!(self, Error::Input { .. })
     }
 }

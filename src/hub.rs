@@ -27,25 +27,47 @@ pub fn is_repo_id(spec: &str) -> bool {
         })
 }
 
+/// The local directory of a package given as a directory or a hub repo id (fetching only the
+/// manifest and the tokenizer for the latter).
+pub fn locate(spec: impl AsRef<Path>) -> Result<PathBuf> {
+    let path = spec.as_ref();
+    let text = path.to_string_lossy();
+    if path.is_dir() || !is_repo_id(&text) {
+        return Ok(path.to_path_buf());
+    }
+    resolve(&text, &[])
+}
+
 fn offline() -> bool {
     std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| !v.is_empty() && v != "0")
 }
 
 /// The local directory of the package `spec` (a repo id), with the manifest, the tokenizer and
-/// the files that `variant_files` names present.
-pub fn resolve(spec: &str, variant_files: &dyn Fn(&Manifest) -> Vec<String>) -> Result<PathBuf> {
+/// the files of the variants named in `variants` present. Files already in the cache are used
+/// without the network; the others are fetched (their checksums are checked when the variant is
+/// first opened, [`crate::Package::check_variant`]).
+pub fn resolve(spec: &str, variants: &[String]) -> Result<PathBuf> {
     let (id, revision) = match spec.split_once('@') {
         Some((id, rev)) => (id.to_string(), rev.to_string()),
         None => (spec.to_string(), "main".to_string()),
     };
-    let what = format!("model {spec}");
+    let fail = |reason: String| Error::Hub {
+        spec: spec.to_string(),
+        reason,
+        source: None,
+    };
     let repo = Repo::with_revision(id.clone(), RepoType::Model, revision.clone());
     let cache = Cache::from_env();
     let cached = cache.repo(repo.clone());
     let needed = |dir: &Path| -> Result<Vec<String>> {
         let manifest = read_manifest(&dir.join(MANIFEST_FILE))?;
         let mut files = vec![manifest.tokenizer.file.clone()];
-        files.extend(variant_files(&manifest));
+        for name in variants {
+            if let Some(v) = manifest.variants.get(name) {
+                files.push(v.file.clone());
+                files.extend(v.data.clone());
+            }
+        }
         Ok(files)
     };
     if let Some(manifest_path) = cached.get(MANIFEST_FILE) {
@@ -59,13 +81,10 @@ pub fn resolve(spec: &str, variant_files: &dyn Fn(&Manifest) -> Vec<String>) -> 
             return Ok(dir);
         }
         if offline() {
-            return Err(Error::input(
-                what,
-                format!(
-                    "the cached snapshot in {} lacks {missing:?} and HF_HUB_OFFLINE is set",
-                    dir.display()
-                ),
-            ));
+            return Err(fail(format!(
+                "the cached snapshot in {} lacks {missing:?} and HF_HUB_OFFLINE is set",
+                dir.display()
+            )));
         }
     } else if offline() {
         let snapshot = cache.path().join(repo.folder_name());
@@ -80,36 +99,40 @@ pub fn resolve(spec: &str, variant_files: &dyn Fn(&Manifest) -> Vec<String>) -> 
                 cache.path().display()
             )
         };
-        return Err(Error::input(what, reason));
+        return Err(fail(reason));
     }
 
     let api = hf_hub::api::sync::ApiBuilder::from_env()
         .with_progress(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .build()
-        .map_err(|e| {
-            Error::input(
-                what.clone(),
-                format!("cannot start the Hugging Face Hub client: {e}"),
-            )
+        .map_err(|e| Error::Hub {
+            spec: spec.to_string(),
+            reason: "cannot start the Hugging Face Hub client".into(),
+            source: Some(e),
         })?;
     let remote = api.repo(repo);
     let manifest_path = remote.get(MANIFEST_FILE).map_err(|e| {
-        let e = e.to_string();
-        let reason = if e.contains("404") {
+        let reason = if e.to_string().contains("404") {
             format!("the repository holds no icl-embed package (no {MANIFEST_FILE} at revision {revision}); make one with `python -m export` and upload it")
         } else {
-            format!("cannot fetch {MANIFEST_FILE} from the Hugging Face Hub: {e} (files already in the cache are used without the network)")
+            format!("cannot fetch {MANIFEST_FILE} from the Hugging Face Hub (files already in the cache are used without the network)")
         };
-        Error::input(what.clone(), reason)
+        Error::Hub {
+            spec: spec.to_string(),
+            reason,
+            source: Some(e),
+        }
     })?;
     let dir = manifest_path
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_default();
     for file in needed(&dir)? {
-        remote
-            .get(&file)
-            .map_err(|e| Error::input(what.clone(), format!("cannot fetch {file}: {e}")))?;
+        remote.get(&file).map_err(|e| Error::Hub {
+            spec: spec.to_string(),
+            reason: format!("cannot fetch {file}"),
+            source: Some(e),
+        })?;
     }
     Ok(dir)
 }

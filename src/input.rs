@@ -8,8 +8,8 @@ use std::path::Path;
 use crate::error::{Error, Result};
 use crate::prompt::Example;
 
-/// How an input file is laid out.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+/// How an input file is laid out (`auto`, `text` or `jsonl`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum InputFormat {
     /// `.jsonl` and `.ndjson` files are JSON lines; anything else (and stdin) is plain text lines.
     Auto,
@@ -18,6 +18,30 @@ pub enum InputFormat {
     Text,
     /// One JSON object per line, the text in a string field; blank lines are skipped.
     Jsonl,
+}
+
+impl std::str::FromStr for InputFormat {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<InputFormat> {
+        match s {
+            "auto" => Ok(InputFormat::Auto),
+            "text" => Ok(InputFormat::Text),
+            "jsonl" => Ok(InputFormat::Jsonl),
+            _ => Err(Error::input(
+                "--input-format",
+                format!("{s:?} is not one of auto, text, jsonl"),
+            )),
+        }
+    }
+}
+
+/// The one definition of a blank line: valid UTF-8 holding only (Unicode) white space. Blank lines
+/// are not records in JSON lines (in plain text every line is a text, blank ones included); the
+/// reader, the record count of a corpus run and `tokenize` all use this, so they number records
+/// alike.
+pub fn is_blank(raw: &[u8]) -> bool {
+    std::str::from_utf8(raw).is_ok_and(|s| s.trim().is_empty())
 }
 
 impl InputFormat {
@@ -85,7 +109,7 @@ pub fn parse_texts(
             )
         })?;
         match format {
-            InputFormat::Jsonl if line.trim().is_empty() => {}
+            InputFormat::Jsonl if is_blank(raw) => {}
             InputFormat::Jsonl => texts.push(
                 parse_json_record(line, field, None)
                     .map(|(text, _)| text)
@@ -260,6 +284,21 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(wrong.contains("not a string"), "{wrong}");
+    }
+
+    #[test]
+    fn blank_is_unicode_white_space_in_valid_utf8() {
+        assert!(is_blank(b""));
+        assert!(is_blank(b" \t\r"));
+        assert!(
+            is_blank("\u{a0}\u{2003}".as_bytes()),
+            "no-break and em spaces"
+        );
+        assert!(!is_blank(b"x"));
+        assert!(
+            !is_blank(b"\xff"),
+            "invalid UTF-8 is a (bad) record, not a blank line"
+        );
     }
 
     #[test]

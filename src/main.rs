@@ -1,20 +1,22 @@
-//! The `icl-embed` command line: `embed`, `tokenize` and `info`. Errors from the library become
-//! `anyhow` here, are printed with their whole chain, and exit with status 2.
+//! The `icl-embed` command line: `embed`, `tokenize`, `info`, `merge` and `verify`. Each subcommand
+//! parses its arguments, calls the library and prints a summary; errors are printed with their
+//! whole chain and exit with status 2.
 
-use std::io::{BufRead, IsTerminal, Read, Write};
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use icl_embed::embedder::{EmbedJob, PrefixStats};
-use icl_embed::hub;
 use icl_embed::input::{self, InputFormat};
 use icl_embed::output::{self, OutputFormat};
-use icl_embed::runtime::{self, Device};
+use icl_embed::runtime;
 use icl_embed::stream::{self, Progress, RunOptions, RunSettings, Shard, Source};
-use icl_embed::{Embedder, EmbedderOptions, Encoder, Example, Manifest, Package};
+use icl_embed::{
+    Device, Embedder, EmbedderOptions, Encoder, Example, Package, PrefixStats, QueryPrompt, Stamps,
+    Variant,
+};
 
 #[cfg(feature = "serve")]
 mod server;
@@ -37,9 +39,24 @@ enum Command {
     Info(InfoArgs),
     /// Join the outputs of `--shard 0/N` ... `--shard N-1/N` runs back into input order.
     Merge(MergeArgs),
+    /// Check every file of a package against the sha256 in its manifest (and remember the
+    /// result, so that later starts compare sizes and times instead of reading the weights).
+    Verify(VerifyArgs),
     #[cfg(feature = "serve")]
     /// Serve embeddings over HTTP: OpenAI's /v1/embeddings, TEI's /embed, few-shot task presets.
     Serve(server::ServeArgs),
+}
+
+#[derive(Args)]
+struct VerifyArgs {
+    /// Model package: a directory or a Hugging Face repo id.
+    model: PathBuf,
+    /// Also report variants whose files are absent (a hub snapshot holds only what was fetched).
+    #[arg(long)]
+    all: bool,
+    /// Where the stamps of verified files are kept; default $XDG_CACHE_HOME/icl-embed.
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -62,7 +79,7 @@ struct TextArgs {
     #[arg(long)]
     input: String,
     /// Input layout: `.jsonl`/`.ndjson` are JSON lines, anything else one text per line.
-    #[arg(long, value_enum, default_value = "auto")]
+    #[arg(long, default_value = "auto")]
     input_format: InputFormat,
     /// Field holding the text in JSON lines.
     #[arg(long, default_value = "text")]
@@ -88,14 +105,15 @@ struct EmbedArgs {
     /// Output file: .npy (float32 [N, hidden]) or .jsonl.
     #[arg(long)]
     output: PathBuf,
-    #[arg(long, value_enum, default_value = "auto")]
+    #[arg(long, default_value = "auto")]
     output_format: OutputFormat,
     /// fp32, fp16, int8 or auto (fp16 on GPU, int8 on CPU).
     #[arg(long, default_value = "auto")]
-    variant: String,
-    /// cpu, cuda[:N], tensorrt[:N] or auto (tries TensorRT, CUDA, CPU and says which it chose).
+    variant: Variant,
+    /// cpu, cuda[:N], tensorrt[:N] or auto (TensorRT, CUDA, CPU: the first this machine can run;
+    /// says which it chose).
     #[arg(long, default_value = "auto")]
-    device: String,
+    device: Device,
     /// Intra-op threads (default: one per core).
     #[arg(long)]
     threads: Option<usize>,
@@ -108,7 +126,8 @@ struct EmbedArgs {
     /// ONNX Runtime library (default: ORT_DYLIB_PATH, the project's .venv, python3's onnxruntime, the system).
     #[arg(long)]
     ort_lib: Option<PathBuf>,
-    /// Cache directory (TensorRT engines); default $XDG_CACHE_HOME/icl-embed.
+    /// Cache directory (TensorRT engines, stamps of verified files); default
+    /// $XDG_CACHE_HOME/icl-embed.
     #[arg(long)]
     cache_dir: Option<PathBuf>,
     /// Take every N-th record starting at K (`K/N`), for job arrays; `merge` joins the outputs.
@@ -154,6 +173,7 @@ fn main() -> ExitCode {
         Command::Tokenize(args) => tokenize(args),
         Command::Info(args) => info(args),
         Command::Merge(args) => merge(args),
+        Command::Verify(args) => verify(args),
         #[cfg(feature = "serve")]
         Command::Serve(args) => server::run(args),
     };
@@ -194,19 +214,17 @@ fn read_job(args: &TextArgs) -> Result<Job> {
     })
 }
 
-fn token_ids(encoder: &Encoder, args: &TextArgs, job: &Job) -> Result<Vec<Vec<u32>>> {
-    let texts: Vec<&str> = job.texts.iter().map(String::as_str).collect();
-    Ok(if args.queries {
-        encoder.queries(job.task.as_deref(), &job.examples, &texts, args.max_length)?
-    } else {
-        encoder.documents(&texts, args.max_length)?
-    })
-}
-
 fn tokenize(args: TokenizeArgs) -> Result<()> {
-    let encoder = Encoder::open(model_dir(&args.text.model, "none", Device::Cpu)?)?;
+    let encoder = Encoder::open(&args.text.model)?;
     let job = read_job(&args.text)?;
-    let ids = token_ids(&encoder, &args.text, &job)?;
+    let texts: Vec<&str> = job.texts.iter().map(String::as_str).collect();
+    let ids = if args.text.queries {
+        let prompt =
+            encoder.query_prompt(job.task.as_deref(), &job.examples, args.text.max_length)?;
+        encoder.queries(&prompt, &texts)?
+    } else {
+        encoder.documents(&texts, args.text.max_length)?
+    };
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     for (index, ids) in ids.iter().enumerate() {
         serde_json::to_writer(&mut out, &serde_json::json!({"index": index, "ids": ids}))?;
@@ -225,7 +243,7 @@ fn embed(args: EmbedArgs) -> Result<()> {
     }
     let options = EmbedderOptions {
         variant: args.variant.clone(),
-        device: args.device.parse::<Device>()?,
+        device: args.device,
         threads: args.threads,
         batch_tokens: args.batch_tokens,
         max_rows: args.max_batch,
@@ -238,8 +256,7 @@ fn embed(args: EmbedArgs) -> Result<()> {
         Some(path) => input::read_examples(path)?,
         None => Vec::new(),
     };
-    let model = model_dir(&args.text.model, &args.variant, options.device)?;
-    let mut embedder = Embedder::new(&model, &options)?;
+    let mut embedder = Embedder::new(&args.text.model, &options)?;
     if !args.quiet {
         let notes = embedder.fallback_notes();
         let why = if notes.is_empty() {
@@ -249,35 +266,31 @@ fn embed(args: EmbedArgs) -> Result<()> {
         };
         eprintln!(
             "device {} ({}), variant {}{why}",
-            embedder.device(),
+            embedder.model().device(),
             args.device,
-            embedder.variant()
+            embedder.model().variant()
         );
     }
-    let prompt = match args.text.queries {
-        true => Some(embedder.encoder.query_prompt(
-            args.text.task.as_deref(),
-            &examples,
-            args.text.max_length,
-        )?),
+    let prompt: Option<QueryPrompt> = match args.text.queries {
+        true => Some(embedder.query_prompt(args.text.task.as_deref(), &examples)?),
         false => None,
     };
-    let cached_prefix = match &prompt {
-        Some(p) => embedder.cache_prefix(p)?,
-        None => None,
-    };
-    let (batch_tokens, max_rows) = embedder.batch_limits();
+    let cached_prefix: Option<Vec<u32>> = prompt
+        .as_ref()
+        .and_then(|p| embedder.cached_prefix(p))
+        .map(<[u32]>::to_vec);
+    let limits = embedder.batch_limits();
     let input_format = args.text.input_format.resolve(&args.text.input);
     let settings = RunSettings {
-        package_manifest_sha256: embedder.encoder.package.manifest_sha256.clone(),
-        variant: embedder.variant().to_string(),
-        device: embedder.device().to_string(),
+        package_manifest_sha256: embedder.encoder().package().manifest_sha256.clone(),
+        variant: embedder.model().variant().to_string(),
+        device: embedder.model().device().to_string(),
         queries: args.text.queries,
         task: args.text.task.clone(),
         examples,
         max_length: args.text.max_length,
-        batch_tokens,
-        max_rows,
+        batch_tokens: limits.tokens,
+        max_rows: limits.rows,
         chunk_records: args.chunk_records.max(1),
         shard: args.shard,
         input_format: format!("{input_format:?}"),
@@ -315,14 +328,10 @@ fn embed(args: EmbedArgs) -> Result<()> {
     } else {
         Source::File(PathBuf::from(&args.text.input))
     };
-    let mut job = EmbedJob {
-        embedder: &mut embedder,
-        prompt,
-        cached_prefix,
-    };
     let summary = stream::run(
-        &mut job,
+        &mut embedder,
         RunOptions {
+            prompt: prompt.as_ref(),
             source,
             output: &args.output,
             output_format: format,
@@ -355,7 +364,7 @@ fn embed(args: EmbedArgs) -> Result<()> {
             loaded.as_secs_f64(),
             args.output.display()
         );
-        if let Some(line) = prefix_cache_line(job.embedder.prefix_stats(), &job.cached_prefix) {
+        if let Some(line) = prefix_cache_line(embedder.prefix_stats(), &cached_prefix) {
             eprintln!("{line}");
         }
     }
@@ -373,44 +382,6 @@ fn prefix_cache_line(stats: &PrefixStats, prefix: &Option<Vec<u32>>) -> Option<S
         stats.cached,
         stats.fallback
     ))
-}
-
-/// `spec` itself when it is a directory; a Hugging Face repo id resolved through the hub cache
-/// (fetching the manifest, the tokenizer and the files of the variants this run may use).
-fn model_dir(spec: &Path, variant: &str, device: Device) -> Result<PathBuf> {
-    let text = spec.to_string_lossy();
-    if spec.is_dir() || !hub::is_repo_id(&text) {
-        return Ok(spec.to_path_buf());
-    }
-    let variant = variant.to_string();
-    let wanted = move |m: &Manifest| -> Vec<String> {
-        let first = |prefs: &[&str]| {
-            prefs
-                .iter()
-                .find(|p| m.variants.contains_key(**p))
-                .map(|p| p.to_string())
-        };
-        let names: Vec<String> = match variant.as_str() {
-            "none" => vec![],
-            "auto" => {
-                let mut v: Vec<String> = Vec::new();
-                if device.is_gpu() || (device == Device::Auto && runtime::cuda_driver_present()) {
-                    v.extend(first(&["fp16", "fp32"]));
-                }
-                if !device.is_gpu() {
-                    v.extend(first(&["int8", "fp32"]));
-                }
-                v
-            }
-            name => vec![name.to_string()],
-        };
-        names
-            .iter()
-            .filter_map(|n| m.variants.get(n))
-            .flat_map(|v| std::iter::once(v.file.clone()).chain(v.data.clone()))
-            .collect()
-    };
-    Ok(hub::resolve(&text, &wanted)?)
 }
 
 fn check_output_dir(output: &Path) -> Result<()> {
@@ -447,7 +418,7 @@ fn progress_bar(quiet: bool) -> Option<indicatif::ProgressBar> {
 fn info(args: InfoArgs) -> Result<()> {
     let mut out = std::io::stdout().lock();
     if let Some(dir) = &args.model {
-        let package = Package::open(model_dir(dir, "none", Device::Cpu)?)?;
+        let package = Package::open(icl_embed::locate(dir)?)?;
         let m = &package.manifest;
         writeln!(out, "package {}", package.dir.display())?;
         writeln!(out, "  source: {}", m.source)?;
@@ -510,20 +481,7 @@ fn info(args: InfoArgs) -> Result<()> {
 }
 
 fn merge(args: MergeArgs) -> Result<()> {
-    let format = OutputFormat::Auto.resolve(&args.output)?;
-    for shard in &args.shards {
-        if format != OutputFormat::Auto.resolve(shard)? {
-            bail!(
-                "shard {}: not the format of {}",
-                shard.display(),
-                args.output.display()
-            );
-        }
-    }
-    let merged = match format {
-        OutputFormat::Npy => merge_npy(&args.output, &args.shards)?,
-        _ => merge_jsonl(&args.output, &args.shards)?,
-    };
+    let merged = output::merge(&args.output, &args.shards)?;
     eprintln!(
         "merged {} rows from {} shards -> {}",
         merged,
@@ -533,98 +491,37 @@ fn merge(args: MergeArgs) -> Result<()> {
     Ok(())
 }
 
-/// Shard K of N holds records K, K+N, ...: row i of the whole comes from shard i % N.
-fn merge_npy(out: &Path, shards: &[PathBuf]) -> Result<usize> {
-    let mut readers = Vec::new();
-    let mut counts = Vec::new();
-    let mut width = None;
-    for path in shards {
-        let skipped = PathBuf::from(format!("{}.skipped.jsonl", path.display()));
-        if skipped.exists() {
-            bail!("shard {}: lines were skipped ({}), so its rows no longer follow the input's; merge JSON-lines outputs instead", path.display(), skipped.display());
-        }
-        let mut r = std::io::BufReader::new(
-            std::fs::File::open(path)
-                .with_context(|| format!("shard {}: cannot open", path.display()))?,
+fn verify(args: VerifyArgs) -> Result<()> {
+    let package = Package::open(icl_embed::locate(&args.model)?)?;
+    let stamps = Stamps::new(args.cache_dir.unwrap_or_else(icl_embed::default_cache_dir));
+    let results = package.verify(&stamps, args.all);
+    if results.is_empty() {
+        bail!(
+            "model package {}: no variant has all its files present",
+            package.dir.display()
         );
-        let (rows, cols, _) = output::read_npy_header(path, &mut r)?;
-        if *width.get_or_insert(cols) != cols {
-            bail!(
-                "shard {}: {cols} columns, the first shard has {}",
-                path.display(),
-                width.unwrap_or(0)
-            );
-        }
-        counts.push(rows);
-        readers.push(r);
     }
-    let cols = width.unwrap_or(0);
-    for (k, &c) in counts.iter().enumerate() {
-        if c > counts[0] || c + 1 < counts[0] || (k > 0 && c > counts[k - 1]) {
-            bail!("shard {}: {c} rows does not fit shards of {:?} rows (are the shards complete and in order 0/N..N-1/N?)", shards[k].display(), counts);
-        }
-    }
-    let total: usize = counts.iter().sum();
-    let mut row = vec![0u8; cols * 4];
-    output::atomic_write(out, |w| {
-        w.write_all(&output::npy_header(total, cols))?;
-        for i in 0..total {
-            let n = readers.len();
-            readers[i % n].read_exact(&mut row)?;
-            w.write_all(&row)?;
-        }
-        Ok(())
-    })?;
-    Ok(total)
-}
-
-/// JSON-lines shards carry each record's input index: a merge by index, checking that no index
-/// appears twice.
-fn merge_jsonl(out: &Path, shards: &[PathBuf]) -> Result<usize> {
-    let mut lines = Vec::new();
-    for path in shards {
-        let file = std::fs::File::open(path)
-            .with_context(|| format!("shard {}: cannot open", path.display()))?;
-        lines.push(std::io::BufReader::new(file).lines().enumerate().peekable());
-    }
-    let index_of = |path: &Path, n: usize, line: &str| -> std::io::Result<u64> {
-        let v: serde_json::Value = serde_json::from_str(line).map_err(|e| {
-            std::io::Error::other(format!("{}, line {}: {e}", path.display(), n + 1))
-        })?;
-        v["index"].as_u64().ok_or_else(|| {
-            std::io::Error::other(format!("{}, line {}: no \"index\"", path.display(), n + 1))
-        })
-    };
-    let mut merged = 0;
-    output::atomic_write(out, |w| {
-        let mut last: Option<u64> = None;
-        loop {
-            let mut best: Option<(u64, usize)> = None;
-            for (k, it) in lines.iter_mut().enumerate() {
-                if let Some((n, line)) = it.peek() {
-                    let line = line
-                        .as_ref()
-                        .map_err(|e| std::io::Error::new(e.kind(), e.to_string()))?;
-                    let index = index_of(&shards[k], *n, line)?;
-                    if best.is_none_or(|(b, _)| index < b) {
-                        best = Some((index, k));
-                    }
-                }
+    let mut bad = 0;
+    for (file, result) in &results {
+        match result {
+            Ok(()) => println!("ok      {file}"),
+            Err(e) => {
+                bad += 1;
+                println!("FAILED  {file}: {e}");
             }
-            let Some((index, k)) = best else { break };
-            if last.is_some_and(|l| l >= index) {
-                return Err(std::io::Error::other(format!(
-                    "index {index} appears twice or out of order (shard {})",
-                    shards[k].display()
-                )));
-            }
-            last = Some(index);
-            let (_, line) = lines[k].next().expect("peeked");
-            w.write_all(line?.as_bytes())?;
-            w.write_all(b"\n")?;
-            merged += 1;
         }
-        Ok(())
-    })?;
-    Ok(merged)
+    }
+    if bad > 0 {
+        bail!(
+            "model package {}: {bad} of {} files failed",
+            package.dir.display(),
+            results.len()
+        );
+    }
+    eprintln!(
+        "verified {} files of {}",
+        results.len(),
+        package.dir.display()
+    );
+    Ok(())
 }

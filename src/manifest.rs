@@ -1,12 +1,18 @@
 //! The model package: `embedder.json` (format `icl-embed/1`, described in `export/FORMAT.md`) and the
-//! files it names. Loading checks everything a run depends on up front (format, fields, files,
-//! sizes, checksums) so that a broken or half-written package fails with one message naming what is
-//! missing, before any text is read.
+//! files it names. Opening checks the manifest and the tokenizer; the files of a variant are
+//! checked when that variant is chosen ([`Package::check_variant`]), and only that variant's.
+//!
+//! Checksums: a variant's weights are 8 to 28 GB at full size, so they are hashed when a package is
+//! first used after being written or downloaded, and by `icl-embed verify`, not at every start. A
+//! verified file gets a stamp (its size, modification time and the sha256 it matched) in the cache
+//! directory ([`Stamps`]); a later start compares size and time only, and hashes again when either
+//! changed (a truncated, replaced or rewritten file) or when the manifest names another sha256.
 
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::time::UNIX_EPOCH;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -34,7 +40,7 @@ pub struct Manifest {
     pub max_length: MaxLength,
     pub clean_up_tokenization_spaces: bool,
     pub tokenizer: TokenizerFile,
-    pub variants: BTreeMap<String, Variant>,
+    pub variants: BTreeMap<String, VariantSpec>,
 }
 
 fn right() -> String {
@@ -52,6 +58,12 @@ pub struct Architecture {
     pub kv_heads: usize,
     pub head_dim: usize,
     pub vocab: usize,
+    /// Mistral's attention window (`sliding_window` in the model's configuration; 4096 for
+    /// bge-en-icl): a token attends only to the last this many. The graphs attend to every earlier
+    /// token, so rows longer than this are refused rather than embedded differently from the
+    /// reference. Absent (or null) when the model has no window.
+    #[serde(default)]
+    pub sliding_window: Option<usize>,
 }
 
 /// The prompt layout of DESIGN.md section 2; placeholders `{task}`, `{query}`, `{instruct}`,
@@ -88,9 +100,9 @@ pub struct TokenizerFile {
     pub sha256: String,
 }
 
-/// One precision of the graph.
+/// One precision of the graph, as the manifest describes it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Variant {
+pub struct VariantSpec {
     pub file: String,
     pub data: Option<String>,
     pub dtype: String,
@@ -247,21 +259,71 @@ impl Package {
         Ok(())
     }
 
-    /// The variant called `name`, with its files checked (present, and matching their sha256).
-    pub fn variant(&self, name: &str) -> Result<&Variant> {
-        let variant = self.manifest.variants.get(name).ok_or_else(|| {
-            let have: Vec<&str> = self.manifest.variants.keys().map(String::as_str).collect();
+    /// The variant called `name` as the manifest describes it; its files are not looked at.
+    pub fn spec(&self, name: &str) -> Result<&VariantSpec> {
+        self.manifest.variants.get(name).ok_or_else(|| {
             Error::package(
                 &self.dir,
-                format!("has no variant {name:?} (it has {})", have.join(", ")),
+                format!(
+                    "has no variant {name:?} (it has {})",
+                    self.variant_names().join(", ")
+                ),
             )
-        })?;
-        let mut files = vec![variant.file.as_str()];
-        files.extend(variant.data.as_deref());
-        for file in files {
-            self.check_file(file, variant.sha256.get(file).map(String::as_str))?;
+        })
+    }
+
+    /// The files of variant `name`, relative to the package: the graph, then its external data.
+    pub fn variant_files(&self, name: &str) -> Result<Vec<String>> {
+        let v = self.spec(name)?;
+        Ok(std::iter::once(v.file.clone())
+            .chain(v.data.clone())
+            .collect())
+    }
+
+    /// The variant called `name`, with its files checked: present, and matching their sha256
+    /// (hashed only when `stamps` holds no stamp for the file's current size and time).
+    pub fn check_variant(&self, name: &str, stamps: &Stamps) -> Result<&VariantSpec> {
+        let variant = self.spec(name)?;
+        for file in self.variant_files(name)? {
+            let want = self.sha256_of(&file, variant)?;
+            let path = self.checked_path(&file)?;
+            if !stamps.fresh(&path, want) {
+                self.hash_and_compare(&file, &path, want)?;
+                stamps.record(&path, want);
+            }
         }
         Ok(variant)
+    }
+
+    /// Hashes every file of every variant whose files are present (all of them with `all`) and
+    /// stamps those that match; returns (file, outcome) per file, the outcome `Ok(())` or the
+    /// error naming what is wrong. What `icl-embed verify` runs.
+    pub fn verify(&self, stamps: &Stamps, all: bool) -> Vec<(String, Result<()>)> {
+        let mut out = Vec::new();
+        for (name, variant) in &self.manifest.variants {
+            let files: Vec<String> = std::iter::once(variant.file.clone())
+                .chain(variant.data.clone())
+                .collect();
+            if !all && !files.iter().all(|f| self.path(f).exists()) {
+                continue;
+            }
+            for file in files {
+                let result = self.sha256_of(&file, variant).and_then(|want| {
+                    let path = self.checked_path(&file)?;
+                    self.hash_and_compare(&file, &path, want)?;
+                    stamps.record(&path, want);
+                    Ok(())
+                });
+                out.push((format!("{name}: {file}"), result));
+            }
+        }
+        out
+    }
+
+    fn sha256_of<'a>(&self, file: &str, variant: &'a VariantSpec) -> Result<&'a str> {
+        variant.sha256.get(file).map(String::as_str).ok_or_else(|| {
+            Error::package(&self.dir, format!("the manifest has no sha256 for {file}"))
+        })
     }
 
     /// Variant names, in the manifest's order.
@@ -275,6 +337,18 @@ impl Package {
     }
 
     fn check_file(&self, file: &str, sha256: Option<&str>) -> Result<()> {
+        let path = self.checked_path(file)?;
+        let Some(want) = sha256 else {
+            return Err(Error::package(
+                &self.dir,
+                format!("the manifest has no sha256 for {file}"),
+            ));
+        };
+        self.hash_and_compare(file, &path, want)
+    }
+
+    /// The path of `file`, which must lie inside the package and exist.
+    fn checked_path(&self, file: &str) -> Result<PathBuf> {
         let path = self.path(file);
         if Path::new(file).is_absolute() || file.split(['/', '\\']).any(|c| c == "..") {
             return Err(Error::package(
@@ -285,13 +359,11 @@ impl Package {
         if !path.is_file() {
             return Err(Error::package(&self.dir, format!("{file} is missing")));
         }
-        let Some(want) = sha256 else {
-            return Err(Error::package(
-                &self.dir,
-                format!("the manifest has no sha256 for {file}"),
-            ));
-        };
-        let got = sha256_file(&path)?;
+        Ok(path)
+    }
+
+    fn hash_and_compare(&self, file: &str, path: &Path, want: &str) -> Result<()> {
+        let got = sha256_file(path)?;
         if !got.eq_ignore_ascii_case(want) {
             return Err(Error::package(
                 &self.dir,
@@ -302,6 +374,86 @@ impl Package {
         }
         Ok(())
     }
+}
+
+/// Stamps of verified files, one small JSON file per package file under `DIR/verified/` (named
+/// by the sha256 of the file's canonical path): the size and modification time the file had when
+/// its sha256 was checked, and that sha256. A missing or unwritable directory only means files are
+/// hashed again next time.
+#[derive(Debug, Clone)]
+pub struct Stamps {
+    dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+struct Stamp {
+    path: PathBuf,
+    size: u64,
+    mtime_ns: u128,
+    sha256: String,
+}
+
+impl Stamps {
+    /// Stamps kept under `dir/verified`.
+    pub fn new(dir: impl Into<PathBuf>) -> Stamps {
+        Stamps {
+            dir: Some(dir.into().join("verified")),
+        }
+    }
+
+    /// No stamps: every check hashes.
+    pub fn none() -> Stamps {
+        Stamps { dir: None }
+    }
+
+    fn current(path: &Path, sha256: &str) -> Option<(PathBuf, Stamp)> {
+        let canonical = path.canonicalize().ok()?;
+        let meta = std::fs::metadata(&canonical).ok()?;
+        let mtime_ns = meta
+            .modified()
+            .ok()?
+            .duration_since(UNIX_EPOCH)
+            .ok()?
+            .as_nanos();
+        let key = hex(&Sha256::digest(canonical.as_os_str().as_encoded_bytes()));
+        let stamp = Stamp {
+            path: canonical,
+            size: meta.len(),
+            mtime_ns,
+            sha256: sha256.to_ascii_lowercase(),
+        };
+        Some((PathBuf::from(format!("{key}.json")), stamp))
+    }
+
+    /// Whether `path` was verified against `sha256` and has not changed size or time since.
+    fn fresh(&self, path: &Path, sha256: &str) -> bool {
+        let (Some(dir), Some((name, now))) = (&self.dir, Self::current(path, sha256)) else {
+            return false;
+        };
+        std::fs::read(dir.join(name))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Stamp>(&b).ok())
+            .is_some_and(|old| old == now)
+    }
+
+    /// Records that `path` matched `sha256` as it is now (best effort).
+    fn record(&self, path: &Path, sha256: &str) {
+        let (Some(dir), Some((name, now))) = (&self.dir, Self::current(path, sha256)) else {
+            return;
+        };
+        let Ok(bytes) = serde_json::to_vec(&now) else {
+            return;
+        };
+        let tmp = dir.join(format!(".{}.{}", name.display(), std::process::id()));
+        let _ = std::fs::create_dir_all(dir)
+            .and_then(|_| std::fs::write(&tmp, bytes))
+            .and_then(|_| std::fs::rename(&tmp, dir.join(&name)));
+        let _ = std::fs::remove_file(&tmp);
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn has_partial_marker(dir: &Path) -> bool {
@@ -326,9 +478,5 @@ pub fn sha256_file(path: &Path) -> Result<String> {
         }
         hasher.update(&buf[..n]);
     }
-    Ok(hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect())
+    Ok(hex(&hasher.finalize()))
 }

@@ -1,21 +1,37 @@
-//! Writing embeddings: `.npy` (float32, `[N, hidden]`, C order) or JSON lines. A file is written
-//! under a temporary name in the same directory and renamed into place only when complete, so a
-//! failed run never leaves an output that looks finished. The `.npy` writer is a few lines of
-//! header plus raw little-endian floats, which is all the format needs.
+//! Output files: `.npy` (float32, `[N, hidden]`, C order) or JSON lines, and the merge of sharded
+//! runs' outputs. A file is written under a temporary name in the same directory and renamed into
+//! place only when complete, so a failed run never leaves an output that looks finished. The `.npy`
+//! writer is a few lines of header plus raw little-endian floats, which is all the format needs.
 
 use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::{BufRead, BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 
-/// The layout of an output file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+/// The layout of an output file (`auto`, `npy` or `jsonl`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OutputFormat {
     /// By extension: `.npy` is NumPy, `.jsonl`/`.ndjson` JSON lines.
     Auto,
     Npy,
     Jsonl,
+}
+
+impl std::str::FromStr for OutputFormat {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<OutputFormat> {
+        match s {
+            "auto" => Ok(OutputFormat::Auto),
+            "npy" => Ok(OutputFormat::Npy),
+            "jsonl" => Ok(OutputFormat::Jsonl),
+            _ => Err(Error::input(
+                "--output-format",
+                format!("{s:?} is not one of auto, npy, jsonl"),
+            )),
+        }
+    }
 }
 
 impl OutputFormat {
@@ -56,29 +72,6 @@ pub fn npy_header(rows: usize, cols: usize) -> Vec<u8> {
     header.extend(std::iter::repeat_n(b' ', pad));
     header.push(b'\n');
     header
-}
-
-/// Writes `rows` (all of length `cols`) to `path` atomically.
-pub fn write(path: &Path, format: OutputFormat, rows: &[Vec<f32>], cols: usize) -> Result<()> {
-    let format = format.resolve(path)?;
-    atomic_write(path, |w| match format {
-        OutputFormat::Npy => {
-            w.write_all(&npy_header(rows.len(), cols))?;
-            for row in rows {
-                for x in row {
-                    w.write_all(&x.to_le_bytes())?;
-                }
-            }
-            Ok(())
-        }
-        _ => {
-            for (i, row) in rows.iter().enumerate() {
-                serde_json::to_writer(&mut *w, &serde_json::json!({"index": i, "embedding": row}))?;
-                w.write_all(b"\n")?;
-            }
-            Ok(())
-        }
-    })
 }
 
 /// Runs `fill` on a buffered temporary file beside `path`, syncs it and renames it to `path`; on
@@ -182,4 +175,118 @@ pub fn read_npy_header(path: &Path, r: &mut impl std::io::Read) -> Result<(usize
         [rows, cols] => Ok((rows, cols, 10 + len)),
         _ => Err(bad("not 2-D")),
     }
+}
+
+/// Joins the outputs of `--shard 0/N` ... `--shard N-1/N` runs (in that order) back into input
+/// order in `out`, in the shards' format; returns the rows written.
+pub fn merge(out: &Path, shards: &[PathBuf]) -> Result<usize> {
+    let format = OutputFormat::Auto.resolve(out)?;
+    for shard in shards {
+        if format != OutputFormat::Auto.resolve(shard)? {
+            return Err(Error::input(
+                format!("shard {}", shard.display()),
+                format!("not the format of {}", out.display()),
+            ));
+        }
+    }
+    match format {
+        OutputFormat::Npy => merge_npy(out, shards),
+        _ => merge_jsonl(out, shards),
+    }
+}
+
+/// Shard K of N holds records K, K+N, ...: row i of the whole comes from shard i % N.
+fn merge_npy(out: &Path, shards: &[PathBuf]) -> Result<usize> {
+    let mut readers = Vec::new();
+    let mut counts = Vec::new();
+    let mut width = None;
+    for path in shards {
+        let what = format!("shard {}", path.display());
+        let skipped = PathBuf::from(format!("{}.skipped.jsonl", path.display()));
+        if skipped.exists() {
+            return Err(Error::input(what, format!("lines were skipped ({}), so its rows no longer follow the input's; merge JSON-lines outputs instead", skipped.display())));
+        }
+        let mut r =
+            BufReader::new(File::open(path).map_err(|e| Error::io(path, "cannot open", e))?);
+        let (rows, cols, _) = read_npy_header(path, &mut r)?;
+        if *width.get_or_insert(cols) != cols {
+            return Err(Error::input(
+                what,
+                format!("{cols} columns, the first shard has {}", width.unwrap_or(0)),
+            ));
+        }
+        counts.push(rows);
+        readers.push(r);
+    }
+    let cols = width.unwrap_or(0);
+    for (k, &c) in counts.iter().enumerate() {
+        if c > counts[0] || c + 1 < counts[0] || (k > 0 && c > counts[k - 1]) {
+            return Err(Error::input(
+                format!("shard {}", shards[k].display()),
+                format!("{c} rows does not fit shards of {counts:?} rows (are the shards complete and in order 0/N..N-1/N?)"),
+            ));
+        }
+    }
+    let total: usize = counts.iter().sum();
+    let mut row = vec![0u8; cols * 4];
+    atomic_write(out, |w| {
+        w.write_all(&npy_header(total, cols))?;
+        for i in 0..total {
+            let n = readers.len();
+            readers[i % n].read_exact(&mut row)?;
+            w.write_all(&row)?;
+        }
+        Ok(())
+    })?;
+    Ok(total)
+}
+
+/// JSON-lines shards carry each record's input index: a merge by index, checking that no index
+/// appears twice.
+fn merge_jsonl(out: &Path, shards: &[PathBuf]) -> Result<usize> {
+    let mut lines = Vec::new();
+    for path in shards {
+        let file = File::open(path).map_err(|e| Error::io(path, "cannot open", e))?;
+        lines.push(BufReader::new(file).lines().enumerate().peekable());
+    }
+    let index_of = |path: &Path, n: usize, line: &str| -> std::io::Result<u64> {
+        let v: serde_json::Value = serde_json::from_str(line).map_err(|e| {
+            std::io::Error::other(format!("{}, line {}: {e}", path.display(), n + 1))
+        })?;
+        v["index"].as_u64().ok_or_else(|| {
+            std::io::Error::other(format!("{}, line {}: no \"index\"", path.display(), n + 1))
+        })
+    };
+    let mut merged = 0;
+    atomic_write(out, |w| {
+        let mut last: Option<u64> = None;
+        loop {
+            let mut best: Option<(u64, usize)> = None;
+            for (k, it) in lines.iter_mut().enumerate() {
+                if let Some((n, line)) = it.peek() {
+                    let line = line
+                        .as_ref()
+                        .map_err(|e| std::io::Error::new(e.kind(), e.to_string()))?;
+                    let index = index_of(&shards[k], *n, line)?;
+                    if best.is_none_or(|(b, _)| index < b) {
+                        best = Some((index, k));
+                    }
+                }
+            }
+            let Some((index, k)) = best else { break };
+            if last.is_some_and(|l| l >= index) {
+                return Err(std::io::Error::other(format!(
+                    "index {index} appears twice or out of order (shard {})",
+                    shards[k].display()
+                )));
+            }
+            last = Some(index);
+            let (_, line) = lines[k].next().expect("peeked");
+            w.write_all(line?.as_bytes())?;
+            w.write_all(b"\n")?;
+            merged += 1;
+        }
+        Ok(())
+    })?;
+    Ok(merged)
 }

@@ -1,48 +1,51 @@
 //! Last-token pooling and L2 normalisation, in f32 whatever the graph's output dtype. Rows are
-//! right-padded, so a row's last real token sits at `length - 1`.
+//! right-padded, so a row's last real token sits at `length - 1`; a row of length 0 has no token
+//! to pool and is refused before the graph runs ([`crate::Model::forward`]).
 
-/// The hidden state at `length - 1` of each row of a `[rows, seq, hidden]` tensor, as f32.
-pub fn last_token<T: Copy + Into<f32>>(
+use ndarray::Array2;
+
+/// The hidden state at `length - 1` of each row of a `[rows, seq, hidden]` tensor, as f32:
+/// `[rows, hidden]`. Every length must be at least 1.
+pub(crate) fn last_token<T: Copy + Into<f32>>(
     data: &[T],
     seq: usize,
     hidden: usize,
     lengths: &[usize],
-) -> Vec<Vec<f32>> {
-    lengths
-        .iter()
-        .enumerate()
-        .map(|(row, &len)| {
-            let at = (row * seq + len.max(1) - 1) * hidden;
-            data[at..at + hidden].iter().map(|&x| x.into()).collect()
-        })
-        .collect()
+) -> Array2<f32> {
+    let mut out = Array2::zeros((lengths.len(), hidden));
+    for (row, (&len, mut dst)) in lengths.iter().zip(out.rows_mut()).enumerate() {
+        debug_assert!(len >= 1, "a row of length 0 reached pooling");
+        let at = (row * seq + len.max(1) - 1) * hidden;
+        for (d, &x) in dst.iter_mut().zip(&data[at..at + hidden]) {
+            *d = x.into();
+        }
+    }
+    out
 }
 
-/// Scales `v` to unit length (as torch's `normalize`, eps 1e-12); the sum is taken in f64.
-pub fn normalize(v: &mut [f32]) {
-    let norm = v
-        .iter()
-        .map(|&x| f64::from(x) * f64::from(x))
-        .sum::<f64>()
-        .sqrt()
-        .max(1e-12);
-    for x in v.iter_mut() {
-        *x = (f64::from(*x) / norm) as f32;
+/// Scales each row to unit length (as torch's `normalize`, eps 1e-12); sums are taken in f64.
+pub(crate) fn normalize_rows(rows: &mut Array2<f32>) {
+    for mut v in rows.rows_mut() {
+        let norm = v
+            .iter()
+            .map(|&x| f64::from(x) * f64::from(x))
+            .sum::<f64>()
+            .sqrt()
+            .max(1e-12);
+        v.mapv_inplace(|x| (f64::from(x) / norm) as f32);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ndarray::array;
 
     #[test]
     fn picks_last_real_token_of_each_right_padded_row() {
         // rows=2, seq=3, hidden=2; row 0 has 3 tokens, row 1 has 1.
         let data: Vec<f32> = vec![0., 0., 0., 0., 1., 2., 3., 4., 9., 9., 9., 9.];
-        assert_eq!(
-            last_token(&data, 3, 2, &[3, 1]),
-            vec![vec![1., 2.], vec![3., 4.]]
-        );
+        assert_eq!(last_token(&data, 3, 2, &[3, 1]), array![[1., 2.], [3., 4.]]);
     }
 
     #[test]
@@ -51,16 +54,13 @@ mod tests {
             .iter()
             .map(|&x| half::f16::from_f32(x))
             .collect();
-        assert_eq!(last_token(&data, 1, 2, &[1]), vec![vec![0.5, -2.0]]);
+        assert_eq!(last_token(&data, 1, 2, &[1]), array![[0.5, -2.0]]);
     }
 
     #[test]
     fn normalize_gives_unit_length_and_keeps_zero_finite() {
-        let mut v = vec![3.0, 4.0];
-        normalize(&mut v);
-        assert_eq!(v, vec![0.6, 0.8]);
-        let mut z = vec![0.0, 0.0];
-        normalize(&mut z);
-        assert_eq!(z, vec![0.0, 0.0]);
+        let mut v = array![[3.0f32, 4.0], [0.0, 0.0]];
+        normalize_rows(&mut v);
+        assert_eq!(v, array![[0.6, 0.8], [0.0, 0.0]]);
     }
 }

@@ -18,6 +18,17 @@ pub struct Example {
     pub response: String,
 }
 
+impl Example {
+    /// An example without its own instruction (it takes the task's).
+    pub fn new(query: impl Into<String>, response: impl Into<String>) -> Example {
+        Example {
+            instruct: None,
+            query: query.into(),
+            response: response.into(),
+        }
+    }
+}
+
 /// Replaces `{name}` placeholders in one pass: text substituted in is never expanded again.
 pub fn fill(template: &str, values: &[(&str, &str)]) -> String {
     let mut out =

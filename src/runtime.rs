@@ -80,6 +80,27 @@ impl FromStr for Device {
     }
 }
 
+impl Device {
+    /// The devices `auto` tries, in order, decided before any variant is opened: TensorRT and then
+    /// CUDA when the loaded ONNX Runtime library has them and an NVIDIA driver is present, then
+    /// the CPU. Any other device is tried alone.
+    pub fn candidates(self) -> Result<Vec<Device>> {
+        if self != Device::Auto {
+            return Ok(vec![self]);
+        }
+        let mut out = Vec::new();
+        if cuda_driver_present() {
+            for gpu in [Device::TensorRt(0), Device::Cuda(0)] {
+                if provider_compiled_in(gpu)? {
+                    out.push(gpu);
+                }
+            }
+        }
+        out.push(Device::Cpu);
+        Ok(out)
+    }
+}
+
 /// Settings for the TensorRT provider: optimisation profile bounds and the cache directory for
 /// engines and timing data (building an engine takes minutes; the cache makes it once per shape
 /// range and machine).
@@ -92,14 +113,30 @@ pub struct TensorRtSettings {
     pub cache_dir: PathBuf,
 }
 
+/// What the TensorRT profile and precision need to know about a graph.
+#[derive(Debug, Clone, Default)]
+pub struct GraphShape {
+    /// The int64 `[batch, seq]` inputs.
+    pub inputs: Vec<String>,
+    /// The prefix-state inputs `[1, kv_heads, past, head_dim]` (empty without a prefix cache).
+    pub past: Vec<String>,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    /// Whether the variant is an fp16 graph: only then may TensorRT compute in fp16.
+    pub fp16: bool,
+}
+
 impl TensorRtSettings {
-    /// `name:BxS,...` for every graph input, as the provider's profile options expect.
-    pub fn profile(&self, inputs: &[String], batch: usize, seq: usize) -> String {
-        inputs
+    /// `name:dims,...` for every dynamic input of the graph, as the provider's profile options
+    /// expect: `BxS` for the token inputs, `1xKxPxD` for the prefix states (ONNX Runtime refuses a
+    /// profile that leaves out a dynamic input). `past` runs from 0 (no prefix) to `max_seq`.
+    pub fn profile(&self, graph: &GraphShape, batch: usize, seq: usize, past: usize) -> String {
+        let tokens = graph.inputs.iter().map(|i| format!("{i}:{batch}x{seq}"));
+        let states = graph
+            .past
             .iter()
-            .map(|i| format!("{i}:{batch}x{seq}"))
-            .collect::<Vec<_>>()
-            .join(",")
+            .map(|i| format!("{i}:1x{}x{past}x{}", graph.kv_heads, graph.head_dim));
+        tokens.chain(states).collect::<Vec<_>>().join(",")
     }
 }
 
@@ -281,27 +318,34 @@ pub fn cuda_driver_present() -> bool {
     unsafe { libloading::Library::new("libcuda.so.1") }.is_ok()
 }
 
-/// Builds a session for `model` on `device` (not `auto`: see [`crate::Embedder`]).
+/// An error unless the loaded library was built with `device`'s provider.
+pub fn require_provider(device: Device) -> Result<()> {
+    if provider_compiled_in(device)? {
+        return Ok(());
+    }
+    let lib = loaded_library()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
+    Err(Error::Provider {
+        provider: device.to_string(),
+        reason: format!(
+            "the ONNX Runtime library {lib} was built without {}; install the onnxruntime-gpu wheel (and CUDA/cuDNN{}) or pass --ort-lib",
+            device.provider_name(),
+            if matches!(device, Device::TensorRt(_)) { ", TensorRT" } else { "" }
+        ),
+        source: None,
+    })
+}
+
+/// Builds a session for `model` on `device` (not `auto`: see [`Device::candidates`]).
 pub fn session(
     model: &Path,
-    inputs: &[String],
+    graph: &GraphShape,
     device: Device,
     settings: &SessionSettings,
 ) -> Result<Session> {
     let env = environment(None)?;
-    if !provider_compiled_in(device)? {
-        let lib = loaded_library()
-            .map(|p| p.display().to_string())
-            .unwrap_or_default();
-        return Err(Error::Provider {
-            provider: device.to_string(),
-            reason: format!(
-                "the ONNX Runtime library {lib} was built without {}; install the onnxruntime-gpu wheel (and CUDA/cuDNN{}) or pass --ort-lib",
-                device.provider_name(),
-                if matches!(device, Device::TensorRt(_)) { ", TensorRT" } else { "" }
-            ),
-        });
-    }
+    require_provider(device)?;
     let context = format!(
         "cannot create a session for {} on {device}",
         model.display()
@@ -322,7 +366,7 @@ pub fn session(
             .build()
             .error_on_failure()],
         Device::TensorRt(n) => vec![
-            tensorrt(n, inputs, &settings.tensorrt)?,
+            tensorrt(n, graph, &settings.tensorrt)?,
             ep::CUDA::default().with_device_id(n).build(),
         ],
     };
@@ -331,14 +375,16 @@ pub fn session(
             .with_execution_providers(providers)
             .map_err(|e| Error::Provider {
                 provider: device.to_string(),
-                reason: ort::Error::<()>::from(e).to_string(),
+                reason: "cannot register the provider".into(),
+                source: Some(ort::Error::<()>::from(e)),
             })?;
     }
     builder.commit_from_file(model).map_err(|e| {
         if device.is_gpu() {
             Error::Provider {
                 provider: device.to_string(),
-                reason: e.to_string(),
+                reason: format!("cannot create a session for {}", model.display()),
+                source: Some(e),
             }
         } else {
             Error::runtime(context)(e)
@@ -348,7 +394,7 @@ pub fn session(
 
 fn tensorrt(
     device: i32,
-    inputs: &[String],
+    graph: &GraphShape,
     s: &TensorRtSettings,
 ) -> Result<ep::ExecutionProviderDispatch> {
     let dir = &s.cache_dir;
@@ -356,14 +402,14 @@ fn tensorrt(
         .map_err(|e| Error::io(dir, "cannot create the TensorRT cache directory", e))?;
     Ok(ep::TensorRT::default()
         .with_device_id(device)
-        .with_fp16(true)
+        .with_fp16(graph.fp16)
         .with_engine_cache(true)
         .with_engine_cache_path(dir.display())
         .with_timing_cache(true)
         .with_timing_cache_path(dir.display())
-        .with_profile_min_shapes(s.profile(inputs, 1, 1))
-        .with_profile_opt_shapes(s.profile(inputs, s.opt_batch, s.opt_seq))
-        .with_profile_max_shapes(s.profile(inputs, s.max_batch, s.max_seq))
+        .with_profile_min_shapes(s.profile(graph, 1, 1, 0))
+        .with_profile_opt_shapes(s.profile(graph, s.opt_batch, s.opt_seq, s.opt_seq))
+        .with_profile_max_shapes(s.profile(graph, s.max_batch, s.max_seq, s.max_seq))
         .build()
         .error_on_failure())
 }
@@ -394,10 +440,20 @@ mod tests {
             opt_seq: 512,
             cache_dir: "/tmp/x".into(),
         };
-        let inputs = vec!["input_ids".to_string(), "attention_mask".to_string()];
+        let graph = GraphShape {
+            inputs: vec!["input_ids".to_string(), "attention_mask".to_string()],
+            past: vec!["past.0.key".to_string(), "past.0.value".to_string()],
+            kv_heads: 8,
+            head_dim: 128,
+            fp16: false,
+        };
         assert_eq!(
-            s.profile(&inputs, s.max_batch, s.max_seq),
-            "input_ids:32x4096,attention_mask:32x4096"
+            s.profile(&graph, s.max_batch, s.max_seq, 4096),
+            "input_ids:32x4096,attention_mask:32x4096,past.0.key:1x8x4096x128,past.0.value:1x8x4096x128"
+        );
+        assert_eq!(
+            s.profile(&graph, 1, 1, 0),
+            "input_ids:1x1,attention_mask:1x1,past.0.key:1x8x0x128,past.0.value:1x8x0x128"
         );
     }
 }

@@ -10,21 +10,26 @@
 //! skipped list `OUT.skipped.jsonl`); nothing is named `OUT` before the run is complete.
 //!
 //! Chunks are cut at fixed record counts and batches are planned inside a chunk from the chunk
-//! alone, so the batches of a resumed run are exactly those of an uninterrupted one.
+//! alone, so the batches of a resumed run are exactly those of an uninterrupted one. The run is a
+//! loop over chunks; each chunk goes through the batch driver ([`crate::Embedder::batches`]).
+//!
+//! Ids (`--id-field`) are checked for duplicates exactly: every id seen is kept, so memory grows
+//! with the ids, about their length plus 60 bytes each (some 100 MB for 1.5 million 10-byte ids).
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
-use std::hash::{Hash, Hasher};
-use std::io::{BufRead, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::{BufRead, BufReader, BufWriter, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
+use ndarray::{Array2, ArrayView1};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::batch;
+use crate::embedder::Embedder;
 use crate::error::{Error, Result};
-use crate::input::{parse_json_record, InputFormat};
+use crate::input::{is_blank, parse_json_record, InputFormat};
 use crate::output::{npy_header, OutputFormat};
+use crate::tokenize::QueryPrompt;
 
 /// `--shard K/N`: this run takes the records whose index is K modulo N.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -123,7 +128,7 @@ impl<R: BufRead> RecordReader<R> {
             let mut raw: &[u8] = &self.buf;
             raw = raw.strip_suffix(b"\n").unwrap_or(raw);
             raw = raw.strip_suffix(b"\r").unwrap_or(raw);
-            if self.format == InputFormat::Jsonl && raw.iter().all(u8::is_ascii_whitespace) {
+            if self.format == InputFormat::Jsonl && is_blank(raw) {
                 continue;
             }
             let index = self.index;
@@ -261,19 +266,6 @@ impl Paths {
     }
 }
 
-/// Embeds one padded batch; implemented by [`crate::Embedder`] (and by fakes in tests).
-pub trait BatchEmbedder {
-    /// Final token ids of the texts of one chunk.
-    fn token_ids(&mut self, texts: &[&str]) -> Result<Vec<Vec<u32>>>;
-    fn embed(&mut self, batch: &batch::Batch) -> Result<Vec<Vec<f32>>>;
-    /// A row's weight in batch planning (its length unless part of it is computed elsewhere).
-    fn plan_cost(&self, ids: &[u32]) -> usize {
-        ids.len()
-    }
-    fn pad_id(&self) -> u32;
-    fn hidden(&self) -> usize;
-}
-
 /// The input of a run: a file (fingerprinted, resumable) or stdin (neither).
 pub enum Source {
     File(PathBuf),
@@ -282,6 +274,9 @@ pub enum Source {
 
 /// Options of [`run`] besides the settings fingerprinted in [`RunSettings`].
 pub struct RunOptions<'a> {
+    /// `None` for documents; the query prompt for queries (its shared prefix runs once, when the
+    /// embedder's prefix cache applies).
+    pub prompt: Option<&'a QueryPrompt>,
     pub source: Source,
     pub output: &'a Path,
     pub output_format: OutputFormat,
@@ -302,7 +297,7 @@ pub enum Progress {
 /// Runs (or resumes) the embedding of a whole input into `options.output`. A run that fails
 /// after committing work keeps its side files, so that the same command resumes it; one that
 /// fails before committing anything removes them.
-pub fn run(embedder: &mut dyn BatchEmbedder, options: RunOptions<'_>) -> Result<Summary> {
+pub fn run(embedder: &mut Embedder, options: RunOptions<'_>) -> Result<Summary> {
     let paths = Paths::new(options.output);
     let had_state = paths.state.exists();
     let result = run_inner(embedder, options, &paths);
@@ -321,12 +316,9 @@ pub fn run(embedder: &mut dyn BatchEmbedder, options: RunOptions<'_>) -> Result<
     result
 }
 
-fn run_inner(
-    embedder: &mut dyn BatchEmbedder,
-    options: RunOptions<'_>,
-    paths: &Paths,
-) -> Result<Summary> {
+fn run_inner(embedder: &mut Embedder, options: RunOptions<'_>, paths: &Paths) -> Result<Summary> {
     let RunOptions {
+        prompt,
         source,
         output,
         output_format,
@@ -335,7 +327,10 @@ fn run_inner(
         progress,
         warn,
     } = options;
-    let hidden = embedder.hidden();
+    let hidden = embedder.model().hidden();
+    let prefix: Option<Vec<u32>> = prompt
+        .and_then(|p| embedder.cached_prefix(p))
+        .map(<[u32]>::to_vec);
     let fingerprint = settings.fingerprint();
     let name = match &source {
         Source::File(p) => p.display().to_string(),
@@ -434,7 +429,7 @@ fn run_inner(
         &settings.field,
         settings.id_field.as_deref(),
     );
-    let mut ids_seen: HashMap<u64, usize> = HashMap::new();
+    let mut ids_seen: HashMap<String, usize> = HashMap::new();
     let mut consumed = 0usize;
     progress(Progress::Done {
         items: state.committed.rows,
@@ -482,45 +477,57 @@ fn run_inner(
         }
 
         let texts: Vec<&str> = chunk.iter().map(|r| r.text.as_str()).collect();
-        let ids = if texts.is_empty() {
-            Vec::new()
-        } else {
-            embedder.token_ids(&texts)?
+        let ids = match (texts.is_empty(), prompt) {
+            (true, _) => Vec::new(),
+            (false, Some(p)) => embedder.encoder().queries(p, &texts)?,
+            (false, None) => embedder.encoder().documents(&texts, settings.max_length)?,
         };
-        let lengths: Vec<usize> = ids.iter().map(Vec::len).collect();
-        let costs: Vec<usize> = ids.iter().map(|r| embedder.plan_cost(r)).collect();
-        let plan = batch::plan(&costs, settings.batch_tokens, settings.max_rows);
-        let mut rows: Vec<Option<Vec<f32>>> = vec![None; chunk.len()];
-        for (b, members) in plan.iter().enumerate() {
-            if let Some(done) = pending.remove(&b) {
-                for (r, v) in members.iter().zip(done) {
-                    rows[*r] = Some(v);
-                }
+        for (record, row) in chunk.iter().zip(&ids) {
+            embedder
+                .model()
+                .check_tokens(row.len(), &format!("{name}, line {}", record.line))?;
+        }
+        let done = std::mem::take(&mut pending);
+        let mut rows = Array2::<f32>::zeros((chunk.len(), hidden));
+        let mut finished_rows = 0;
+        let mut batches = embedder.batches(&ids, prefix.as_deref())?.resume(done);
+        let mut counted = Vec::new();
+        for finished in batches.by_ref() {
+            let f = finished?;
+            for (&r, v) in f.rows.iter().zip(f.vectors.rows()) {
+                rows.row_mut(r).assign(&v);
+            }
+            finished_rows += f.rows.len();
+            if f.resumed {
                 continue;
             }
-            let padded = batch::pad(&ids, members, embedder.pad_id());
-            let vectors = embedder.embed(&padded)?;
-            let bytes = encode_pending(b, &vectors);
+            let bytes = encode_pending(f.index, &f.vectors);
             write_at_end(&mut pending_file, &paths.pending, &bytes)?;
-            state.pending_batches.push(b);
+            state.pending_batches.push(f.index);
             state.pending_bytes += bytes.len() as u64;
             save_state(paths, &state)?;
-            let tokens: usize = members.iter().map(|&r| lengths[r]).sum();
-            for (r, v) in members.iter().zip(vectors) {
-                rows[*r] = Some(v);
-            }
             progress(Progress::Done {
-                items: state.committed.rows + rows.iter().filter(|r| r.is_some()).count(),
-                tokens: state.committed.tokens + tokens,
+                items: state.committed.rows + finished_rows,
+                tokens: state.committed.tokens + f.tokens,
             });
+            counted.push(f);
+        }
+        drop(batches);
+        if prefix.is_some() {
+            for f in &counted {
+                embedder.count_batch(f);
+            }
+        }
+        if finished_rows != chunk.len() {
+            return Err(Error::input(
+                "internal",
+                "a batch of the chunk was not embedded",
+            ));
         }
 
         // Commit the chunk: rows in input order, skipped lines, then the state.
         let mut bytes = Vec::new();
-        for (record, v) in chunk.iter().zip(&rows) {
-            let v = v
-                .as_ref()
-                .ok_or_else(|| Error::input("internal", "a batch of the chunk was not embedded"))?;
+        for (record, v) in chunk.iter().zip(rows.rows()) {
             encode_row(&mut bytes, output_format, record, v)?;
         }
         write_at_end(&mut out, &paths.partial, &bytes)?;
@@ -544,7 +551,7 @@ fn run_inner(
         c.output_bytes += bytes.len() as u64;
         c.skipped += chunk_skipped.len();
         c.skipped_bytes += skipped_bytes.len() as u64;
-        c.tokens += lengths.iter().sum::<usize>();
+        c.tokens += ids.iter().map(Vec::len).sum::<usize>();
         c.chunks += 1;
         state.pending_batches.clear();
         state.pending_bytes = 0;
@@ -595,18 +602,17 @@ fn finish_side_files(paths: &Paths, skipped: usize) -> Result<()> {
     Ok(())
 }
 
-fn check_id(seen: &mut HashMap<u64, usize>, r: Record) -> std::result::Result<Record, Invalid> {
+/// Refuses a record whose id an earlier record has; `seen` maps each id to its first line.
+fn check_id(seen: &mut HashMap<String, usize>, r: Record) -> std::result::Result<Record, Invalid> {
     if let Some(id) = &r.id {
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        id.hash(&mut h);
-        if let Some(first) = seen.insert(h.finish(), r.line) {
-            seen.insert(h.finish(), first);
+        if let Some(&first) = seen.get(id) {
             return Err(Invalid {
                 line: r.line,
                 index: r.index,
                 reason: format!("duplicate id {id:?} (first on line {first})"),
             });
         }
+        seen.insert(id.clone(), r.line);
     }
     Ok(r)
 }
@@ -617,36 +623,27 @@ fn scan_input(
     format: InputFormat,
     settings: &RunSettings,
 ) -> Result<(u64, String, Option<usize>)> {
-    let mut file = File::open(path).map_err(|e| Error::io(path, "cannot open the input", e))?;
+    let file = File::open(path).map_err(|e| Error::io(path, "cannot open the input", e))?;
+    let mut reader = BufReader::with_capacity(1 << 20, file);
     let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let (mut size, mut records, mut at_line_start, mut line_blank) = (0u64, 0usize, true, true);
+    let (mut size, mut records) = (0u64, 0usize);
+    let mut line = Vec::new();
     loop {
-        let n = file
-            .read(&mut buf)
+        line.clear();
+        let n = reader
+            .read_until(b'\n', &mut line)
             .map_err(|e| Error::io(path, "cannot read the input", e))?;
         if n == 0 {
             break;
         }
-        hasher.update(&buf[..n]);
+        hasher.update(&line);
         size += n as u64;
-        for &b in &buf[..n] {
-            if b == b'\n' {
-                if format != InputFormat::Jsonl || !line_blank {
-                    records += 1;
-                }
-                at_line_start = true;
-                line_blank = true;
-            } else {
-                at_line_start = false;
-                if !b.is_ascii_whitespace() {
-                    line_blank = false;
-                }
-            }
+        let mut raw: &[u8] = &line;
+        raw = raw.strip_suffix(b"\n").unwrap_or(raw);
+        raw = raw.strip_suffix(b"\r").unwrap_or(raw);
+        if format != InputFormat::Jsonl || !is_blank(raw) {
+            records += 1;
         }
-    }
-    if !at_line_start && (format != InputFormat::Jsonl || !line_blank) {
-        records += 1;
     }
     if records == 0 {
         return Err(Error::input(
@@ -728,19 +725,17 @@ fn write_at_end(file: &mut File, path: &Path, bytes: &[u8]) -> Result<()> {
         .map_err(|e| Error::io(path, "cannot write", e))
 }
 
-fn encode_pending(batch: usize, vectors: &[Vec<f32>]) -> Vec<u8> {
+fn encode_pending(batch: usize, vectors: &Array2<f32>) -> Vec<u8> {
     let mut out = Vec::new();
     out.extend_from_slice(&(batch as u32).to_le_bytes());
-    out.extend_from_slice(&(vectors.len() as u32).to_le_bytes());
-    for v in vectors {
-        for x in v {
-            out.extend_from_slice(&x.to_le_bytes());
-        }
+    out.extend_from_slice(&(vectors.nrows() as u32).to_le_bytes());
+    for x in vectors.iter() {
+        out.extend_from_slice(&x.to_le_bytes());
     }
     out
 }
 
-fn read_pending(path: &Path, hidden: usize) -> Result<HashMap<usize, Vec<Vec<f32>>>> {
+fn read_pending(path: &Path, hidden: usize) -> Result<HashMap<usize, Array2<f32>>> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, "cannot read", e))?;
     let mut out = HashMap::new();
     let mut at = 0;
@@ -752,21 +747,24 @@ fn read_pending(path: &Path, hidden: usize) -> Result<HashMap<usize, Vec<Vec<f32
         if at + len > bytes.len() {
             break;
         }
-        let rows = bytes[at..at + len]
-            .chunks_exact(hidden * 4)
-            .map(|row| {
-                row.chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                    .collect()
-            })
+        let values: Vec<f32> = bytes[at..at + len]
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect();
         at += len;
-        out.insert(b, rows);
+        if let Ok(rows) = Array2::from_shape_vec((n, hidden), values) {
+            out.insert(b, rows);
+        }
     }
     Ok(out)
 }
 
-fn encode_row(out: &mut Vec<u8>, format: OutputFormat, record: &Record, v: &[f32]) -> Result<()> {
+fn encode_row(
+    out: &mut Vec<u8>,
+    format: OutputFormat,
+    record: &Record,
+    v: ArrayView1<'_, f32>,
+) -> Result<()> {
     match format {
         OutputFormat::Npy => {
             for x in v {
@@ -779,9 +777,11 @@ fn encode_row(out: &mut Vec<u8>, format: OutputFormat, record: &Record, v: &[f32
             if let Some(id) = &record.id {
                 row.insert("id".into(), id.clone().into());
             }
+            let values: Vec<f32> = v.to_vec();
             row.insert(
                 "embedding".into(),
-                serde_json::to_value(v).map_err(|e| Error::input("embedding", e.to_string()))?,
+                serde_json::to_value(values)
+                    .map_err(|e| Error::input("embedding", e.to_string()))?,
             );
             serde_json::to_writer(&mut *out, &row)
                 .map_err(|e| Error::input("embedding", e.to_string()))?;
@@ -855,12 +855,12 @@ mod tests {
     fn pending_batches_round_trip() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("p");
-        let mut bytes = encode_pending(3, &[vec![1.0, 2.0], vec![3.0, 4.0]]);
-        bytes.extend(encode_pending(0, &[vec![5.0, 6.0]]));
+        let mut bytes = encode_pending(3, &ndarray::array![[1.0, 2.0], [3.0, 4.0]]);
+        bytes.extend(encode_pending(0, &ndarray::array![[5.0, 6.0]]));
         bytes.extend_from_slice(&[1, 2, 3]); // a torn write at the end is ignored
         std::fs::write(&p, bytes).unwrap();
         let got = read_pending(&p, 2).unwrap();
-        assert_eq!(got[&3], vec![vec![1.0, 2.0], vec![3.0, 4.0]]);
-        assert_eq!(got[&0], vec![vec![5.0, 6.0]]);
+        assert_eq!(got[&3], ndarray::array![[1.0, 2.0], [3.0, 4.0]]);
+        assert_eq!(got[&0], ndarray::array![[5.0, 6.0]]);
     }
 }

@@ -27,12 +27,11 @@ impl TextTokenizer {
         specials: &SpecialTokens,
         clean_up: bool,
     ) -> Result<TextTokenizer> {
-        let mut inner = tokenizers::Tokenizer::from_file(path).map_err(|e| Error::Tokenizer {
-            reason: format!("cannot load {}: {e}", path.display()),
-        })?;
-        inner.with_truncation(None).map_err(|e| Error::Tokenizer {
-            reason: format!("cannot disable truncation: {e}"),
-        })?;
+        let mut inner = tokenizers::Tokenizer::from_file(path)
+            .map_err(Error::tokenizer(format!("cannot load {}", path.display())))?;
+        inner
+            .with_truncation(None)
+            .map_err(Error::tokenizer("cannot disable truncation"))?;
         inner.with_padding(None);
         Ok(TextTokenizer {
             inner,
@@ -48,9 +47,7 @@ impl TextTokenizer {
         let encoding = self
             .inner
             .encode(text, false)
-            .map_err(|e| Error::Tokenizer {
-                reason: format!("cannot encode text: {e}"),
-            })?;
+            .map_err(Error::tokenizer("cannot encode text"))?;
         Ok(encoding.get_ids().to_vec())
     }
 
@@ -59,9 +56,7 @@ impl TextTokenizer {
         let encodings = self
             .inner
             .encode_batch(texts.to_vec(), false)
-            .map_err(|e| Error::Tokenizer {
-                reason: format!("cannot encode text: {e}"),
-            })?;
+            .map_err(Error::tokenizer("cannot encode text"))?;
         Ok(encodings
             .into_iter()
             .map(|e| e.get_ids().to_vec())
@@ -73,9 +68,7 @@ impl TextTokenizer {
         let text = self
             .inner
             .decode(ids, false)
-            .map_err(|e| Error::Tokenizer {
-                reason: format!("cannot decode ids: {e}"),
-            })?;
+            .map_err(Error::tokenizer("cannot decode ids"))?;
         Ok(if self.clean_up {
             clean_up_tokenization(&text)
         } else {
@@ -152,6 +145,8 @@ pub struct QueryPrompt {
     pub text_max: usize,
     /// Limit on the whole prompt's ids, special tokens included.
     pub total_max: usize,
+    /// The leading ids every query of this prompt shares (see [`QueryPrompt::shared_prefix`]).
+    shared: Option<Vec<u32>>,
 }
 
 impl QueryPrompt {
@@ -173,21 +168,53 @@ impl QueryPrompt {
             .len();
         check_max_length(max_length, len_1 + len_2 + 1)?;
         let total_max = (prefix_ids.len() + suffix_len + max_length + 8) / 8 * 8 + 8;
-        Ok(QueryPrompt {
+        let mut prompt = QueryPrompt {
             task: task.map(str::to_string),
             template: template.clone(),
             prefix,
             prefix_ids,
             text_max: max_length - len_1 - len_2,
             total_max,
-        })
+            shared: None,
+        };
+        prompt.shared = prompt.find_shared_prefix(tokenizer)?;
+        Ok(prompt)
+    }
+
+    /// The leading ids that every query of this prompt starts with and that a prefix cache may
+    /// compute once, or `None` without few-shot examples (or when they would cover only the special
+    /// tokens). Decided once, when the prompt is made.
+    pub fn shared_prefix(&self) -> Option<&[u32]> {
+        self.shared.as_deref()
+    }
+
+    /// Each candidate ([`QueryPrompt::candidate_prefixes`]) is cut to what a probe query's ids
+    /// share with it (a tokenizer may merge the prefix's last tokens with the query's first:
+    /// smollm2's byte-level BPE splits a closing "\n\n" differently when text follows it), and the
+    /// longest cut wins. The probe, not the input, decides, so the choice is the same for every
+    /// chunk of a run, for a resumed one and for every request of a server.
+    fn find_shared_prefix(&self, tokenizer: &TextTokenizer) -> Result<Option<Vec<u32>>> {
+        let candidates = self.candidate_prefixes(tokenizer)?;
+        if candidates.is_empty() {
+            return Ok(None);
+        }
+        let probe = self.ids(tokenizer, &["probe"])?.remove(0);
+        let shared = |c: &Vec<u32>| {
+            c.iter()
+                .zip(&probe)
+                .take_while(|(a, b)| a == b)
+                .count()
+                .min(probe.len() - 1)
+        };
+        let best = candidates.iter().map(shared).max().unwrap_or(0);
+        Ok((best > tokenizer.prepend.len()).then(|| probe[..best].to_vec()))
     }
 
     /// Query-independent leading ids worth computing once (the prefix cache), longest first: the
     /// wrapped prefix plus the instruction part of the query text, then the wrapped prefix alone.
     /// Empty without few-shot examples. A caller must still check that a query's ids start with the
     /// one it uses: a tokenizer may merge tokens across the boundary.
-    pub fn shared_prefixes(&self, tokenizer: &TextTokenizer) -> Result<Vec<Vec<u32>>> {
+    fn candidate_prefixes(&self, tokenizer: &TextTokenizer) -> Result<Vec<Vec<u32>>> {
         if self.prefix_ids.is_empty() {
             return Ok(Vec::new());
         }

@@ -530,3 +530,125 @@ fn a_hub_repo_id_works_offline_from_the_cache_and_says_when_there_is_no_package(
     let err = fails(o);
     assert!(err.contains("int8/model.onnx"), "{err}");
 }
+
+/// Start-up does not read the weights once they were verified: a start compares each file's size
+/// and time with its stamp. `icl-embed verify` hashes everything and names a damaged file; a start
+/// after the file's time changed hashes it again and refuses it.
+#[test]
+fn verified_weights_are_not_hashed_at_start_and_verify_finds_damage() {
+    let Some(f) = fixtures() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let input = write(dir.path(), "in.txt", b"hello\n");
+    let pkg = dir.path().join("pkg");
+    copy_package(&f.tiny_pkg, &pkg);
+    let with_cache = |args: &[&str]| {
+        std::process::Command::new(bin())
+            .args(args)
+            .env("XDG_CACHE_HOME", &cache)
+            .output()
+            .unwrap()
+    };
+    let embed_args_ = |out: &Path| {
+        embed_args(
+            &pkg,
+            &input,
+            out,
+            &["--device", "cpu", "--variant", "fp32", "-q"],
+        )
+    };
+    let args = embed_args_(&dir.path().join("a.npy"));
+    ok(with_cache(
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    ));
+    let report = ok(with_cache(&["verify", pkg.to_str().unwrap()]));
+    assert!(
+        report.contains("ok      fp32: fp32/model.onnx.data") && !report.contains("FAILED"),
+        "{report}"
+    );
+
+    // Damage one byte in the middle of the weights, keeping the size and the time.
+    let data = pkg.join("fp32/model.onnx.data");
+    let mtime = std::fs::metadata(&data).unwrap().modified().unwrap();
+    let mut bytes = std::fs::read(&data).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x55;
+    std::fs::write(&data, &bytes).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&data)
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
+    let args = embed_args_(&dir.path().join("b.npy"));
+    ok(with_cache(
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    ));
+
+    let err = fails(with_cache(&["verify", pkg.to_str().unwrap()]));
+    assert!(err.contains("1 of"), "{err}");
+    let o = with_cache(&["verify", pkg.to_str().unwrap()]);
+    let report = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        report.contains("FAILED  fp32: fp32/model.onnx.data")
+            && report.contains("corrupted or incomplete"),
+        "{report}"
+    );
+    // A new time: the next start hashes the file again and refuses it.
+    std::fs::File::options()
+        .write(true)
+        .open(&data)
+        .unwrap()
+        .set_modified(std::time::SystemTime::now())
+        .unwrap();
+    let args = embed_args_(&dir.path().join("c.npy"));
+    let err = fails(with_cache(
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    ));
+    assert!(
+        err.contains("fp32/model.onnx.data is corrupted or incomplete"),
+        "{err}"
+    );
+}
+
+/// The hub case of issue 12: a cached snapshot that fetched only int8 (the manifest lists every
+/// variant) runs with the defaults, `--device auto --variant auto`, on this CPU machine.
+#[test]
+fn a_hub_snapshot_holding_only_int8_runs_with_auto() {
+    let Some(f) = fixtures() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("hf");
+    let folder = home.join("hub").join("models--icl-test--int8");
+    let commit = "89abcdef0123456789abcdef0123456789abcdef";
+    std::fs::create_dir_all(folder.join("refs")).unwrap();
+    std::fs::write(folder.join("refs/main"), commit).unwrap();
+    let snapshot = folder.join("snapshots").join(commit);
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(f.tiny_pkg.join("embedder.json")).unwrap())
+            .unwrap();
+    assert!(
+        manifest["variants"]["fp16"].is_object(),
+        "the manifest lists fp16"
+    );
+    let mut files = vec!["embedder.json".to_string(), "tokenizer.json".to_string()];
+    let int8 = &manifest["variants"]["int8"];
+    files.push(int8["file"].as_str().unwrap().to_string());
+    files.extend(int8["data"].as_str().map(str::to_string));
+    for file in &files {
+        let to = snapshot.join(file);
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(f.tiny_pkg.join(file), to).unwrap();
+    }
+    let input = write(dir.path(), "in.txt", b"hello\nworld\n");
+    let out = dir.path().join("out.npy");
+    let o = std::process::Command::new(bin())
+        .args(embed_args(Path::new("icl-test/int8"), &input, &out, &[]))
+        .env("HF_HOME", &home)
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("device cpu (auto), variant int8"), "{err}");
+    assert_eq!(read_npy(&out).len(), 2);
+}

@@ -7,8 +7,7 @@
 mod common;
 
 use common::*;
-use icl_embed::embedder::PrefixStats;
-use icl_embed::Example;
+use icl_embed::{Example, PrefixStats};
 use std::path::Path;
 
 /// Every `stride`-th MTEB task (1: all of them): its example queries (the first `per_task`) with
@@ -26,12 +25,11 @@ fn all_tasks_parity(pkg: &Path, variant: &str, per_task: usize, stride: usize) -
             .take(per_task)
             .map(String::as_str)
             .collect();
-        let a = cached
-            .embed_queries(Some(&t.instruction), &t.prefix, &texts)
+        let prompt = cached
+            .query_prompt(Some(&t.instruction), &t.prefix)
             .unwrap();
-        let b = full
-            .embed_queries(Some(&t.instruction), &t.prefix, &texts)
-            .unwrap();
+        let a = cached.embed_queries(&prompt, &texts).unwrap();
+        let b = full.embed_queries(&prompt, &texts).unwrap();
         let cos = min_cosine(&a, &b);
         assert!(cos.is_finite(), "{}: no embeddings", t.name);
         worst = worst.min(cos);
@@ -113,34 +111,34 @@ fn cache_stops_before_tokens_the_query_changes() {
     ];
     let mut cached = embedder(&f.smollm2_pkg, "fp32", true);
     let mut full = embedder(&f.smollm2_pkg, "fp32", false);
-    let prompt = cached.encoder.query_prompt(None, &examples, None).unwrap();
+    let prompt = cached.query_prompt(None, &examples).unwrap();
     let mut whole = cached
-        .encoder
-        .tokenizer
+        .encoder()
+        .tokenizer()
         .encode_plain(&prompt.prefix)
         .unwrap();
     whole.splice(
         0..0,
         cached
-            .encoder
-            .package
+            .encoder()
+            .package()
             .manifest
             .special_tokens
             .prepend
             .clone(),
     );
     let prefix = cached
-        .cache_prefix(&prompt)
-        .unwrap()
-        .expect("the cache applies");
+        .cached_prefix(&prompt)
+        .expect("the cache applies")
+        .to_vec();
     assert!(
         whole.starts_with(&prefix) && prefix.len() < whole.len() && prefix.len() + 3 > whole.len(),
         "cached {} of the prefix's {} ids",
         prefix.len(),
         whole.len()
     );
-    let a = cached.embed_queries(None, &examples, &texts).unwrap();
-    let b = full.embed_queries(None, &examples, &texts).unwrap();
+    let a = cached.embed_queries(&prompt, &texts).unwrap();
+    let b = full.embed_queries(&prompt, &texts).unwrap();
     assert_eq!(
         cached.prefix_stats().cached,
         texts.len(),
@@ -164,22 +162,15 @@ fn rows_that_do_not_start_with_the_prefix_fall_back() {
     ];
     let mut cached = embedder(&f.tiny_pkg, "fp32", true);
     let mut full = embedder(&f.tiny_pkg, "fp32", false);
-    let prompt = cached
-        .encoder
-        .query_prompt(Some(task), &examples, None)
-        .unwrap();
-    let ids = prompt.ids(&cached.encoder.tokenizer, &texts).unwrap();
+    let prompt = cached.query_prompt(Some(task), &examples).unwrap();
+    let ids = cached.encoder().queries(&prompt, &texts).unwrap();
     // A prefix one token into the first query: the other two rows diverge from it.
-    let shared = cached
-        .cache_prefix(&prompt)
-        .unwrap()
-        .expect("the cache applies");
+    let shared = cached.cached_prefix(&prompt).expect("the cache applies");
     let prefix = ids[0][..shared.len() + 1].to_vec();
     let diverging = ids.iter().filter(|r| !r.starts_with(&prefix)).count();
     assert_eq!(diverging, 2, "the texts must start with different tokens");
-    let batch = icl_embed::batch::pad(&ids, &[0, 1, 2], 0);
-    let a = cached.embed_batch_after(&batch, Some(&prefix)).unwrap();
-    let b = full.embed_batch(&batch).unwrap();
+    let a = cached.embed_ids(&ids, Some(&prefix), &mut |_| {}).unwrap();
+    let b = full.embed_ids(&ids, None, &mut |_| {}).unwrap();
     let stats = cached.prefix_stats();
     assert_eq!(
         (stats.cached, stats.fallback, stats.prefixes),

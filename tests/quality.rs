@@ -62,7 +62,7 @@ fn int8_matches_fp32_on_every_shared_text_smollm2() {
     let mut int8 = embedder(&f.smollm2_pkg, "int8", true);
     let texts: Vec<&str> = passages.iter().map(String::as_str).collect();
     let lengths: Vec<usize> = fp32
-        .encoder
+        .encoder()
         .documents(&texts, None)
         .unwrap()
         .iter()
@@ -102,8 +102,9 @@ fn int8_matches_fp32_on_every_shared_text_smollm2() {
         air_queries.iter().map(String::as_str).collect(),
     ));
     for (task, prefix, queries) in groups {
-        let a = fp32.embed_queries(Some(task), prefix, &queries).unwrap();
-        let b = int8.embed_queries(Some(task), prefix, &queries).unwrap();
+        let prompt = fp32.query_prompt(Some(task), prefix).unwrap();
+        let a = fp32.embed_queries(&prompt, &queries).unwrap();
+        let b = int8.embed_queries(&prompt, &queries).unwrap();
         let c = cosines(&a, &b);
         longer.extend(&c);
         all.extend(c);

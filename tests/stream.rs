@@ -404,3 +404,45 @@ fn a_read_only_output_directory_is_reported() {
         );
     });
 }
+
+/// One definition of a blank line (Unicode white space): a JSON-lines line holding only an
+/// ideographic space is skipped alike by `tokenize` and by `embed`, so both number the records
+/// the same way.
+#[test]
+fn tokenize_and_embed_number_records_alike_around_unicode_blank_lines() {
+    let Some(f) = fixtures() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.jsonl");
+    std::fs::write(
+        &input,
+        "{\"text\": \"first\"}\n\u{3000}\n{\"text\": \"second\"}\n \u{a0}\n",
+    )
+    .unwrap();
+    let out = dir.path().join("out.jsonl");
+    ok(run(&embed_args(&f.tiny_pkg, &input, &out, &[])));
+    let embedded: Vec<u64> = std::fs::read_to_string(&out)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["index"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    let tokenized: Vec<u64> = ok(run(&[
+        "tokenize",
+        "--model",
+        f.tiny_pkg.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+    ]))
+    .lines()
+    .map(|l| {
+        serde_json::from_str::<serde_json::Value>(l).unwrap()["index"]
+            .as_u64()
+            .unwrap()
+    })
+    .collect();
+    assert_eq!(embedded, vec![0, 1]);
+    assert_eq!(tokenized, embedded);
+}

@@ -4,23 +4,22 @@
 //! hands it. Keeping every library call here means a change of the library's API touches this file
 //! only.
 //!
-//! The prefix cache: each few-shot prompt's shared leading ids are found once
-//! ([`Embedder::cache_prefix`]) and a batch of its queries runs on the prefix's key/value states.
-//! This library version keeps one prefix's states inside the `Embedder` (the one used last), so the
-//! worker holds at most one set of states at a time; `--prefix-cache-bytes` bounds them (a prefix
-//! whose states would be larger is computed with each query), and the batching task's grouping by
-//! prompt keeps consecutive batches on the same prefix.
+//! The prefix cache: each few-shot prompt's shared leading ids ([`QueryPrompt::shared_prefix`])
+//! key the prefix's key/value states ([`Prefix`]), kept in an LRU bounded by
+//! `--prefix-cache-bytes` and shared by every request that uses the prompt; a batch of its queries
+//! runs on them. A prefix whose states alone exceed the bound is computed for its batch and not
+//! kept.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{anyhow, Context, Result};
-use icl_embed::batch;
-use icl_embed::embedder::plan_cost;
-use icl_embed::tokenize::QueryPrompt;
-use icl_embed::{input, Device, Embedder, EmbedderOptions, Encoder, Example};
+use icl_embed::driver::{self, plan_cost};
+use icl_embed::{
+    batch, input, Device, Embedder, EmbedderOptions, Encoder, Example, Prefix, QueryPrompt, Variant,
+};
 use tokio::sync::{mpsc, oneshot};
 
 use super::config::{ExampleText, ExamplesSource, ServeArgs, TaskPreset, TaskText};
@@ -70,6 +69,8 @@ pub struct ModelInfo {
     pub max_batch_rows: usize,
     pub prefix_cache: bool,
     pub prefix_cache_bytes: usize,
+    /// Longest row the model takes (its attention window), prefix included.
+    pub max_tokens: Option<usize>,
 }
 
 /// Tokenization for the handlers: the package's tokenizer and prompts, and the `--tasks` presets.
@@ -110,10 +111,7 @@ impl Frontend {
             .map_err(|e| Refusal::new(format!("{field}examples"), None, e.to_string()))?;
         let key = serde_json::to_string(&(&task.instruction, &task.examples))
             .map_err(|e| Refusal::new(format!("{field}examples"), None, e.to_string()))?;
-        let shared_len = match query.prefix_ids.is_empty() {
-            true => 0,
-            false => query.prefix_ids.len() + self.encoder.tokenizer.special_count(),
-        };
+        let shared_len = query.shared_prefix().map_or(0, <[u32]>::len);
         Ok(Some(Arc::new(Prompt {
             key,
             shared_len,
@@ -132,12 +130,12 @@ impl Frontend {
         truncate: bool,
         field: &str,
     ) -> Result<Vec<Vec<u32>>, Refusal> {
-        let tokenizer = &self.encoder.tokenizer;
+        let tokenizer = self.encoder.tokenizer();
         let failed = |e: icl_embed::Error| Refusal::new(field, None, e.to_string());
         if !truncate {
             let (plain, limit) = match prompt {
                 Some(p) => {
-                    let template = &self.encoder.package.manifest.prompt;
+                    let template = &self.encoder.package().manifest.prompt;
                     let wrapped: Vec<String> = texts
                         .iter()
                         .map(|t| template.query_text(p.task.as_deref(), t))
@@ -165,11 +163,24 @@ impl Frontend {
                 }
             }
         }
-        match prompt {
-            Some(p) => p.query.ids(tokenizer, texts),
+        let ids = match prompt {
+            Some(p) => self.encoder.queries(&p.query, texts),
             None => self.encoder.documents(texts, None),
         }
-        .map_err(failed)
+        .map_err(failed)?;
+        if let Some(max) = self.info.max_tokens {
+            if let Some(i) = ids.iter().position(|r| r.len() > max) {
+                return Err(Refusal::new(
+                    field,
+                    Some(i),
+                    format!(
+                        "{} tokens with the prompt, over the model's attention window of {max}",
+                        ids[i].len()
+                    ),
+                ));
+            }
+        }
+        Ok(ids)
     }
 }
 
@@ -181,23 +192,76 @@ fn example(e: &ExampleText) -> Example {
     }
 }
 
-/// The model and what the worker remembers between batches.
+/// The model and the prefix states kept between batches.
 pub struct Model {
     embedder: Embedder,
-    /// Leading ids computed once per prompt key (`None`: the prompt's queries run in full).
-    prefixes: HashMap<String, Option<Vec<u32>>>,
-    prefix_budget: usize,
-    /// Bytes of key/value states per prefix token.
-    state_bytes_per_token: usize,
+    prefixes: PrefixLru<Prefix>,
+    /// The cache is on and the variant's graph takes prefix states.
+    use_prefix_cache: bool,
+}
+
+/// Prefix states keyed by their ids, least recently used out first, bounded in bytes. Generic
+/// over the states so that the policy is tested without a model.
+struct PrefixLru<S> {
+    /// Least recently used first.
+    entries: Vec<S>,
+    budget: usize,
+    ids: fn(&S) -> &[u32],
+    bytes: fn(&S) -> usize,
+}
+
+impl<S> PrefixLru<S> {
+    fn new(budget: usize, ids: fn(&S) -> &[u32], bytes: fn(&S) -> usize) -> PrefixLru<S> {
+        PrefixLru {
+            entries: Vec::new(),
+            budget,
+            ids,
+            bytes,
+        }
+    }
+
+    fn total(&self) -> usize {
+        self.entries.iter().map(self.bytes).sum()
+    }
+
+    /// Makes `ids`' states the most recently used, computing them with `compute` on a miss; the
+    /// least recently used go until the new states fit. States larger than the whole budget are
+    /// handed back (`Err`) instead of kept. Reports the hit or miss and the bytes kept to `metrics`.
+    fn get(
+        &mut self,
+        ids: &[u32],
+        compute: impl FnOnce() -> Result<S, String>,
+        metrics: &Metrics,
+    ) -> Result<Result<&S, S>, String> {
+        let key = self.ids;
+        if let Some(at) = self.entries.iter().position(|p| key(p) == ids) {
+            let hit = self.entries.remove(at);
+            self.entries.push(hit);
+            metrics.prefix(true, self.total());
+        } else {
+            let states = compute()?;
+            let size = (self.bytes)(&states);
+            if size > self.budget {
+                metrics.prefix(false, self.total());
+                return Ok(Err(states));
+            }
+            while self.total() + size > self.budget {
+                self.entries.remove(0);
+            }
+            self.entries.push(states);
+            metrics.prefix(false, self.total());
+        }
+        Ok(Ok(self.entries.last().expect("just pushed")))
+    }
 }
 
 /// Loads the package (a directory or a hub id), ONNX Runtime and the model, and checks every preset
 /// of `--tasks` against the package's prompt.
 pub fn load(args: &ServeArgs, presets: &BTreeMap<String, TaskPreset>) -> Result<(Model, Frontend)> {
     let device: Device = args.device.parse()?;
-    let dir = crate::model_dir(&args.model, &args.variant, device)?;
+    let variant: Variant = args.variant.parse()?;
     let options = EmbedderOptions {
-        variant: args.variant.clone(),
+        variant,
         device,
         threads: args.threads,
         batch_tokens: args.max_batch_tokens,
@@ -207,29 +271,26 @@ pub fn load(args: &ServeArgs, presets: &BTreeMap<String, TaskPreset>) -> Result<
         cache_dir: args.cache_dir.clone(),
         prefix_cache: !args.no_prefix_cache && args.prefix_cache_bytes > 0,
     };
-    let embedder = Embedder::new(&dir, &options)?;
-    let encoder = Encoder::open(&dir)?;
-    let m = &encoder.package.manifest;
-    let variant = encoder.package.variant(embedder.variant())?;
-    let (batch_tokens, batch_rows) = embedder.batch_limits();
-    let dtype_bytes = match variant.prefix_cache.as_ref().map(|p| p.dtype.as_str()) {
-        Some("float16") => 2,
-        _ => 4,
-    };
-    let a = &m.architecture;
-    let state_bytes_per_token = a.layers * 2 * a.kv_heads * a.head_dim * dtype_bytes;
+    let embedder = Embedder::new(&args.model, &options)?;
+    // The handlers' own tokenizer (the package is already open and checked).
+    let encoder = Encoder::from_package(embedder.encoder().package().clone())?;
+    let m = &encoder.package().manifest;
+    let limits = embedder.batch_limits();
+    let model = embedder.model();
+    let use_prefix_cache = options.prefix_cache && model.supports_prefix();
     let info = ModelInfo {
-        package: encoder.package.dir.display().to_string(),
-        variant: embedder.variant().to_string(),
-        device: embedder.device().to_string(),
-        hidden: a.hidden,
-        vocab: a.vocab,
+        package: encoder.package().dir.display().to_string(),
+        variant: model.variant().to_string(),
+        device: model.device().to_string(),
+        hidden: model.hidden(),
+        vocab: m.architecture.vocab,
         max_document_tokens: m.max_length.document,
         max_query_tokens: m.max_length.query,
-        max_batch_tokens: batch_tokens,
-        max_batch_rows: batch_rows,
-        prefix_cache: options.prefix_cache && variant.prefix_cache.is_some(),
+        max_batch_tokens: limits.tokens,
+        max_batch_rows: limits.rows,
+        prefix_cache: use_prefix_cache,
         prefix_cache_bytes: args.prefix_cache_bytes,
+        max_tokens: model.max_tokens(),
     };
     let mut frontend = Frontend {
         encoder,
@@ -261,9 +322,8 @@ pub fn load(args: &ServeArgs, presets: &BTreeMap<String, TaskPreset>) -> Result<
     }
     let model = Model {
         embedder,
-        prefixes: HashMap::new(),
-        prefix_budget: args.prefix_cache_bytes,
-        state_bytes_per_token,
+        prefixes: PrefixLru::new(args.prefix_cache_bytes, Prefix::ids, Prefix::bytes),
+        use_prefix_cache,
     };
     Ok((model, frontend))
 }
@@ -284,25 +344,6 @@ pub fn run(mut model: Model, ready: mpsc::Sender<Ready>, metrics: Arc<Metrics>) 
 }
 
 impl Model {
-    /// The leading ids that `prompt`'s queries run on, computed once per prompt; `None` when the
-    /// cache does not apply or the prefix's states would exceed `--prefix-cache-bytes`.
-    fn prefix_for(&mut self, prompt: &Prompt) -> Option<Vec<u32>> {
-        if let Some(p) = self.prefixes.get(&prompt.key) {
-            return p.clone();
-        }
-        let prefix = match self.embedder.cache_prefix(&prompt.query) {
-            Ok(Some(ids)) if ids.len() * self.state_bytes_per_token <= self.prefix_budget => {
-                Some(ids)
-            }
-            _ => None,
-        };
-        if self.prefixes.len() >= 4096 {
-            self.prefixes.clear(); // inline prompts are many; recomputing the ids is cheap
-        }
-        self.prefixes.insert(prompt.key.clone(), prefix.clone());
-        prefix
-    }
-
     fn process(&mut self, work: Work, metrics: &Metrics) {
         let started = Instant::now();
         let mut entries = work.entries;
@@ -313,37 +354,57 @@ impl Model {
         for e in &entries {
             metrics.queued(started.saturating_duration_since(e.enqueued));
         }
-        let prefix = work.prompt.as_deref().and_then(|p| self.prefix_for(p));
         let mut ids = Vec::new();
         let mut counts = Vec::with_capacity(entries.len());
         for e in &mut entries {
             counts.push(e.ids.len());
             ids.append(&mut e.ids);
         }
-        let before = self.embedder.prefix_stats().clone();
-        let (budget, max_rows) = self.embedder.batch_limits();
-        let pad_id = self.embedder.encoder.package.manifest.special_tokens.pad_id;
-        let embedder = &mut self.embedder;
-        let on = prefix.as_deref();
+        let Model {
+            embedder,
+            prefixes,
+            use_prefix_cache,
+        } = self;
+        let limits = embedder.batch_limits();
+        let (encoder, model) = embedder.parts_mut();
+        let pad_id = encoder.pad_id();
+        let shared = work
+            .prompt
+            .as_deref()
+            .filter(|_| *use_prefix_cache)
+            .and_then(|p| p.query.shared_prefix());
+        // The prefix's states: kept in the LRU, or (too large to keep) for this work only.
+        let (kept, alone) = match shared {
+            None => (None, None),
+            Some(ids) => {
+                let compute = || model.prefix(ids).map_err(|e| e.to_string());
+                match prefixes.get(ids, compute, metrics) {
+                    Ok(Ok(p)) => (Some(p), None),
+                    Ok(Err(p)) => (None, Some(p)),
+                    Err(why) => {
+                        for e in entries {
+                            let _ = e
+                                .reply
+                                .send(Err(format!("inference failed on the prefix: {why}")));
+                        }
+                        return;
+                    }
+                }
+            }
+        };
+        let prefix = kept.or(alone.as_ref());
         let mut rows = embed_rows(
             &ids,
-            on,
-            (budget, max_rows),
+            prefix.map(Prefix::ids),
+            (limits.tokens, limits.rows),
             &mut |rows| {
-                let batch = batch::pad(&ids, rows, pad_id);
-                embedder
-                    .embed_batch_after(&batch, on)
+                driver::run_rows(model, &ids, rows, prefix, pad_id)
+                    .map(|(v, _)| v.outer_iter().map(|r| r.to_vec()).collect())
                     .map_err(|e| e.to_string())
             },
             metrics,
         )
         .into_iter();
-        if prefix.is_some() {
-            let after = self.embedder.prefix_stats();
-            if after.cached > before.cached {
-                metrics.prefix(after.prefixes == before.prefixes, after.state_bytes);
-            }
-        }
         for (e, n) in entries.into_iter().zip(counts) {
             let reply: Result<Vec<Vec<f32>>, String> = rows.by_ref().take(n).collect();
             let _ = e.reply.send(reply);
@@ -437,6 +498,47 @@ mod tests {
         assert!(out[1].is_err() && out[2].is_err(), "{out:?}");
         assert_eq!(out[4], Ok(vec![5.0, 3.0]));
         assert!(m.render().contains("icl_embed_failed_batches_total 1\n"));
+    }
+
+    #[test]
+    fn the_prefix_lru_keeps_what_fits_and_evicts_the_least_recently_used() {
+        let m = Metrics::default();
+        // States: (ids, bytes).
+        type S = (Vec<u32>, usize);
+        let mut lru: PrefixLru<S> = PrefixLru::new(100, |s| &s.0, |s| s.1);
+        let computed = std::cell::Cell::new(0);
+        let get = |lru: &mut PrefixLru<S>, id: u32, bytes: usize| {
+            lru.get(
+                &[id],
+                || {
+                    computed.set(computed.get() + 1);
+                    Ok((vec![id], bytes))
+                },
+                &m,
+            )
+            .unwrap()
+            .map(|s| s.0[0])
+            .map_err(|s| s.0[0])
+        };
+        assert_eq!(get(&mut lru, 1, 40), Ok(1));
+        assert_eq!(get(&mut lru, 2, 40), Ok(2));
+        assert_eq!(get(&mut lru, 1, 40), Ok(1)); // a hit: 1 is now the most recent
+        assert_eq!(get(&mut lru, 3, 40), Ok(3)); // 2 goes, the least recently used
+        let kept: Vec<u32> = lru.entries.iter().map(|s| s.0[0]).collect();
+        assert_eq!(kept, vec![1, 3]);
+        assert_eq!(lru.total(), 80);
+        assert_eq!(get(&mut lru, 4, 150), Err(4)); // larger than the budget: not kept
+        assert_eq!(lru.total(), 80);
+        assert_eq!(computed.get(), 4);
+        let text = m.render();
+        assert!(
+            text.contains("icl_embed_prefix_cache_hits_total 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("icl_embed_prefix_cache_misses_total 4\n"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -187,10 +187,28 @@ pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
     dot / (na * nb)
 }
 
+/// Rows of vectors: a `.npy` read back, or the library's `Array2`.
+pub trait Rows {
+    fn to_rows(&self) -> Vec<Vec<f32>>;
+}
+
+impl Rows for Vec<Vec<f32>> {
+    fn to_rows(&self) -> Vec<Vec<f32>> {
+        self.clone()
+    }
+}
+
+impl Rows for ndarray::Array2<f32> {
+    fn to_rows(&self) -> Vec<Vec<f32>> {
+        self.rows().into_iter().map(|r| r.to_vec()).collect()
+    }
+}
+
 /// Row-wise cosines of two equally long lists; panics on a length mismatch.
-pub fn cosines(a: &[Vec<f32>], b: &[Vec<f32>]) -> Vec<f64> {
+pub fn cosines(a: &impl Rows, b: &impl Rows) -> Vec<f64> {
+    let (a, b) = (a.to_rows(), b.to_rows());
     assert_eq!(a.len(), b.len(), "different row counts");
-    a.iter().zip(b).map(|(x, y)| cosine(x, y)).collect()
+    a.iter().zip(&b).map(|(x, y)| cosine(x, y)).collect()
 }
 
 pub fn min(v: &[f64]) -> f64 {
@@ -266,7 +284,7 @@ use std::collections::BTreeMap;
 /// A CPU embedder with 2 threads.
 pub fn embedder(pkg: &Path, variant: &str, prefix_cache: bool) -> Embedder {
     let options = EmbedderOptions {
-        variant: variant.into(),
+        variant: variant.parse().unwrap(),
         device: Device::Cpu,
         threads: Some(2),
         prefix_cache,
@@ -333,6 +351,6 @@ pub fn mteb_tasks() -> Vec<Task> {
         .collect()
 }
 
-pub fn min_cosine(a: &[Vec<f32>], b: &[Vec<f32>]) -> f64 {
+pub fn min_cosine(a: &impl Rows, b: &impl Rows) -> f64 {
     min(&cosines(a, b))
 }
