@@ -163,8 +163,12 @@ def main() -> int:
     def row(label: str, key: str, base: float) -> str:
         rs = results[key]
         rate = med([r["rate"] for r in rs])
-        return (f"| {label} | {med([r['requests'] for r in rs]):.0f} | {rate:.1f} | {med([r['p50'] for r in rs]):.0f} | "
-                f"{med([r['p99'] for r in rs]):.0f} | {rate / base:.2f}x |")
+        return (f"| {label} | {med([r['requests'] for r in rs]):.0f} | {rate:.3f} | {med([r['p50'] for r in rs]):,.0f} | "
+                f"{med([r['p99'] for r in rs]):,.0f} | {rate / base:.2f}x |")
+
+    def clients_label(c: int, requests: int) -> str:
+        # More clients than requests: at most `requests` are ever in flight.
+        return str(c) if c <= requests else f"{c} ({requests} in flight)"
 
     cli_docs = med(results["cli docs"])
     cli_q = med(results["cli queries"])
@@ -174,15 +178,16 @@ def main() -> int:
         f"`{' '.join(['python', 'tests/bench/server.py'] + sys.argv[1:])}`.",
         "",
         f"Documents: {len(docs)} passages, one per request (`/v1/embeddings`, base64). "
-        f"CLI `embed` on the same passages: **{cli_docs:.1f} documents/s** (its `done:` line, load excluded).",
+        f"CLI `embed` on the same passages: **{cli_docs:.3f} documents/s** (its `done:` line, load excluded).",
         "",
         "| clients | requests | documents/s | p50 ms | p99 ms | vs CLI |",
         "| --- | --- | --- | --- | --- | --- |",
-        *[row(str(c), f"server docs {c}", cli_docs) for c in clients],
+        *[row(clients_label(c, len(docs)), f"server docs {c}", cli_docs) for c in clients],
         "",
         f"Few-shot queries: {len(queries)} AIR-Bench questions under {TASK}'s instruction and first {SHOTS} examples "
-        f"(a `--tasks` preset), one per request, {a.query_clients} clients. CLI `embed --queries` on the same: "
-        f"{cli_q:.1f} queries/s with the prefix cache, {cli_q_full:.1f} with `--no-prefix-cache`.",
+        f"(a `--tasks` preset), one per request, {clients_label(a.query_clients, len(queries))} clients. "
+        f"CLI `embed --queries` on the same: {cli_q:.3f} queries/s with the prefix cache, {cli_q_full:.3f} with "
+        "`--no-prefix-cache`.",
         "",
         "| server | requests | queries/s | p50 ms | p99 ms | vs CLI (cache) |",
         "| --- | --- | --- | --- | --- | --- |",
