@@ -211,10 +211,18 @@ impl PrefixCache {
 
     /// Counts the rows of a finished batch (on the prefix, or in full).
     pub fn count(&mut self, finished: &Finished) {
-        self.stats.cached += finished.on_prefix;
-        self.stats.fallback += finished.rows.len() - finished.on_prefix;
+        self.count_rows(finished.rows.len(), finished.on_prefix);
+    }
+
+    /// Counts `rows` rows of which `on_prefix` ran on a prefix (the others in full).
+    pub fn count_rows(&mut self, rows: usize, on_prefix: usize) {
+        self.stats.cached += on_prefix;
+        self.stats.fallback += rows - on_prefix;
     }
 }
+
+/// Makes a variant's files present (the hub client for a hub package; nothing for a directory).
+type FetchVariant = dyn FnMut(&str) -> Result<()>;
 
 /// Embeds documents and few-shot queries with one model package.
 ///
@@ -253,7 +261,7 @@ impl Embedder {
     pub fn new(model: impl AsRef<Path>, options: &EmbedderOptions) -> Result<Embedder> {
         let model = model.as_ref();
         let spec = model.to_string_lossy();
-        let (package, mut fetch): (Package, Box<dyn FnMut(&str) -> Result<()>>) =
+        let (package, mut fetch): (Package, Box<FetchVariant>) =
             if !model.is_dir() && hub::is_repo_id(&spec) {
                 let spec = spec.into_owned();
                 let package = Package::open(hub::resolve(&spec, &[])?)?;
@@ -365,9 +373,8 @@ impl Embedder {
             each(f)
         })?;
         if prefix.is_some() {
-            for (rows, on) in counted {
-                self.prefixes.stats.cached += on;
-                self.prefixes.stats.fallback += rows - on;
+            for (rows, on_prefix) in counted {
+                self.prefixes.count_rows(rows, on_prefix);
             }
         }
         Ok(rows)
@@ -375,7 +382,7 @@ impl Embedder {
 
     /// The batch driver over `ids` (see [`Batches`]), with `prefix`'s states computed (or taken
     /// from the cache) first when the cache applies. Count finished batches with
-    /// [`Embedder::count_batch`] to keep [`Embedder::prefix_stats`] right.
+    /// [`Embedder::count_rows`] to keep [`Embedder::prefix_stats`] right.
     pub fn batches<'a>(
         &'a mut self,
         ids: &'a [Vec<u32>],
@@ -404,9 +411,10 @@ impl Embedder {
         ))
     }
 
-    /// Counts a finished batch in [`Embedder::prefix_stats`].
-    pub fn count_batch(&mut self, finished: &Finished) {
-        self.prefixes.count(finished);
+    /// Counts a finished batch's rows in [`Embedder::prefix_stats`]: `on_prefix` of `rows` ran on
+    /// the prefix.
+    pub fn count_rows(&mut self, rows: usize, on_prefix: usize) {
+        self.prefixes.count_rows(rows, on_prefix);
     }
 
     /// What the prefix cache did so far.

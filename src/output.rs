@@ -104,40 +104,6 @@ fn temp_path(path: &Path) -> PathBuf {
     path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn npy_header_is_aligned_and_describes_the_array() {
-        let h = npy_header(3, 4096);
-        assert_eq!(h.len(), NPY_HEADER_LEN);
-        assert_eq!(npy_header(usize::MAX, usize::MAX).len(), NPY_HEADER_LEN);
-        assert!(h.starts_with(b"\x93NUMPY\x01\x00"));
-        let text = String::from_utf8_lossy(&h[10..]);
-        assert!(text.contains("'shape': (3, 4096)") && text.ends_with('\n'));
-        assert_eq!(u16::from_le_bytes([h[8], h[9]]) as usize, h.len() - 10);
-    }
-
-    #[test]
-    fn failed_write_leaves_no_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("out.npy");
-        let err = atomic_write(&path, |_| Err(std::io::Error::other("boom")));
-        assert!(err.is_err());
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
-    }
-
-    #[test]
-    fn unknown_extension_is_refused() {
-        assert!(OutputFormat::Auto.resolve(Path::new("x.csv")).is_err());
-        assert_eq!(
-            OutputFormat::Auto.resolve(Path::new("x.npy")).unwrap(),
-            OutputFormat::Npy
-        );
-    }
-}
-
 /// Reads the header of a float32 2-D `.npy` file: (rows, cols, offset of the data).
 pub fn read_npy_header(path: &Path, r: &mut impl std::io::Read) -> Result<(usize, usize, usize)> {
     let bad = |why: &str| {
@@ -289,4 +255,38 @@ fn merge_jsonl(out: &Path, shards: &[PathBuf]) -> Result<usize> {
         Ok(())
     })?;
     Ok(merged)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn npy_header_is_aligned_and_describes_the_array() {
+        let h = npy_header(3, 4096);
+        assert_eq!(h.len(), NPY_HEADER_LEN);
+        assert_eq!(npy_header(usize::MAX, usize::MAX).len(), NPY_HEADER_LEN);
+        assert!(h.starts_with(b"\x93NUMPY\x01\x00"));
+        let text = String::from_utf8_lossy(&h[10..]);
+        assert!(text.contains("'shape': (3, 4096)") && text.ends_with('\n'));
+        assert_eq!(u16::from_le_bytes([h[8], h[9]]) as usize, h.len() - 10);
+    }
+
+    #[test]
+    fn failed_write_leaves_no_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.npy");
+        let err = atomic_write(&path, |_| Err(std::io::Error::other("boom")));
+        assert!(err.is_err());
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn unknown_extension_is_refused() {
+        assert!(OutputFormat::Auto.resolve(Path::new("x.csv")).is_err());
+        assert_eq!(
+            OutputFormat::Auto.resolve(Path::new("x.npy")).unwrap(),
+            OutputFormat::Npy
+        );
+    }
 }

@@ -489,7 +489,7 @@ fn run_inner(embedder: &mut Embedder, options: RunOptions<'_>, paths: &Paths) ->
         }
         let done = std::mem::take(&mut pending);
         let mut rows = Array2::<f32>::zeros((chunk.len(), hidden));
-        let mut finished_rows = 0;
+        let (mut finished_rows, mut chunk_tokens) = (0, 0);
         let mut batches = embedder.batches(&ids, prefix.as_deref())?.resume(done);
         let mut counted = Vec::new();
         for finished in batches.by_ref() {
@@ -506,16 +506,17 @@ fn run_inner(embedder: &mut Embedder, options: RunOptions<'_>, paths: &Paths) ->
             state.pending_batches.push(f.index);
             state.pending_bytes += bytes.len() as u64;
             save_state(paths, &state)?;
+            chunk_tokens += f.tokens;
             progress(Progress::Done {
                 items: state.committed.rows + finished_rows,
-                tokens: state.committed.tokens + f.tokens,
+                tokens: state.committed.tokens + chunk_tokens,
             });
-            counted.push(f);
+            counted.push((f.rows.len(), f.on_prefix));
         }
         drop(batches);
         if prefix.is_some() {
-            for f in &counted {
-                embedder.count_batch(f);
+            for (rows, on_prefix) in counted {
+                embedder.count_rows(rows, on_prefix);
             }
         }
         if finished_rows != chunk.len() {
