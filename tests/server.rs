@@ -289,6 +289,7 @@ impl Setup {
         let tasks = json!({
             "msmarco": {"instruction": INSTRUCTION, "examples": "examples.json"},
             "plain": {"instruction": "Retrieve semantically similar text."},
+            "other": {"instruction": "Retrieve passages that answer the question.", "examples": "examples.json"},
         });
         std::fs::write(dir.path().join("tasks.json"), tasks.to_string()).unwrap();
         Setup { dir, examples }
@@ -452,7 +453,7 @@ fn embeddings_and_token_ids_equal_the_cli_on_every_route() {
     assert_eq!(status, 200);
     let info: Value = serde_json::from_str(&info).unwrap();
     assert_eq!(info["variant"], "fp32");
-    assert_eq!(info["tasks"], json!(["msmarco", "plain"]));
+    assert_eq!(info["tasks"], json!(["msmarco", "other", "plain"]));
     assert_eq!(server.get("/health").0, 200);
 }
 
@@ -880,4 +881,45 @@ fn many_concurrent_clients_each_get_their_own_results() {
             assert!(cosine(&row, &all[k]) >= 0.99999, "{which} {k}");
         }
     }
+}
+
+#[test]
+fn several_tasks_keep_their_prefix_states_within_the_byte_bound() {
+    let Some(fx) = fixtures() else { return };
+    let setup = Setup::new();
+    let run = |extra: &[&str]| {
+        let mut args = vec!["--tasks", &*setup.tasks()]
+            .into_iter()
+            .map(String::from)
+            .collect::<Vec<_>>();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let server = Server::start(&fx.tiny_pkg, &refs);
+        let mut rows = Vec::new();
+        // One request at a time, so each is its own batch: two tasks, alternating.
+        for task in ["msmarco", "other", "msmarco", "other"] {
+            let (status, v) = server.post("/embed", &json!({"inputs": QUERIES, "task": task}));
+            assert_eq!(status, 200, "{v}");
+            rows.push(self::rows(&v));
+        }
+        let (_, m) = server.get("/metrics");
+        let counts = (
+            metric(&m, "icl_embed_prefix_cache_hits_total"),
+            metric(&m, "icl_embed_prefix_cache_misses_total"),
+            metric(&m, "icl_embed_prefix_cache_bytes"),
+        );
+        (rows, counts)
+    };
+    // Room for both: each prefix is computed once and found again.
+    let (kept, (hits, misses, bytes)) = run(&[]);
+    assert_eq!((hits, misses), (2.0, 2.0));
+    assert!(bytes > 0.0);
+    // Room for neither: computed for every batch, nothing kept, the same embeddings.
+    let (alone, (hits, misses, bytes)) = run(&["--prefix-cache-bytes", "1"]);
+    assert_eq!((hits, misses, bytes), (0.0, 4.0, 0.0));
+    for (a, b) in kept.iter().zip(&alone) {
+        assert_close("prefix kept vs computed each time", a, b);
+    }
+    // The two tasks' prefixes differ, so do their embeddings.
+    assert!(cosine(&kept[0][0], &kept[1][0]) < 0.99999);
 }
