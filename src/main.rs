@@ -18,6 +18,9 @@ use icl_embed::{
     Variant,
 };
 
+#[cfg(feature = "serve")]
+mod server;
+
 /// Embeddings from BAAI/bge-en-icl model packages on ONNX Runtime, with few-shot query prompts.
 #[derive(Parser)]
 #[command(name = "icl-embed", version, about)]
@@ -39,6 +42,9 @@ enum Command {
     /// Check every file of a package against the sha256 in its manifest (and remember the
     /// result, so that later starts compare sizes and times instead of reading the weights).
     Verify(VerifyArgs),
+    #[cfg(feature = "serve")]
+    /// Serve embeddings over HTTP: OpenAI's /v1/embeddings, TEI's /embed, few-shot task presets.
+    Serve(server::ServeArgs),
 }
 
 #[derive(Args)]
@@ -168,6 +174,8 @@ fn main() -> ExitCode {
         Command::Info(args) => info(args),
         Command::Merge(args) => merge(args),
         Command::Verify(args) => verify(args),
+        #[cfg(feature = "serve")]
+        Command::Serve(args) => server::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -8,6 +8,13 @@ cd "$root"
 stage() { echo "== $1 (${SECONDS}s so far)" >&2; }
 stage "python environment"
 bash export/setup.sh
+# The server's client tests: installed only when the pinned list changed (a stamp beside the venv's).
+server_req=tests/requirements-server.txt
+server_stamp=.venv/.requirements-server.sha256
+if [ "$(cat "$server_stamp" 2>/dev/null)" != "$(sha256sum "$server_req" | cut -d' ' -f1)" ]; then
+  .venv/bin/python -m pip install -q -r "$server_req"
+  sha256sum "$server_req" | cut -d' ' -f1 > "$server_stamp"
+fi
 stage "rust build"
 cargo build --quiet --all-targets
 cargo test --quiet --no-run

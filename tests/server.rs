@@ -1,0 +1,925 @@
+//! `icl-embed serve` (issue 14): the real binary on a loopback port, called over plain HTTP. Its
+//! embeddings and token ids against the CLI's on the same inputs, every error case the issue lists,
+//! many clients at once, and shutdown with requests in flight. The `openai` client is exercised by
+//! tests/python/test_server.py.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+
+const INSTRUCTION: &str =
+    "Given a web search query, retrieve relevant passages that answer the query.";
+
+/// A running server; killed when dropped.
+struct Server {
+    child: Child,
+    addr: String,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Server {
+    /// Starts `serve` on a free loopback port with the tiny package (fp32, CPU, one thread).
+    fn start(pkg: &Path, extra: &[&str]) -> Server {
+        let mut child = Command::new(bin())
+            .args(["serve", "--model"])
+            .arg(pkg)
+            .args(["--host", "127.0.0.1", "--port", "0", "--variant", "fp32"])
+            .args(["--device", "cpu", "--threads", "1"])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("cannot start icl-embed serve");
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let addr = loop {
+            let line = match lines.next() {
+                Some(Ok(line)) => line,
+                _ => {
+                    let status = child.wait().unwrap();
+                    panic!(
+                        "serve exited ({status}) before listening: {}",
+                        stderr.lock().unwrap()
+                    );
+                }
+            };
+            stderr.lock().unwrap().push_str(&format!("{line}\n"));
+            if let Some(a) = line.strip_prefix("listening on http://") {
+                break a.trim().to_string();
+            }
+            assert!(Instant::now() < deadline, "serve did not start");
+        };
+        let sink = stderr.clone();
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                sink.lock().unwrap().push_str(&format!("{line}\n"));
+            }
+        });
+        Server {
+            child,
+            addr,
+            stderr,
+        }
+    }
+
+    fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        self.post_with(path, body, &[])
+    }
+
+    fn post_with(&self, path: &str, body: &Value, headers: &[(&str, &str)]) -> (u16, Value) {
+        let (status, text) = http(
+            &self.addr,
+            "POST",
+            path,
+            headers,
+            body.to_string().as_bytes(),
+        );
+        let value = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("{path}: status {status}, body is not JSON ({e}): {text}"));
+        (status, value)
+    }
+
+    fn get(&self, path: &str) -> (u16, String) {
+        http(&self.addr, "GET", path, &[], b"")
+    }
+
+    fn terminate(&self) {
+        let ok = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -TERM failed");
+    }
+
+    /// Waits for the process to end by itself and returns its exit code.
+    fn wait_exit(&mut self, within: Duration) -> Option<i32> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "serve did not exit: {}",
+                self.stderr.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn log(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn request_head(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    len: usize,
+) -> String {
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {len}\r\n"
+    );
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    head
+}
+
+/// One HTTP/1.1 request on a new connection: (status, body).
+fn http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    stream
+        .write_all(request_head(addr, method, path, headers, body.len()).as_bytes())
+        .unwrap();
+    stream.write_all(body).unwrap();
+    read_response(stream)
+}
+
+fn read_response(mut stream: TcpStream) -> (u16, String) {
+    stream
+        .set_read_timeout(Some(Duration::from_secs(120)))
+        .unwrap();
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).unwrap();
+    let text = String::from_utf8(raw).expect("response is UTF-8");
+    let (head, body) = text.split_once("\r\n\r\n").expect("no end of headers");
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("bad status line: {head}"));
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
+    (status, body)
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    loop {
+        let (size, rest) = body.split_once("\r\n").unwrap();
+        let n = usize::from_str_radix(size.trim(), 16).unwrap();
+        if n == 0 {
+            return out;
+        }
+        out.push_str(&rest[..n]);
+        body = &rest[n + 2..];
+    }
+}
+
+fn rows(v: &Value) -> Vec<Vec<f32>> {
+    v.as_array()
+        .unwrap_or_else(|| panic!("not a list: {v}"))
+        .iter()
+        .map(|r| {
+            r.as_array()
+                .unwrap_or_else(|| panic!("not a list: {r}"))
+                .iter()
+                .map(|x| x.as_f64().unwrap() as f32)
+                .collect()
+        })
+        .collect()
+}
+
+/// The `data[*].embedding` rows of an OpenAI response, checking `index` order.
+fn openai_rows(v: &Value) -> Vec<Vec<f32>> {
+    let data = v["data"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no data: {v}"));
+    for (i, d) in data.iter().enumerate() {
+        assert_eq!(d["index"].as_u64(), Some(i as u64), "{v}");
+        assert_eq!(d["object"], "embedding");
+    }
+    rows(&Value::Array(
+        data.iter().map(|d| d["embedding"].clone()).collect(),
+    ))
+}
+
+fn decode_base64(s: &str) -> Vec<f32> {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut bits = 0u32;
+    let mut n = 0;
+    let mut bytes = Vec::new();
+    for c in s.bytes().filter(|&c| c != b'=') {
+        let v = ALPHABET
+            .iter()
+            .position(|&a| a == c)
+            .expect("base64 character") as u32;
+        bits = bits << 6 | v;
+        n += 6;
+        if n >= 8 {
+            n -= 8;
+            bytes.push((bits >> n) as u8);
+            bits &= (1 << n) - 1;
+        }
+    }
+    assert_eq!(bytes.len() % 4, 0);
+    bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+const DOCS: [&str; 5] = [
+    "Paris is the capital and most populous city of France.",
+    "The mitochondrion is the powerhouse of the cell.",
+    "Crème brûlée: un dessert à base de crème et de sucre caramélisé.",
+    "東京は日本の首都です。",
+    "A short one.",
+];
+
+const QUERIES: [&str; 4] = [
+    "what is the capital of france",
+    "how do cells make energy",
+    "best dessert recipe with caramel",
+    "capital of japan",
+];
+
+/// A work directory with the three-example MSMARCO prefix as an examples file and as a tasks file.
+struct Setup {
+    dir: tempfile::TempDir,
+    examples: Vec<Value>,
+}
+
+impl Setup {
+    fn new() -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        let all: Vec<Value> = serde_json::from_str(
+            &std::fs::read_to_string(data_dir().join("MTEB/MSMARCO.json")).unwrap(),
+        )
+        .unwrap();
+        let examples: Vec<Value> = all.into_iter().take(3).collect();
+        std::fs::write(
+            dir.path().join("examples.json"),
+            Value::Array(examples.clone()).to_string(),
+        )
+        .unwrap();
+        let tasks = json!({
+            "msmarco": {"instruction": INSTRUCTION, "examples": "examples.json"},
+            "plain": {"instruction": "Retrieve semantically similar text."},
+            "other": {"instruction": "Retrieve passages that answer the question.", "examples": "examples.json"},
+        });
+        std::fs::write(dir.path().join("tasks.json"), tasks.to_string()).unwrap();
+        Setup { dir, examples }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn tasks(&self) -> String {
+        self.path("tasks.json").display().to_string()
+    }
+
+    fn write_lines(&self, name: &str, texts: &[&str]) -> PathBuf {
+        let path = self.path(name);
+        std::fs::write(&path, texts.join("\n")).unwrap();
+        path
+    }
+
+    /// The CLI's embeddings (fp32) of `texts`, as documents or as MSMARCO queries.
+    fn cli_embed(&self, pkg: &Path, texts: &[&str], queries: bool) -> Vec<Vec<f32>> {
+        let input = self.write_lines("in.txt", texts);
+        let out = self.path("out.npy");
+        let examples = self.path("examples.json").display().to_string();
+        let mut extra = vec!["--variant", "fp32", "--device", "cpu", "--quiet"];
+        if queries {
+            extra.extend(["--queries", "--task", INSTRUCTION, "--examples", &examples]);
+        }
+        ok(run(&embed_args(pkg, &input, &out, &extra)));
+        read_npy(&out)
+    }
+
+    fn cli_tokenize(&self, pkg: &Path, texts: &[&str], queries: bool) -> Vec<Vec<u32>> {
+        let input = self.write_lines("in.txt", texts);
+        let examples = self.path("examples.json").display().to_string();
+        let mut args = vec![
+            "tokenize".to_string(),
+            "--model".into(),
+            pkg.display().to_string(),
+            "--input".into(),
+            input.display().to_string(),
+        ];
+        if queries {
+            args.extend(
+                ["--queries", "--task", INSTRUCTION, "--examples", &examples].map(String::from),
+            );
+        }
+        read_ids(&ok(run(&args)))
+    }
+}
+
+fn assert_close(what: &str, got: &[Vec<f32>], want: &[Vec<f32>]) {
+    assert_eq!(got.len(), want.len(), "{what}: row counts");
+    let c = got
+        .iter()
+        .zip(want)
+        .map(|(a, b)| cosine(a, b))
+        .fold(f64::INFINITY, f64::min);
+    assert!(c >= 0.99999, "{what}: min cosine {c} against the CLI");
+}
+
+#[test]
+fn embeddings_and_token_ids_equal_the_cli_on_every_route() {
+    let Some(fx) = fixtures() else { return };
+    let pkg = &fx.tiny_pkg;
+    let setup = Setup::new();
+    let docs_cli = setup.cli_embed(pkg, &DOCS, false);
+    let queries_cli = setup.cli_embed(pkg, &QUERIES, true);
+    let server = Server::start(pkg, &["--tasks", &setup.tasks()]);
+
+    // OpenAI route: documents as floats and as base64, queries by preset and inline.
+    let (status, v) = server.post("/v1/embeddings", &json!({"model": "x", "input": DOCS}));
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["object"], "list");
+    let docs = openai_rows(&v);
+    assert_close("/v1/embeddings documents", &docs, &docs_cli);
+    let doc_ids = setup.cli_tokenize(pkg, &DOCS, false);
+    let tokens: usize = doc_ids.iter().map(Vec::len).sum();
+    assert_eq!(
+        v["usage"]["prompt_tokens"].as_u64(),
+        Some(tokens as u64),
+        "{v}"
+    );
+    assert_eq!(v["usage"]["total_tokens"].as_u64(), Some(tokens as u64));
+
+    let (status, b) = server.post(
+        "/v1/embeddings",
+        &json!({"input": DOCS, "encoding_format": "base64"}),
+    );
+    assert_eq!(status, 200, "{b}");
+    let decoded: Vec<Vec<f32>> = b["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| decode_base64(d["embedding"].as_str().unwrap()))
+        .collect();
+    assert_eq!(decoded, docs, "base64 and float differ");
+
+    let (status, v) = server.post(
+        "/v1/embeddings",
+        &json!({"input": "Paris is the capital and most populous city of France."}),
+    );
+    assert_eq!(status, 200, "{v}");
+    assert_close("a single string", &openai_rows(&v), &docs_cli[..1]);
+
+    let (status, v) = server.post(
+        "/v1/embeddings",
+        &json!({"input": QUERIES, "task": "msmarco"}),
+    );
+    assert_eq!(status, 200, "{v}");
+    assert_close("queries by preset", &openai_rows(&v), &queries_cli);
+    let inline = json!({"input": QUERIES, "instruction": INSTRUCTION, "examples": setup.examples});
+    let (status, v) = server.post("/v1/embeddings", &inline);
+    assert_eq!(status, 200, "{v}");
+    assert_close("queries inline", &openai_rows(&v), &queries_cli);
+
+    // TEI route.
+    let (status, v) = server.post("/embed", &json!({"inputs": DOCS}));
+    assert_eq!(status, 200, "{v}");
+    assert_close("/embed documents", &rows(&v), &docs_cli);
+    let (status, v) = server.post(
+        "/embed",
+        &json!({"inputs": QUERIES, "prompt_name": "msmarco"}),
+    );
+    assert_eq!(status, 200, "{v}");
+    assert_close("/embed queries", &rows(&v), &queries_cli);
+
+    // Token ids: /tokenize equals `icl-embed tokenize`, and ids embed as their text does.
+    let (status, v) = server.post("/tokenize", &json!({"inputs": DOCS}));
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(serde_json::from_value::<Vec<Vec<u32>>>(v).unwrap(), doc_ids);
+    let (status, v) = server.post("/tokenize", &json!({"inputs": QUERIES, "task": "msmarco"}));
+    assert_eq!(status, 200, "{v}");
+    let query_ids = setup.cli_tokenize(pkg, &QUERIES, true);
+    assert_eq!(
+        serde_json::from_value::<Vec<Vec<u32>>>(v).unwrap(),
+        query_ids
+    );
+    let (status, v) = server.post("/v1/embeddings", &json!({"input": query_ids}));
+    assert_eq!(status, 200, "{v}");
+    assert_close("query token ids", &openai_rows(&v), &queries_cli);
+    let (status, v) = server.post("/v1/embeddings", &json!({"input": doc_ids[1]}));
+    assert_eq!(status, 200, "{v}");
+    assert_close("one list of token ids", &openai_rows(&v), &docs_cli[1..2]);
+
+    // The preset's prefix was computed once and reused by the later query batches.
+    let (status, metrics) = server.get("/metrics");
+    assert_eq!(status, 200);
+    let hits = metric(&metrics, "icl_embed_prefix_cache_hits_total");
+    let misses = metric(&metrics, "icl_embed_prefix_cache_misses_total");
+    assert!(
+        hits >= 1.0 && misses >= 1.0,
+        "hits {hits}, misses {misses}:\n{metrics}"
+    );
+    assert!(metric(&metrics, "icl_embed_prefix_cache_bytes") > 0.0);
+    assert!(
+        metrics.contains("icl_embed_requests_total{route=\"/v1/embeddings\",status=\"200\"}"),
+        "{metrics}"
+    );
+    let (status, info) = server.get("/info");
+    assert_eq!(status, 200);
+    let info: Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(info["variant"], "fp32");
+    assert_eq!(info["tasks"], json!(["msmarco", "other", "plain"]));
+    assert_eq!(server.get("/health").0, 200);
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')))
+        .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Asserts the status and that the error names `field` (and `index`), in the route's shape.
+fn refused(server: &Server, path: &str, body: Value, status: u16, field: &str, index: Option<u64>) {
+    let headers = [("Authorization", "Bearer sesame")];
+    let (got, v) = server.post_with(path, &body, &headers);
+    assert_eq!(got, status, "{path} {body}: {v}");
+    let e = if path.starts_with("/v1/") {
+        &v["error"]
+    } else {
+        &v
+    };
+    assert_eq!(
+        e["field"].as_str().or(e["param"].as_str()),
+        Some(field),
+        "{path} {body}: {v}"
+    );
+    assert_eq!(e["index"].as_u64(), index, "{path} {body}: {v}");
+    let message = if path.starts_with("/v1/") {
+        e["message"].as_str()
+    } else {
+        e["error"].as_str()
+    };
+    assert!(message.is_some_and(|m| m.starts_with(field)), "{v}");
+}
+
+#[test]
+fn every_bad_request_gets_its_status_and_names_the_field() {
+    let Some(fx) = fixtures() else { return };
+    let setup = Setup::new();
+    let server = Server::start(
+        &fx.tiny_pkg,
+        &[
+            "--tasks",
+            &setup.tasks(),
+            "--api-key",
+            "sesame",
+            "--max-client-batch-size",
+            "4",
+            "--payload-limit",
+            "20000",
+        ],
+    );
+    let auth = [("Authorization", "Bearer sesame")];
+    let good = json!({"input": ["a text"]});
+
+    // 401 without or with a wrong key; /health needs none.
+    let (s, v) = server.post("/v1/embeddings", &good);
+    assert_eq!(s, 401, "{v}");
+    assert_eq!(v["error"]["type"], "authentication_error");
+    let (s, _) = server.post_with(
+        "/embed",
+        &json!({"inputs": "x"}),
+        &[("Authorization", "Bearer nope")],
+    );
+    assert_eq!(s, 401);
+    assert_eq!(server.get("/info").0, 401);
+    assert_eq!(server.get("/health").0, 200);
+
+    // 400: empty inputs, and `dimensions`.
+    refused(
+        &server,
+        "/v1/embeddings",
+        json!({"input": []}),
+        400,
+        "input",
+        None,
+    );
+    refused(
+        &server,
+        "/v1/embeddings",
+        json!({"input": ""}),
+        400,
+        "input",
+        None,
+    );
+    refused(
+        &server,
+        "/v1/embeddings",
+        json!({"input": ["ok", ""]}),
+        400,
+        "input",
+        Some(1),
+    );
+    refused(
+        &server,
+        "/v1/embeddings",
+        json!({"input": [[5, 6], []]}),
+        400,
+        "input",
+        Some(1),
+    );
+    refused(
+        &server,
+        "/embed",
+        json!({"inputs": []}),
+        400,
+        "inputs",
+        None,
+    );
+    refused(
+        &server,
+        "/v1/embeddings",
+        json!({"input": "x", "dimensions": 8}),
+        400,
+        "dimensions",
+        None,
+    );
+
+    // 413: a body over the payload limit, and /embed's over-long text without truncate.
+    let big = json!({"input": "word ".repeat(5000)});
+    let (s, v) = server.post_with("/v1/embeddings", &big, &auth);
+    assert_eq!(s, 413, "{v}");
+    let long = "word ".repeat(1500);
+    refused(
+        &server,
+        "/embed",
+        json!({"inputs": ["short", long]}),
+        413,
+        "inputs",
+        Some(1),
+    );
+    let (s, v) = server.post_with(
+        "/embed",
+        &json!({"inputs": ["short", long], "truncate": true}),
+        &auth,
+    );
+    assert_eq!(s, 200, "{v}");
+
+    // 422: too many inputs, a bad input, bad token ids, unknown task, malformed examples, bad fields.
+    refused(
+        &server,
+        "/v1/embeddings",
+        json!({"input": ["a", "b", "c", "d", "e"]}),
+        422,
+        "input",
+        None,
+    );
+    refused(
+        &server,
+        "/v1/embeddings",
+        json!({"input": ["a", "b", 7]}),
+        422,
+        "input",
+        Some(2),
+    );
+    refused(
+        &server,
+        "/v1/embeddings",
+        json!({"input": [[1, 2], [3, 99999999]]}),
+        422,
+        "input",
+        Some(1),
+    );
+    refused(
+        &server,
+        "/v1/embeddings",
+        json!({"input": [1, -2]}),
+        422,
+        "input",
+        Some(1),
+    );
+    refused(
+        &server,
+        "/v1/embeddings",
+        json!({"input": [[1, 2]], "task": "msmarco"}),
+        422,
+        "input",
+        None,
+    );
+    refused(
+        &server,
+        "/v1/embeddings",
+        json!({"input": "q", "task": "nope"}),
+        422,
+        "task",
+        None,
+    );
+    refused(
+        &server,
+        "/embed",
+        json!({"inputs": "q", "prompt_name": "nope"}),
+        422,
+        "prompt_name",
+        None,
+    );
+    refused(
+        &server,
+        "/v1/embeddings",
+        json!({"input": "q", "task": "msmarco", "instruction": "x"}),
+        422,
+        "task",
+        None,
+    );
+    let malformed = json!({"input": "q", "instruction": "Find.", "examples": [{"query": "a", "response": "b"}, {"query": "c"}]});
+    refused(
+        &server,
+        "/v1/embeddings",
+        malformed,
+        422,
+        "examples[1]",
+        None,
+    );
+    let no_instruct = json!({"inputs": "q", "examples": [{"query": "a", "response": "b"}]});
+    refused(
+        &server,
+        "/embed",
+        no_instruct,
+        422,
+        "examples[0].instruct",
+        None,
+    );
+    refused(
+        &server,
+        "/v1/embeddings",
+        json!({"input": "q", "encoding_format": "int8"}),
+        422,
+        "encoding_format",
+        None,
+    );
+    refused(
+        &server,
+        "/v1/embeddings",
+        json!({"input": {"text": "q"}}),
+        422,
+        "input",
+        None,
+    );
+    refused(
+        &server,
+        "/v1/embeddings",
+        json!({"input": "q", "model": 5}),
+        422,
+        "model",
+        None,
+    );
+    refused(
+        &server,
+        "/embed",
+        json!({"inputs": "q", "normalize": false}),
+        422,
+        "normalize",
+        None,
+    );
+    refused(
+        &server,
+        "/embed",
+        json!({"inputs": "q", "truncate": "yes"}),
+        422,
+        "truncate",
+        None,
+    );
+    refused(
+        &server,
+        "/v1/embeddings",
+        json!(["not", "an", "object"]),
+        422,
+        "body",
+        None,
+    );
+
+    // Invalid JSON is a 400 too; an unknown route a 404 in JSON.
+    let (s, body) = http(
+        &server.addr,
+        "POST",
+        "/v1/embeddings",
+        &auth,
+        b"{\"input\": ",
+    );
+    assert_eq!(s, 400, "{body}");
+    assert!(body.contains("invalid JSON"), "{body}");
+    let (s, body) = http(&server.addr, "GET", "/nope", &auth, b"");
+    assert_eq!(s, 404, "{body}");
+
+    // The server kept serving, and counted every answer.
+    let (s, v) = server.post_with("/v1/embeddings", &good, &auth);
+    assert_eq!(s, 200, "{v}");
+    let (_, metrics) = http(&server.addr, "GET", "/metrics", &auth, b"");
+    for status in [400, 401, 413, 422, 200] {
+        assert!(
+            metrics.contains(&format!("status=\"{status}\"}}")),
+            "no {status} in:\n{metrics}"
+        );
+    }
+    assert!(!server.log().contains("panicked"), "{}", server.log());
+}
+
+/// Sends the head and half the body of a request; the rest is sent by [`finish`].
+fn start_request(addr: &str, body: &str) -> (TcpStream, Vec<u8>) {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    let head = request_head(addr, "POST", "/v1/embeddings", &[], body.len());
+    stream.write_all(head.as_bytes()).unwrap();
+    let (first, rest) = body.as_bytes().split_at(body.len() / 2);
+    stream.write_all(first).unwrap();
+    stream.flush().unwrap();
+    (stream, rest.to_vec())
+}
+
+fn finish((mut stream, rest): (TcpStream, Vec<u8>)) -> (u16, Value) {
+    stream.write_all(&rest).unwrap();
+    let (status, body) = read_response(stream);
+    (status, serde_json::from_str(&body).unwrap())
+}
+
+#[test]
+fn over_the_concurrency_limit_is_429_and_sigterm_finishes_what_is_in_flight() {
+    let Some(fx) = fixtures() else { return };
+    let setup = Setup::new();
+    let docs_cli = setup.cli_embed(&fx.tiny_pkg, &DOCS, false);
+    let mut server = Server::start(&fx.tiny_pkg, &["--max-concurrent-requests", "2"]);
+    // Two requests in flight (their bodies still arriving) hold both permits.
+    let a = start_request(&server.addr, &json!({"input": DOCS[..2]}).to_string());
+    let b = start_request(&server.addr, &json!({"input": DOCS[2..]}).to_string());
+    std::thread::sleep(Duration::from_millis(300));
+    let (status, v) = server.post("/v1/embeddings", &json!({"input": "one more"}));
+    assert_eq!(status, 429, "{v}");
+    assert_eq!(v["error"]["type"], "rate_limit_error");
+    let (status, v) = server.post("/embed", &json!({"inputs": "one more"}));
+    assert_eq!(status, 429, "{v}");
+    assert_eq!(v["error_type"], "overloaded");
+
+    server.terminate();
+    std::thread::sleep(Duration::from_millis(500));
+    // No new connections are answered once the signal arrived...
+    if let Ok(mut s) = TcpStream::connect(&server.addr) {
+        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+        let _ = s.write_all(request_head(&server.addr, "GET", "/health", &[], 0).as_bytes());
+        let mut buf = Vec::new();
+        let _ = s.read_to_end(&mut buf);
+        assert!(
+            buf.is_empty(),
+            "answered after SIGTERM: {}",
+            String::from_utf8_lossy(&buf)
+        );
+    }
+    // ...but the two in flight complete, each with its own rows.
+    let (status, v) = finish(a);
+    assert_eq!(status, 200, "{v}");
+    assert_close("in flight (a)", &openai_rows(&v), &docs_cli[..2]);
+    let (status, v) = finish(b);
+    assert_eq!(status, 200, "{v}");
+    assert_close("in flight (b)", &openai_rows(&v), &docs_cli[2..]);
+    assert_eq!(
+        server.wait_exit(Duration::from_secs(30)),
+        Some(0),
+        "{}",
+        server.log()
+    );
+    assert!(server.log().contains("stopped"), "{}", server.log());
+}
+
+#[test]
+fn many_concurrent_clients_each_get_their_own_results() {
+    let Some(fx) = fixtures() else { return };
+    let setup = Setup::new();
+    // 24 distinct documents and 24 distinct queries; each client sends its own few.
+    let docs: Vec<String> = (0..24)
+        .map(|i| format!("Passage {i}: {} ({} of 24).", DOCS[i % DOCS.len()], i + 1))
+        .collect();
+    let queries: Vec<String> = (0..24)
+        .map(|i| format!("{} number {i}", QUERIES[i % QUERIES.len()]))
+        .collect();
+    let doc_refs: Vec<&str> = docs.iter().map(String::as_str).collect();
+    let query_refs: Vec<&str> = queries.iter().map(String::as_str).collect();
+    let docs_cli = setup.cli_embed(&fx.tiny_pkg, &doc_refs, false);
+    let queries_cli = setup.cli_embed(&fx.tiny_pkg, &query_refs, true);
+    let server = Server::start(&fx.tiny_pkg, &["--tasks", &setup.tasks()]);
+    let addr = server.addr.clone();
+    let clients: Vec<_> = (0..12)
+        .map(|c| {
+            let addr = addr.clone();
+            let (docs, queries) = (docs.clone(), queries.clone());
+            std::thread::spawn(move || {
+                let mut got = Vec::new();
+                for round in 0..2 {
+                    let k = c * 2 + round;
+                    let (body, which) = match (c + round) % 2 {
+                        0 => (json!({"input": [&docs[k]]}), "docs"),
+                        _ => (
+                            json!({"inputs": [&queries[k]], "task": "msmarco"}),
+                            "queries",
+                        ),
+                    };
+                    let path = if which == "docs" {
+                        "/v1/embeddings"
+                    } else {
+                        "/embed"
+                    };
+                    let (status, text) =
+                        http(&addr, "POST", path, &[], body.to_string().as_bytes());
+                    assert_eq!(status, 200, "{text}");
+                    let v: Value = serde_json::from_str(&text).unwrap();
+                    let row = if which == "docs" {
+                        openai_rows(&v)
+                    } else {
+                        rows(&v)
+                    };
+                    got.push((which, k, row.into_iter().next().unwrap()));
+                }
+                got
+            })
+        })
+        .collect();
+    for client in clients {
+        for (which, k, row) in client.join().unwrap() {
+            let all = if which == "docs" {
+                &docs_cli
+            } else {
+                &queries_cli
+            };
+            let best = (0..all.len())
+                .max_by(|&a, &b| cosine(&row, &all[a]).total_cmp(&cosine(&row, &all[b])))
+                .unwrap();
+            assert_eq!(best, k, "{which} {k}: closest to row {best}");
+            assert!(cosine(&row, &all[k]) >= 0.99999, "{which} {k}");
+        }
+    }
+}
+
+#[test]
+fn several_tasks_keep_their_prefix_states_within_the_byte_bound() {
+    let Some(fx) = fixtures() else { return };
+    let setup = Setup::new();
+    let run = |extra: &[&str]| {
+        let mut args = vec!["--tasks", &*setup.tasks()]
+            .into_iter()
+            .map(String::from)
+            .collect::<Vec<_>>();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let server = Server::start(&fx.tiny_pkg, &refs);
+        let mut rows = Vec::new();
+        // One request at a time, so each is its own batch: two tasks, alternating.
+        for task in ["msmarco", "other", "msmarco", "other"] {
+            let (status, v) = server.post("/embed", &json!({"inputs": QUERIES, "task": task}));
+            assert_eq!(status, 200, "{v}");
+            rows.push(self::rows(&v));
+        }
+        let (_, m) = server.get("/metrics");
+        let counts = (
+            metric(&m, "icl_embed_prefix_cache_hits_total"),
+            metric(&m, "icl_embed_prefix_cache_misses_total"),
+            metric(&m, "icl_embed_prefix_cache_bytes"),
+        );
+        (rows, counts)
+    };
+    // Room for both: each prefix is computed once and found again.
+    let (kept, (hits, misses, bytes)) = run(&[]);
+    assert_eq!((hits, misses), (2.0, 2.0));
+    assert!(bytes > 0.0);
+    // Room for neither: computed for every batch, nothing kept, the same embeddings.
+    let (alone, (hits, misses, bytes)) = run(&["--prefix-cache-bytes", "1"]);
+    assert_eq!((hits, misses, bytes), (0.0, 4.0, 0.0));
+    for (a, b) in kept.iter().zip(&alone) {
+        assert_close("prefix kept vs computed each time", a, b);
+    }
+    // The two tasks' prefixes differ, so do their embeddings.
+    assert!(cosine(&kept[0][0], &kept[1][0]) < 0.99999);
+}
