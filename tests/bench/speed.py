@@ -829,7 +829,24 @@ def render(args: argparse.Namespace, header: list[str], sections: list[str],
         over = r.rss_kb / 1024 - r.weights / 2**20
         out.append(f"| {name} | {kind} | {r.variant} | {mib(r.weights)} | {r.rss_kb / 1024:,.0f} | "
                    f"{over:,.0f} | {'yes' if over <= GIB_MIB else '**no**'} |")
+    for block in carried_blocks(args):
+        out += ["", *block]
     return "\n".join(out).rstrip() + "\n"
+
+
+def carried_blocks(args: argparse.Namespace) -> list[list[str]]:
+    """Sections other harnesses write (the server's, the full-size run's), each between
+    `<!-- NAME:begin -->` and `<!-- NAME:end -->` in the previous file: carried over verbatim, markers
+    included, since this run does not measure them."""
+    text = Path(args.previous).read_text() if args.previous and Path(args.previous).exists() else ""
+    blocks = []
+    for name in re.findall(r"<!-- ([\w-]+):begin -->", text):
+        begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+        if begin == STREAM_BEGIN or end not in text:
+            continue
+        body = text.split(begin, 1)[1].split(end, 1)[0].strip("\n")
+        blocks.append([begin, *body.splitlines(), end])
+    return blocks
 
 
 def main(argv: list[str] | None = None) -> int:
