@@ -119,6 +119,48 @@ def _matmul_nbits(src: Path, dst: Path, s: dict) -> None:
     del quantizer
 
 
+def int8_matmul_weight(node: onnx.NodeProto, weight: np.ndarray,
+                       recipe: Recipe | None = None) -> tuple[list[onnx.NodeProto], dict[str, np.ndarray]]:
+    """Quantize ONE MatMul weight for the streaming exporter (export/stream.py): `node` is the graph's
+    MatMul (A x W), `weight` its fp32 W [in, out]; returns the nodes that replace `node` and the new
+    initializers by name. This is the single place where int8 is chosen per tensor: the shipped
+    recipe (`SHIPPED_INT8`, MatMulNBits) runs ONNX Runtime's own quantizer on a one-MatMul graph holding
+    just this weight, so the result is what quantizing the whole graph gives, one tensor at a time."""
+    from onnx import helper, numpy_helper
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    recipe = recipe or SHIPPED_INT8
+    if recipe.method != "matmulnbits":
+        raise ValueError(f"per-tensor quantization supports method matmulnbits, not {recipe.method!r}")
+    s = recipe.settings
+    rows, cols = weight.shape
+    w_name = node.input[1]
+    one = helper.make_graph(
+        [helper.make_node("MatMul", ["A", w_name], ["Y"], name=node.name)], "one",
+        [helper.make_tensor_value_info("A", onnx.TensorProto.FLOAT, ["m", rows])],
+        [helper.make_tensor_value_info("Y", onnx.TensorProto.FLOAT, ["m", cols])],
+        initializer=[numpy_helper.from_array(np.ascontiguousarray(weight, dtype=np.float32), w_name)])
+    model = helper.make_model(one, opset_imports=[helper.make_opsetid("", 18)])
+    quantizer = MatMulNBitsQuantizer(model, bits=s["bits"], block_size=s["block_size"], is_symmetric=s["symmetric"],
+                                     accuracy_level=s["accuracy_level"], op_types_to_quantize=("MatMul",))
+    quantizer.process()
+    graph = quantizer.model.model.graph
+    rename = {"A": node.input[0], "Y": node.output[0]}
+    nodes = []
+    for n in graph.node:
+        new = onnx.NodeProto()
+        new.CopyFrom(n)
+        for i, name in enumerate(new.input):
+            new.input[i] = rename.get(name, name)
+        for i, name in enumerate(new.output):
+            new.output[i] = rename.get(name, name)
+        nodes.append(new)
+    if [n.op_type for n in nodes] != ["MatMulNBits"]:
+        raise RuntimeError(f"{node.name}: the quantizer gave {[n.op_type for n in nodes]}, expected one MatMulNBits")
+    arrays = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    return nodes, arrays
+
+
 def _dynamic(src: Path, dst: Path, s: dict) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
