@@ -123,42 +123,43 @@ def int8_matmul_weight(node: onnx.NodeProto, weight: np.ndarray,
                        recipe: Recipe | None = None) -> tuple[list[onnx.NodeProto], dict[str, np.ndarray]]:
     """Quantize ONE MatMul weight for the streaming exporter (export/stream.py): `node` is the graph's
     MatMul (A x W), `weight` its fp32 W [in, out]; returns the nodes that replace `node` and the new
-    initializers by name. This is the single place where int8 is chosen per tensor: the shipped
-    recipe (`SHIPPED_INT8`, MatMulNBits) runs ONNX Runtime's own quantizer on a one-MatMul graph holding
-    just this weight, so the result is what quantizing the whole graph gives, one tensor at a time."""
-    from onnx import helper, numpy_helper
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    initializers by name. This is the single place where int8 is chosen per tensor (the recipe may
+    change here without touching the exporter). The shipped recipe (`SHIPPED_INT8`, MatMulNBits):
+    ONNX Runtime's own block quantizer (`quantize_matmul_8bits`, what `MatMulNBitsQuantizer` calls),
+    and the node and initializers that quantizer makes, named as it names them; a test checks the
+    result against quantizing the whole graph with `MatMulNBitsQuantizer`."""
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
 
     recipe = recipe or SHIPPED_INT8
     if recipe.method != "matmulnbits":
         raise ValueError(f"per-tensor quantization supports method matmulnbits, not {recipe.method!r}")
     s = recipe.settings
+    bits, block = s["bits"], s["block_size"]
+    if weight.ndim != 2:
+        raise ValueError(f"{node.name}: a MatMul weight must be 2-D, got shape {weight.shape}")
     rows, cols = weight.shape
+    kpack = 8 // bits
+    k_blocks = (rows + block - 1) // block
+    w = np.ascontiguousarray(weight, dtype=np.float32)
+    if k_blocks * block != rows:
+        w = np.pad(w, ((0, k_blocks * block - rows), (0, 0)), "constant")
+    packed = np.zeros((cols, k_blocks, (block + kpack - 1) // kpack), dtype=np.uint8)
+    zero_points = np.zeros((cols, (k_blocks + kpack - 1) // kpack), dtype=np.uint8)
+    scales = np.zeros((cols, k_blocks), dtype=np.float32)
+    pack = quantize_matmul_8bits if bits == 8 else quantize_matmul_4bits
+    pack(packed, w, scales, zero_points, block, cols, rows, s["symmetric"])
     w_name = node.input[1]
-    one = helper.make_graph(
-        [helper.make_node("MatMul", ["A", w_name], ["Y"], name=node.name)], "one",
-        [helper.make_tensor_value_info("A", onnx.TensorProto.FLOAT, ["m", rows])],
-        [helper.make_tensor_value_info("Y", onnx.TensorProto.FLOAT, ["m", cols])],
-        initializer=[numpy_helper.from_array(np.ascontiguousarray(weight, dtype=np.float32), w_name)])
-    model = helper.make_model(one, opset_imports=[helper.make_opsetid("", 18)])
-    quantizer = MatMulNBitsQuantizer(model, bits=s["bits"], block_size=s["block_size"], is_symmetric=s["symmetric"],
-                                     accuracy_level=s["accuracy_level"], op_types_to_quantize=("MatMul",))
-    quantizer.process()
-    graph = quantizer.model.model.graph
-    rename = {"A": node.input[0], "Y": node.output[0]}
-    nodes = []
-    for n in graph.node:
-        new = onnx.NodeProto()
-        new.CopyFrom(n)
-        for i, name in enumerate(new.input):
-            new.input[i] = rename.get(name, name)
-        for i, name in enumerate(new.output):
-            new.output[i] = rename.get(name, name)
-        nodes.append(new)
-    if [n.op_type for n in nodes] != ["MatMulNBits"]:
-        raise RuntimeError(f"{node.name}: the quantizer gave {[n.op_type for n in nodes]}, expected one MatMulNBits")
-    arrays = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-    return nodes, arrays
+    arrays = {f"{w_name}_Q{bits}": packed, f"{w_name}_scales": scales}
+    inputs = [node.input[0], f"{w_name}_Q{bits}", f"{w_name}_scales"]
+    if not s["symmetric"]:
+        arrays[f"{w_name}_zero_points"] = zero_points
+        inputs.append(f"{w_name}_zero_points")
+    attrs = {"K": rows, "N": cols, "bits": bits, "block_size": block}
+    if s["accuracy_level"]:
+        attrs["accuracy_level"] = s["accuracy_level"]
+    new = onnx.helper.make_node("MatMulNBits", inputs=inputs, outputs=[node.output[0]],
+                                name=node.name + f"_Q{bits}" if node.name else "", domain="com.microsoft", **attrs)
+    return [new], arrays
 
 
 def _dynamic(src: Path, dst: Path, s: dict) -> None:

@@ -5,8 +5,8 @@ Nothing here ever holds the whole model:
 - `Checkpoint` reads a Hugging Face checkpoint (`model.safetensors`, or the hub's shards
   `model-0000K-of-0000N.safetensors` with `model.safetensors.index.json`) one tensor at a time with
   plain file reads (no mmap, so the file pages it touched never count as the process's memory).
-- `skeleton` builds the package's `Decoder` from the config alone: every weight is a zero-strided
-  view of one scalar (full shape, no memory), so the graph is traced once per dtype in seconds with
+- `skeleton` builds the package's `Decoder` from the config alone: the weights of one shape share
+  one zero buffer (no per-layer memory), so the graph is traced once per dtype in seconds with
   `export_params=False`; the weights become graph inputs, which `write_variants` turns back into
   initializers as it streams the checkpoint into each variant's `model.onnx.data`.
 - `write_variants` reads each weight once and appends it to every requested variant: fp32 as read,
@@ -20,6 +20,7 @@ Nothing here ever holds the whole model:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -116,18 +117,17 @@ def meta_model(config):
 
 
 def skeleton(config, dtype: torch.dtype = torch.float32) -> Decoder:
-    """The package's Decoder for `config` with every weight a zero-strided view of one zero (full shape, no memory)."""
+    """The package's Decoder for `config` with zero weights that share one buffer per shape (a few
+    layers' worth of address space, next to no resident memory): enough to trace the graph."""
     decoder = Decoder(meta_model(config))
-    count = 0
+    shared: dict[tuple, torch.Tensor] = {}
     with torch.no_grad():
         for module in decoder.modules():
             for name, p in list(module.named_parameters(recurse=False)):
-                # A distinct value per weight: the exporter merges parameters that compare equal.
-                count += 1
-                if count > 2048:  # the largest run of distinct integers fp16 holds exactly
-                    raise ValueError("more than 2048 weights: tracing would merge some of them")
-                value = torch.full((), float(count), dtype=dtype).expand(p.shape)
-                setattr(module, name, nn.Parameter(value, requires_grad=False))
+                # One zero buffer per shape, shared by every weight of that shape (calloc'd: pages
+                # nobody writes cost no memory), so tracing runs the real contiguous kernels.
+                base = shared.setdefault(tuple(p.shape), torch.zeros(p.shape, dtype=dtype))
+                setattr(module, name, nn.Parameter(base, requires_grad=False))
     # RoPE's inv_freq is a buffer and stays fp32 in every variant (rounding it to fp16 would shift
     # rotary phases by up to 0.2 rad at position 512).
     return decoder
@@ -152,6 +152,23 @@ def source_of(param: str) -> tuple[str, bool]:
 
 # --- tracing --------------------------------------------------------------------------------------
 
+@contextlib.contextmanager
+def _shape_inference_without_weights():
+    """The TorchScript exporter's whole-graph shape inference serializes the graph together with
+    every parameter's data (a 28 GB copy for bge-en-icl, and most of the trace's time). The weights
+    are graph inputs here, whose types and shapes the graph already carries, so it is given none."""
+    original = torch._C._jit_pass_onnx_graph_shape_type_inference
+
+    def without_weights(graph, params_dict, opset):
+        return original(graph, {}, opset)
+
+    torch._C._jit_pass_onnx_graph_shape_type_inference = without_weights
+    try:
+        yield
+    finally:
+        torch._C._jit_pass_onnx_graph_shape_type_inference = original
+
+
 def trace(decoder: Decoder, dtype: torch.dtype) -> onnx.ModelProto:
     """The decoder's graph with its weights as graph inputs named after the parameters (no data)."""
     layers = decoder.layers_count
@@ -159,7 +176,7 @@ def trace(decoder: Decoder, dtype: torch.dtype) -> onnx.ModelProto:
     dims = {name: {0: "batch", 1: "seq"} for name in INPUTS + [OUTPUT]}
     dims.update({name: {2: "past"} for name in past_names(layers)})
     dims.update({name: {0: "batch", 2: "seq"} for name in present_names(layers)})
-    with tempfile.TemporaryDirectory() as scratch:
+    with tempfile.TemporaryDirectory() as scratch, _shape_inference_without_weights():
         path = Path(scratch) / "model.onnx"
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
@@ -167,6 +184,7 @@ def trace(decoder: Decoder, dtype: torch.dtype) -> onnx.ModelProto:
                 decoder, (*example_inputs(), *past), os.fspath(path), dynamo=False, opset_version=OPSET,
                 input_names=INPUTS + past_names(layers), output_names=[OUTPUT] + present_names(layers),
                 dynamic_axes=dims, do_constant_folding=True, export_params=False,
+                keep_initializers_as_inputs=True,  # also skips the pairwise de-duplication of weights
             )
         return onnx.load(os.fspath(path), load_external_data=False)
 
@@ -240,8 +258,8 @@ def write_variants(checkpoint: Checkpoint, graphs: dict[str, onnx.ModelProto], o
         for param in weight_inputs:
             source, transpose = source_of(param)
             w = checkpoint.read(source)
-            if transpose:
-                w = np.ascontiguousarray(w.T)
+            if transpose:  # torch's blocked, threaded transpose: numpy's takes seconds per MLP weight
+                w = torch.from_numpy(w).t().contiguous().numpy()
             for target in targets:
                 target.store(param, w, target)
             del w
