@@ -27,10 +27,11 @@ import os
 import re
 import struct
 import tempfile
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -45,6 +46,12 @@ log = logging.getLogger(__name__)
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 _ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}
+
+
+def _peak_rss_gib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 # --- reading the checkpoint -----------------------------------------------------------------------
@@ -451,6 +458,7 @@ class SegmentedGraph:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = self.threads
         opts.inter_op_num_threads = 1
+        start = time.perf_counter()
         for k in range(len(self.parts)):
             path = self._segment_model(k, self.path.parent)
             try:
@@ -473,6 +481,8 @@ class SegmentedGraph:
                 for name in [n for n in values[r] if self.last_use.get(n, -1) <= k]:
                     del values[r][name]
             del sess
+            log.info("%s: segment %d/%d run (%.0f s so far, peak RSS %.2f GiB)", self.path.parent.name, k + 1,
+                     len(self.parts), time.perf_counter() - start, _peak_rss_gib())
         return results
 
 

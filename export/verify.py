@@ -103,15 +103,6 @@ def prefix_states(sess: ort.InferenceSession, prefix: list[int]) -> dict[str, np
     return {name.replace("present.", "past.", 1): out for name, out in zip(names, outs)}
 
 
-def cached_embeddings(sess: ort.InferenceSession, rows: list[list[int]], prefix_len: int, pad_id: int) -> np.ndarray:
-    """Last-token embeddings of `rows`, which all start with the same `prefix_len` ids, computed on
-    top of that prefix's states: the runtime's prefix cache."""
-    past = prefix_states(sess, rows[0][:prefix_len])
-    batch = right_padded([r[prefix_len:] for r in rows], pad_id)
-    batch.position_ids = np.where(batch.attention_mask == 1, batch.position_ids + prefix_len, 0)
-    return last_token(onnx_hidden(sess, batch, past), batch.attention_mask)
-
-
 def common_prefix(rows: list[list[int]]) -> int:
     n = min(len(r) for r in rows)
     for i in range(n):
@@ -130,15 +121,6 @@ def parity(reference: np.ndarray, embeddings: np.ndarray, threshold: float) -> d
         "max_abs_diff": float(np.abs(reference - embeddings).max()),
         "threshold": float(threshold),
     }
-
-
-def check_finite(sess: ort.InferenceSession, ids: list[int]) -> None:
-    """Run one long row; any inf/NaN in the hidden states fails the export."""
-    batch = right_padded([ids], pad_id=0)
-    hidden = onnx_hidden(sess, batch)
-    if not np.isfinite(hidden).all():
-        bad = int((~np.isfinite(hidden)).sum())
-        raise VerificationError(f"{bad} non-finite values in the hidden states of a {len(ids)}-token input")
 
 
 def verify_variant(
