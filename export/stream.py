@@ -458,6 +458,9 @@ class SegmentedGraph:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = self.threads
         opts.inter_op_num_threads = 1
+        # Without this, each session's arena stays resident after the session is gone (measured: about
+        # 480 MiB more per segment on an 8-layer model); with it the peak is one segment's.
+        opts.enable_cpu_mem_arena = False
         start = time.perf_counter()
         for k in range(len(self.parts)):
             path = self._segment_model(k, self.path.parent)
