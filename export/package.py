@@ -4,9 +4,10 @@ Everything is written into a sibling directory `PKG.partial-<pid>`; `embedder.js
 after every variant passed verification, and only then is the directory renamed to `PKG`. On any
 failure the partial directory is removed, so nothing that looks complete is left behind.
 
-Memory: the PyTorch model is used for the reference embeddings and the two traced graphs, then
-freed before any ONNX Runtime session or quantizer loads a graph, so at most one copy of the weights
-(plus what the current step builds from it) is held at a time.
+Memory does not grow with the model (export/stream.py): the PyTorch reference loads one decoder
+layer at a time, the graphs are traced without weights, every weight is read once from the
+checkpoint and appended to each variant's data file (quantized per tensor for int8), and ONNX
+Runtime verifies each variant one layer-sized segment at a time.
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from transformers import AutoConfig, AutoTokenizer
 
-from . import export, manifest, quantize, samples, verify
-from .decoder import Decoder
+from . import export, manifest, quantize, samples, stream, verify
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,15 @@ def _build(model: str, model_dir: Path, revision: str | None, tmp: Path, opts: O
     batch = verify.right_padded(rows, pad_id)
     log.info("%d sample texts, %d to %d tokens", len(rows), min(map(len, rows)), max(map(len, rows)))
 
-    architecture, reference = _trace(model_dir, tmp, opts, batch)
+    checkpoint = stream.Checkpoint(model_dir)
+    architecture = type(stream.meta_model(config)).__name__
+    if architecture not in export.SUPPORTED:
+        raise ExportError(f"{model_dir} loads as {architecture}; supported: {', '.join(sorted(export.SUPPORTED))}")
+    start = time.perf_counter()
+    reference = verify.last_token(stream.reference_hidden(model_dir, config, checkpoint, batch), batch.attention_mask)
+    log.info("PyTorch fp32 reference (one layer at a time) in %.1f s (peak RSS so far %.2f GiB)",
+             time.perf_counter() - start, peak_rss_gib())
+    _write_graphs(config, checkpoint, tmp, opts)
     cache_rows = samples.prefix_sharing(tokenizer, opts.max_length)
     entries = {}
     for name in opts.variants:
@@ -116,26 +125,26 @@ def _build(model: str, model_dir: Path, revision: str | None, tmp: Path, opts: O
     return result
 
 
-def _trace(model_dir: Path, tmp: Path, opts: Options, batch: verify.Batch):
-    """Reference embeddings from PyTorch fp32, then the fp32 (also for int8, which starts from it) and fp16 graphs."""
-    start = time.perf_counter()
-    model = export.load_model(model_dir)
-    architecture = type(model).__name__
-    log.info("loaded %s in %.1f s", architecture, time.perf_counter() - start)
-    start = time.perf_counter()
-    reference = verify.last_token(verify.torch_hidden(model, batch), batch.attention_mask)
-    log.info("PyTorch fp32 reference in %.1f s", time.perf_counter() - start)
-    decoder = Decoder(model, release=True)  # takes the weights over, layer by layer
-    del model
-    gc.collect()
+def _write_graphs(config, checkpoint: stream.Checkpoint, tmp: Path, opts: Options) -> None:
+    """Trace the weightless decoder once per dtype, then stream the checkpoint's weights into every
+    graph at once: fp32 as read, fp16 cast. `int8` is made afterwards from the fp32 graph
+    (`quantize.choose`: the fastest recipe that is faithful on this model, one weight at a time), so
+    the fp32 graph is written whenever int8 is asked for and removed at the end if fp32 was not."""
+    graphs = {}
     if "fp32" in opts.variants or any(v in QUANTIZED for v in opts.variants):
-        _timed("export fp32", export.export_graph, decoder, tmp / "fp32" / "model.onnx")
+        graphs["fp32"] = _timed("trace fp32", stream.trace, stream.skeleton(config, torch.float32), torch.float32)
     if "fp16" in opts.variants:
-        export.to_half(decoder)
-        _timed("export fp16", export.export_graph, decoder, tmp / "fp16" / "model.onnx")
-    del decoder
+        graphs["fp16"] = _timed("trace fp16", stream.trace, stream.skeleton(config, torch.float16), torch.float16)
     gc.collect()
-    return architecture, reference
+    paths = {name: tmp / name / "model.onnx" for name in graphs}
+    count = [0]
+
+    def progress(param: str) -> None:
+        count[0] += 1
+        if count[0] % 50 == 0:
+            log.info("wrote %d weights (at %s; peak RSS so far %.2f GiB)", count[0], param, peak_rss_gib())
+
+    _timed(f"write {', '.join(graphs)}", stream.write_variants, checkpoint, graphs, paths, progress)
 
 
 def _finish_variant(name: str, tmp: Path, opts: Options, batch, reference, tokenizer, cache_rows) -> dict:

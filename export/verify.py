@@ -103,15 +103,6 @@ def prefix_states(sess: ort.InferenceSession, prefix: list[int]) -> dict[str, np
     return {name.replace("present.", "past.", 1): out for name, out in zip(names, outs)}
 
 
-def cached_embeddings(sess: ort.InferenceSession, rows: list[list[int]], prefix_len: int, pad_id: int) -> np.ndarray:
-    """Last-token embeddings of `rows`, which all start with the same `prefix_len` ids, computed on
-    top of that prefix's states: the runtime's prefix cache."""
-    past = prefix_states(sess, rows[0][:prefix_len])
-    batch = right_padded([r[prefix_len:] for r in rows], pad_id)
-    batch.position_ids = np.where(batch.attention_mask == 1, batch.position_ids + prefix_len, 0)
-    return last_token(onnx_hidden(sess, batch, past), batch.attention_mask)
-
-
 def common_prefix(rows: list[list[int]]) -> int:
     n = min(len(r) for r in rows)
     for i in range(n):
@@ -132,15 +123,6 @@ def parity(reference: np.ndarray, embeddings: np.ndarray, threshold: float) -> d
     }
 
 
-def check_finite(sess: ort.InferenceSession, ids: list[int]) -> None:
-    """Run one long row; any inf/NaN in the hidden states fails the export."""
-    batch = right_padded([ids], pad_id=0)
-    hidden = onnx_hidden(sess, batch)
-    if not np.isfinite(hidden).all():
-        bad = int((~np.isfinite(hidden)).sum())
-        raise VerificationError(f"{bad} non-finite values in the hidden states of a {len(ids)}-token input")
-
-
 def verify_variant(
     name: str,
     graph: Path,
@@ -155,33 +137,69 @@ def verify_variant(
 
     `cache_rows` (indexes into the batch of queries that share their few-shot prefix) also checks the
     prefix cache: those rows embedded on top of their common prefix's states, against PyTorch.
+    `finite_ids` (one long row) must give finite hidden states.
+
+    The graph runs under ONNX Runtime one segment at a time (`stream.SegmentedGraph`: embeddings,
+    each decoder layer, final norm; the graph's own nodes), all workloads in lockstep, so at most one
+    layer's weights are loaded whatever the model's depth.
     """
-    sess = session(graph, threads)
-    embeddings = last_token(onnx_hidden(sess, batch), batch.attention_mask)
+    from .stream import Run, SegmentedGraph
+
+    segmented = SegmentedGraph(graph, threads)
+    empty = {}
+    for n, vi in segmented.graph_inputs.items():
+        if n.startswith("past."):
+            t = vi.type.tensor_type
+            dtype = np.float16 if t.elem_type == onnx_float16() else np.float32
+            empty[n] = np.zeros((1, t.shape.dim[1].dim_value, 0, t.shape.dim[3].dim_value), dtype)
+    presents = {n for n in segmented.graph_outputs if n.startswith("present.")}
+    runs = [Run({**batch.feeds(), **empty}, {"last_hidden_state"})]
+    cache = None
+    if cache_rows and empty:
+        rows = [batch.row(i).input_ids[0].tolist() for i in cache_rows]
+        prefix_len = common_prefix(rows) - 1  # at least one new token per row
+        cached = right_padded([r[prefix_len:] for r in rows], 0)
+        cached.position_ids = np.where(cached.attention_mask == 1, cached.position_ids + prefix_len, 0)
+        runs.append(Run({**right_padded([rows[0][:prefix_len]], 0).feeds(), **empty}, presents))
+        runs.append(Run(cached.feeds(), {"last_hidden_state"}, past_from=len(runs) - 1))
+        cache = (len(runs) - 1, cached, prefix_len)
+    if finite_ids is not None:
+        runs.append(Run({**right_padded([finite_ids], 0).feeds(), **empty}, {"last_hidden_state"}))
+    results = segmented.run(runs)
+
+    embeddings = last_token(results[0]["last_hidden_state"], batch.attention_mask)
     result = parity(reference, embeddings, threshold)
     log.info(
         "%s parity: min cos %.7f, mean cos %.7f, max abs diff %.2e (threshold %s)",
         name, result["min_cosine"], result["mean_cosine"], result["max_abs_diff"], threshold,
     )
     if finite_ids is not None:
-        check_finite(sess, finite_ids)
+        hidden = results[-1]["last_hidden_state"]
+        if not np.isfinite(hidden).all():
+            bad = int((~np.isfinite(hidden)).sum())
+            raise VerificationError(f"{bad} non-finite values in the hidden states of a {len(finite_ids)}-token input")
         log.info("%s: %d-token input finite", name, len(finite_ids))
     if not result["min_cosine"] >= threshold:
         raise VerificationError(
             f"variant {name} failed verification: min cosine {result['min_cosine']:.7f} "
             f"against PyTorch fp32 is under the threshold {threshold}"
         )
-    if cache_rows and past_inputs(sess):
-        rows = [batch.row(i).input_ids[0].tolist() for i in cache_rows]
-        prefix_len = common_prefix(rows) - 1  # at least one new token per row
-        cached = cached_embeddings(sess, rows, prefix_len, pad_id=0)
-        cache = parity(reference[cache_rows], cached, threshold)
-        cache["prefix_tokens"] = prefix_len
-        log.info("%s prefix cache (%d-token prefix): min cos %.7f", name, prefix_len, cache["min_cosine"])
-        if not cache["min_cosine"] >= threshold:
+    if cache is not None:
+        index, cached, prefix_len = cache
+        got = last_token(results[index]["last_hidden_state"], cached.attention_mask)
+        figures = parity(reference[cache_rows], got, threshold)
+        figures["prefix_tokens"] = prefix_len
+        log.info("%s prefix cache (%d-token prefix): min cos %.7f", name, prefix_len, figures["min_cosine"])
+        if not figures["min_cosine"] >= threshold:
             raise VerificationError(
                 f"variant {name} failed verification with the prefix cache: min cosine "
-                f"{cache['min_cosine']:.7f} against PyTorch fp32 is under the threshold {threshold}"
+                f"{figures['min_cosine']:.7f} against PyTorch fp32 is under the threshold {threshold}"
             )
-        result["prefix_cache"] = cache
+        result["prefix_cache"] = figures
     return result
+
+
+def onnx_float16() -> int:
+    import onnx
+
+    return onnx.TensorProto.FLOAT16

@@ -244,3 +244,63 @@ def test_failed_verification_leaves_nothing(tiny_dir, tmp_path):
     assert result.returncode != 0
     assert "failed verification" in result.stderr
     assert list(tmp_path.iterdir()) == [], "no package and no partial directory may remain"
+
+
+def test_segmented_run_equals_whole_graph(package, tokenizer):
+    """Verification runs each graph one segment (embeddings, one layer, final norm) per ONNX Runtime
+    session; the segments must compute what the whole graph computes, prefix cache included."""
+    from export.stream import Run, SegmentedGraph
+
+    rows = [s.ids for s in samples.samples(tokenizer, 512)]
+    batch = verify.right_padded(rows, pad_id=0)
+    for name in VARIANTS:
+        path = package / name / "model.onnx"
+        segmented = SegmentedGraph(path)
+        assert len(segmented.parts) == 2 + 2, [len(p) for p in segmented.parts]  # head, 2 layers, tail
+        sess = verify.session(path)
+        empty = verify.empty_past(sess)
+        prefix = rows[0][:20]
+        presents = {o for o in segmented.graph_outputs if o.startswith("present.")}
+        rest = verify.right_padded([rows[0][20:]], 0)
+        rest.position_ids = rest.position_ids + 20
+        got = segmented.run([Run({**batch.feeds(), **empty}, {"last_hidden_state"}),
+                             Run({**verify.right_padded([prefix], 0).feeds(), **empty}, presents),
+                             Run(rest.feeds(), {"last_hidden_state"}, past_from=1)])
+        # fp32 agrees to rounding; in the other variants ONNX Runtime fuses differently across a
+        # segment boundary (casts, fp16 norms), so the hidden states agree to the dtype's precision.
+        atol = 1e-5 if name == "fp32" else 5e-3
+        whole = verify.onnx_hidden(sess, batch)
+        np.testing.assert_allclose(got[0]["last_hidden_state"], whole, rtol=0, atol=atol, err_msg=name)
+        cos = np.sum(verify.last_token(got[0]["last_hidden_state"], batch.attention_mask)
+                     * verify.last_token(whole, batch.attention_mask), axis=1)
+        assert cos.min() > 0.99999, (name, cos.min())
+        past = verify.prefix_states(sess, prefix)
+        np.testing.assert_allclose(got[2]["last_hidden_state"], verify.onnx_hidden(sess, rest, past), rtol=0,
+                                   atol=atol, err_msg=name)
+
+def test_checkpoint_reads_shards_and_bf16(tmp_path):
+    """The streaming reader: hub shards through the index, fp32/bf16/fp16 tensors as fp32, "model." prefixes."""
+    import torch
+    from safetensors.torch import save_file
+
+    from export.stream import Checkpoint
+
+    a = torch.randn(3, 5)
+    b = torch.randn(4, 2).to(torch.bfloat16)
+    c = torch.randn(7).to(torch.float16)
+    save_file({"model.embed_tokens.weight": a, "model.norm.weight": c}, tmp_path / "model-00001-of-00002.safetensors")
+    save_file({"model.layers.0.mlp.up_proj.weight": b}, tmp_path / "model-00002-of-00002.safetensors")
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "model.embed_tokens.weight": "model-00001-of-00002.safetensors",
+        "model.norm.weight": "model-00001-of-00002.safetensors",
+        "model.layers.0.mlp.up_proj.weight": "model-00002-of-00002.safetensors"}}))
+    ckpt = Checkpoint(tmp_path)
+    np.testing.assert_array_equal(ckpt.read("embed_tokens.weight"), a.numpy())
+    np.testing.assert_array_equal(ckpt.read("layers.0.mlp.up_proj.weight"), b.float().numpy())
+    np.testing.assert_array_equal(ckpt.read("norm.weight"), c.float().numpy())
+    assert ckpt.read("norm.weight").dtype == np.float32
+    with pytest.raises(KeyError, match="no tensor"):
+        ckpt.read("layers.1.mlp.up_proj.weight")
+    (tmp_path / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="missing"):
+        Checkpoint(tmp_path)

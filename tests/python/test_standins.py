@@ -207,3 +207,40 @@ def test_smollm2_tokenizer_matches_llama_cpp(smollm2_dir):
     for text in ["hello world 12345", "Don't stop-believing; it's 3.14!", "  spaces\n\ttab", "naïve café 東京"]:
         want = vocab.tokenize(text.encode(), add_bos=False, special=False)
         assert tokenizer(text, add_special_tokens=False)["input_ids"] == want, text
+
+
+def test_sharded_layout_holds_the_same_tensors(tiny_dirs, tmp_path):
+    """full7b's writer (hub layout: shards + index) on the tiny config: every tensor lands in exactly
+    one shard named by the index, and transformers loads the same weights as the one-file build."""
+    config = standins.mistral_config(2, 64, 128, 4, 2, 16)
+    out = tmp_path / "sharded"
+    out.mkdir()
+    shards = standins.write_sharded(out, standins.random_weight_specs(config, seed=0), max_shard_bytes=1_500_000)
+    assert [p.name for p in shards] == [f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+                                         for k in range(1, len(shards) + 1)]
+    assert len(shards) > 1
+    index = json.loads((out / "model.safetensors.index.json").read_text(encoding="utf-8"))
+    one = load_file(tiny_dirs["converted"] / "model.safetensors")
+    assert set(index["weight_map"]) == set(one)
+    assert index["metadata"]["total_size"] == sum(t.numel() * 4 for t in one.values())
+    for shard in shards:
+        tensors = load_file(shard)
+        assert shard.stat().st_size <= 1_500_000 + 100_000 or len(tensors) == 1
+        for name, tensor in tensors.items():
+            assert index["weight_map"][name] == shard.name
+            assert torch.equal(tensor, one[name]), name
+    for name in TINY_FILES - {"model.safetensors"}:
+        (out / name).write_bytes((tiny_dirs["converted"] / name).read_bytes())
+    model = AutoModel.from_pretrained(out)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, one[name]), name
+
+
+def test_full7b_is_bge_en_icl_at_full_depth_without_building_it():
+    """full7b (28.5 GB when built) has bge-en-icl's 32 layers, 7.1 B parameters, and 3 hub-sized shards."""
+    config = standins.mistral_config(32, 4096, 14336, 32, 8, 128)
+    specs = standins.random_weight_specs(config, seed=0)
+    total = sum(torch.Size(s.shape).numel() for s in specs)
+    assert 7.10e9 < total < 7.12e9
+    assert 28.4e9 < total * 4 < 28.5e9  # the hub's three shards: 9.89 + 10 + 8.56 GB
+
