@@ -108,10 +108,8 @@ class Decoder(nn.Module):
         rotary = model.rotary_emb
         if getattr(rotary, "rope_type", "default") not in ("default", "linear", "llama3", "yarn", "longrope"):
             raise ValueError(f"rope type {rotary.rope_type!r} depends on the sequence length; not supported")
-        if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
-            # Mistral's window (4096 for bge-en-icl) only matters past that many tokens, which the
-            # runtime never feeds (its longest input is the prefix plus 512 query tokens).
-            pass
+        # Mistral's window (4096 for bge-en-icl) is not built into the graph: the manifest records it
+        # (`architecture.sliding_window`) and the runtime refuses longer rows.
         self.layers_count = config.num_hidden_layers
         heads = config.num_attention_heads
         kv_heads = getattr(config, "num_key_value_heads", None) or heads

@@ -46,7 +46,15 @@ def architecture(config) -> dict:
         "vocab": config.vocab_size,
         "rope_theta": float(getattr(config, "rope_theta", 10000.0)),
         "rms_norm_eps": float(config.rms_norm_eps),
+        # Mistral's attention window (4096 for bge-en-icl): the graphs attend to every earlier token,
+        # so the runtime refuses rows longer than this instead of embedding them differently.
+        "sliding_window": _window(config),
     }
+
+
+def _window(config) -> int | None:
+    window = getattr(config, "sliding_window", None)
+    return int(window) if window and getattr(config, "use_sliding_window", True) else None
 
 
 def added_ids(tokenizer) -> dict[str, int] | None:
