@@ -429,8 +429,8 @@ def _w8a8(src: Path, dst: Path, s: dict, stats: dict[str, np.ndarray]) -> None:
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     onnx.save(model, os.fspath(dst))
-    log.info("w8a8: %d MatMuls rewritten (%d inputs quantized, %d outlier channels each), %d kept fp32",
-             len(targets), len(activations), k_out, len(eligible) - len(targets))
+    log.info("w8a8: %d MatMuls rewritten (%d inputs quantized, %d outlier channels each, by kind %s), %d kept fp32",
+             len(targets), len(activations), k_out, k_by_kind, len(eligible) - len(targets))
 
 
 # --- choosing per model ---------------------------------------------------------------------------
@@ -534,6 +534,32 @@ def compare(model_dir: Path, fp32_graph: Path, names: list[str], runs: int = 3, 
     return list(table.values())
 
 
+def add_int8(model_dir: Path, package: Path, names: list[str], threads: int = 2) -> dict:
+    """(Re)build `package`'s int8 variant from its fp32 graph with `choose` over `names`, check it
+    against the fp32 graph on the export's samples and record it in `embedder.json`: a new int8
+    recipe without exporting again. The parity reference is the fp32 graph, not PyTorch."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from . import manifest, samples, verify
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    meta = json.loads((package / "embedder.json").read_text(encoding="utf-8"))
+    fp32 = package / "fp32" / "model.onnx"
+    dst = package / "int8" / "model.onnx"
+    quantization = choose(fp32, dst, tokenizer, names, threads)
+    rows = [s.ids for s in samples.samples(tokenizer)]
+    batch = verify.right_padded(rows, meta["special_tokens"]["pad_id"])
+    reference = verify.last_token(verify.onnx_hidden(verify.session(fp32, threads), batch), batch.attention_mask)
+    parity = verify.verify_variant("int8", dst, batch, reference, verify.THRESHOLDS["int8"], None, threads,
+                                   samples.prefix_sharing(tokenizer))
+    parity["reference"] = "fp32 graph"
+    meta["variants"]["int8"] = manifest.variant_entry(package, "int8", "int8", quantization, parity)
+    manifest.write(package, meta)
+    return meta["variants"]["int8"]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m export.quantize", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, required=True, help="model directory (for its tokenizer)")
@@ -541,8 +567,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated: " + ", ".join(RECIPES))
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--add-to", type=Path, default=None,
+                        help="instead of comparing: choose among --recipes and (re)write this package's int8 variant")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if args.add_to is not None:
+        entry = add_int8(args.model, args.add_to, args.recipes.split(","), args.threads)
+        print(entry["quantization"], entry["parity"])
+        return 0
     table = compare(args.model, args.fp32, args.recipes.split(","), args.runs, args.threads)
     print(f"load average {os.getloadavg()[0]:.2f}")
     print("| recipe | min cosine | mean cosine | worst text (tokens) | tokens/s | vs fp32 |")
