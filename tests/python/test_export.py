@@ -81,7 +81,8 @@ def test_manifest_fields(package, meta):
     assert meta["source"]["architecture"] == "MistralModel"
     arch = meta["architecture"]
     assert arch == {"layers": 2, "hidden": 64, "intermediate": arch["intermediate"], "heads": 4, "kv_heads": 2,
-                    "head_dim": 16, "vocab": 32003, "rope_theta": 10000.0, "rms_norm_eps": arch["rms_norm_eps"]}
+                    "head_dim": 16, "vocab": 32003, "rope_theta": 10000.0, "rms_norm_eps": arch["rms_norm_eps"],
+                    "sliding_window": None}  # the tiny stand-in's config has no window
     assert isinstance(arch["intermediate"], int) and isinstance(arch["rms_norm_eps"], float)
     assert meta["pooling"] == "last_token" and meta["normalize"] is True and meta["padding_side"] == "right"
     assert meta["prompt"] == manifest.PROMPT
