@@ -12,8 +12,11 @@ import logging
 import sys
 from pathlib import Path
 
+from . import quantize
 from .package import DEFAULT_VARIANTS, VARIANTS, ExportError, Options, build_package
 from .verify import THRESHOLDS
+
+log = logging.getLogger(__name__)
 
 
 def parse_thresholds(values: list[str]) -> dict[str, float]:
@@ -38,6 +41,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-length", type=int, default=512, help="max tokens of a query and of a document")
     parser.add_argument("--source-id", default=None, help="model id to record (default: --model as given)")
     parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads for verification")
+    parser.add_argument("--int8-recipes", default=None,
+                        help="comma-separated int8 recipes to choose from, fastest first (default: every recipe "
+                             "of export/quantize.py; e.g. nbits8-acc1 for the weight-only one)")
     parser.add_argument("-v", "--verbose", action="store_true")
     # Tests use this to force a verification failure.
     parser.add_argument("--threshold", action="append", default=[], help=argparse.SUPPRESS)
@@ -66,6 +72,11 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("onnxscript", "onnx_ir", "onnxruntime", "torch", "transformers", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    recipes = [r for r in args.int8_recipes.split(",") if r] if args.int8_recipes else None
+    unknown = [r for r in recipes or [] if r not in quantize.RECIPES]
+    if unknown:
+        log.error("--int8-recipes: unknown recipe(s) %s; known: %s", ", ".join(unknown), ", ".join(quantize.RECIPES))
+        return 2
     try:
         opts = Options(
             variants=[v for v in args.variants.split(",") if v],
@@ -73,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             force=args.force,
             max_length=args.max_length,
             source_id=args.source_id,
+            int8_recipes=recipes,
             thresholds=parse_thresholds(args.threshold),
             threads=args.threads,
         )

@@ -25,12 +25,15 @@ standin() {
   build "$models_dir/$name" $py -m export.standins "$@" --out "$models_dir/$name"
 }
 
-# package NAME VARIANTS: the exported package of $models_dir/NAME in $packages_dir/NAME.
-# A cached package built with other variants is rebuilt.
+# package NAME VARIANTS [EXPORT OPTIONS...]: the exported package of $models_dir/NAME in
+# $packages_dir/NAME. A cached package built with other variants or options is rebuilt (the
+# options are kept in its .done marker).
 package() {
-  local dir=$packages_dir/$1
-  if [ -f "$dir.done" ] && ! $py -c 'import json, sys; sys.exit(sorted(json.load(open(sys.argv[1]))["variants"]) != sorted(sys.argv[2].split(",")))' "$dir/embedder.json" "$2" 2>/dev/null; then
+  local name=$1 variants=$2; shift 2
+  local dir=$packages_dir/$name
+  if [ -f "$dir.done" ] && { [ "$(cat "$dir.done")" != "$*" ] || ! $py -c 'import json, sys; sys.exit(sorted(json.load(open(sys.argv[1]))["variants"]) != sorted(sys.argv[2].split(",")))' "$dir/embedder.json" "$variants" 2>/dev/null; }; then
     rm -f "$dir.done"
   fi
-  build "$dir" $py -m export --model "$models_dir/$1" --out "$dir" --variants "$2"
+  build "$dir" $py -m export --model "$models_dir/$name" --out "$dir" --variants "$variants" "$@"
+  printf '%s' "$*" > "$dir.done"
 }

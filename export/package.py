@@ -48,6 +48,8 @@ class Options:
     source_id: str | None = None
     thresholds: dict[str, float] = field(default_factory=lambda: dict(verify.THRESHOLDS))
     threads: int = 2
+    # int8 recipes to choose from, fastest first (None: quantize.CANDIDATES).
+    int8_recipes: list[str] | None = None
 
 
 def resolve(model: str, revision: str | None) -> tuple[Path, str | None]:
@@ -151,7 +153,7 @@ def _finish_variant(name: str, tmp: Path, opts: Options, batch, reference, token
     quantization = None
     if name in QUANTIZED:
         quantization = _timed(f"quantize {name}", quantize.choose, tmp / "fp32" / "model.onnx",
-                              tmp / name / "model.onnx", tokenizer, None, opts.threads, opts.max_length)
+                              tmp / name / "model.onnx", tokenizer, opts.int8_recipes, opts.threads, opts.max_length)
     long_input = samples.long_ids(tokenizer, FP16_LONG_INPUT) if name == "fp16" else None
     start = time.perf_counter()
     try:
