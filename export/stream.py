@@ -325,26 +325,30 @@ def reference_hidden(model_dir: Path, config, checkpoint: Checkpoint, batch) -> 
 
 
 def segments(graph: onnx.GraphProto) -> list[list[onnx.NodeProto]]:
-    """The graph's nodes cut into runs: before the first layer, each `/layers.{i}/` scope, after the last.
+    """The graph's nodes cut into runs: everything before the first layer, then each `/layers.{i}/`
+    scope (the last one also takes what follows it: the final norm).
 
     The TorchScript exporter names every node after its module scope (`/layers.3/q/MatMul`,
-    `/norm/Mul`, `/Cast`); a node without a scope of its own (a name without a leading "/") stays with
-    the segment before it. Every node belongs to exactly one segment, in graph (execution) order."""
-    parts: list[list[onnx.NodeProto]] = [[]]
-    current: tuple = ("head",)
+    `/norm/Mul`, `/Cast`), but a rewritten graph need not keep a layer's nodes together
+    (`MatMulNBitsQuantizer` sorts the graph again, moving constants and root-scope nodes between
+    layers). So a node goes to its own layer's segment when it names one, else to the latest segment
+    among the producers of its inputs (the first, for a node without any), and the segments run in
+    order: every node's inputs come from its own segment or an earlier one. Within a segment nodes keep
+    graph (execution) order."""
+    rank_of: dict[str, int] = {}
+    ranks: list[int] = []
     for node in graph.node:
         m = re.match(r"/layers\.(\d+)/", node.name)
+        rank = max((rank_of.get(i, 0) for i in node.input if i), default=0)
         if m:
-            scope: tuple = ("layer", int(m.group(1)))
-        elif node.name.startswith("/") and current[0] != "head":
-            scope = ("tail",)
-        else:
-            scope = current
-        if scope != current:
-            parts.append([])
-            current = scope
-        parts[-1].append(node)
-    return [p for p in parts if p]
+            rank = max(rank, int(m.group(1)) + 1)
+        ranks.append(rank)
+        for o in node.output:
+            rank_of[o] = rank
+    parts: dict[int, list[onnx.NodeProto]] = {}
+    for node, rank in zip(graph.node, ranks):
+        parts.setdefault(rank, []).append(node)
+    return [parts[r] for r in sorted(parts)]
 
 
 class SegmentedGraph:
