@@ -420,29 +420,24 @@ fn tokenize_and_embed_number_records_alike_around_unicode_blank_lines() {
     .unwrap();
     let out = dir.path().join("out.jsonl");
     ok(run(&embed_args(&f.tiny_pkg, &input, &out, &[])));
-    let embedded: Vec<u64> = std::fs::read_to_string(&out)
-        .unwrap()
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["index"]
-                .as_u64()
-                .unwrap()
-        })
-        .collect();
-    let tokenized: Vec<u64> = ok(run(&[
+    // The "index" of every JSON line of `embed`'s output and of `tokenize`'s.
+    let indices = |text: &str| -> Vec<u64> {
+        text.lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["index"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect()
+    };
+    let embedded = indices(&std::fs::read_to_string(&out).unwrap());
+    let tokenized = indices(&ok(run(&[
         "tokenize",
         "--model",
         f.tiny_pkg.to_str().unwrap(),
         "--input",
         input.to_str().unwrap(),
-    ]))
-    .lines()
-    .map(|l| {
-        serde_json::from_str::<serde_json::Value>(l).unwrap()["index"]
-            .as_u64()
-            .unwrap()
-    })
-    .collect();
+    ])));
     assert_eq!(embedded, vec![0, 1]);
     assert_eq!(tokenized, embedded);
 }
