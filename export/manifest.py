@@ -96,10 +96,14 @@ def special_tokens(tokenizer) -> dict:
     }
 
 
-def variant_entry(package: Path, name: str, dtype: str, quantization: dict | None, parity: dict) -> dict:
+def variant_entry(package: Path, name: str, dtype: str, quantization: dict | None, parity: dict,
+                  start_ids: list[int] | None = None) -> dict:
+    """One `variants` entry. `start_ids`: the variant runs every input that begins with those ids on
+    top of their states in `{name}/start.onnx` (computed in fp32 by the exporter)."""
     graph = f"{name}/model.onnx"
     data = f"{graph}.data"
-    return {
+    start = f"{name}/start.onnx"
+    entry = {
         "file": graph,
         "data": data,
         "dtype": dtype,
@@ -115,6 +119,10 @@ def variant_entry(package: Path, name: str, dtype: str, quantization: dict | Non
             "dtype": "float16" if dtype == "float16" else "float32",
         },
     }
+    if start_ids:
+        entry["start_states"] = {"ids": list(start_ids), "file": start}
+        entry["sha256"][start] = sha256(package / start)
+    return entry
 
 
 def build(config, tokenizer, package: Path, source: dict, max_length: int, variants: dict[str, dict]) -> dict:

@@ -155,15 +155,17 @@ def _finish_variant(name: str, tmp: Path, opts: Options, batch, reference, token
         quantization = _timed(f"quantize {name}", quantize.choose, tmp / "fp32" / "model.onnx",
                               tmp / name / "model.onnx", tokenizer, opts.int8_recipes, opts.threads, opts.max_length)
     long_input = samples.long_ids(tokenizer, FP16_LONG_INPUT) if name == "fp16" else None
+    start_states = verify.start_of(tmp / name / "model.onnx", quantization)
     start = time.perf_counter()
     try:
         parity = verify.verify_variant(name, tmp / name / "model.onnx", batch, reference,
-                                       opts.thresholds[name], long_input, opts.threads, cache_rows)
+                                       opts.thresholds[name], long_input, opts.threads, cache_rows, start_states)
     except verify.VerificationError as e:
         raise ExportError(str(e)) from e
     log.info("verify %s in %.1f s (peak RSS so far %.2f GiB)", name, time.perf_counter() - start, peak_rss_gib())
     gc.collect()
-    return manifest.variant_entry(tmp, name, DTYPES[name], quantization, parity)
+    return manifest.variant_entry(tmp, name, DTYPES[name], quantization, parity,
+                                  start_states[0] if start_states else None)
 
 
 def _readable(tmp: Path) -> None:

@@ -10,7 +10,10 @@ Recipes (`RECIPES`, fastest first, speeds in export/README.md):
     taken out of the int8 product (masked to 0 before the per-token scale is taken) and computed
     in fp32 by a small `[.., k] x [k, N]` MatMul added to the result (static outlier
     decomposition, LLM.int8()-style but with a fixed channel list);
-  - `keep`: regexes on MatMul node or weight names that stay fp32.
+  - `keep`: regexes on MatMul node or weight names that stay fp32;
+  - `embeddings: "int8"` (every w8a8 recipe): the token embedding table as int8 rows with one
+    fp32 scale per row (Gather, Cast, times the gathered scale): a quarter of its fp32 size, which
+    is most of a shallow stand-in's weights and 0.5 GB of bge-en-icl's.
 - `nbits8-acc1` (method "matmulnbits"): 8-bit weight-only `MatMulNBits`, blocks of 32, fp32
   compute: faithful on every model measured, but slower than fp32 (it expands the weights on every
   run). The last resort.
@@ -21,6 +24,12 @@ u8 x s8 and CPUs without VNNI: ONNX Runtime's AVX2 u8 x s8 kernel sums pairs of 
 (and MatMulInteger, QGemm, ...) to u8 at load (`Avx2WeightS8ToU8Transformer`, applied only when
 `MlasPlatformU8S8Overflow()`); the runtime sets it where the CPU lacks VNNI, so one package is exact
 on both (src/runtime.rs).
+
+Start states: when the tokenizer puts the same ids before every text (bge-en-icl's `<s>`), their
+key/value states are constants. `choose` computes them with the fp32 graph, writes them beside the
+int8 graph (`START_FILE`, FORMAT.md `start_states`) and measures the candidates running on top of
+them, as the runtime does: position 0, where a trained model keeps its huge attention-sink
+activations, is never quantized.
 
 `choose()` is what the exporter calls: it quantizes with each recipe in order and keeps the first
 whose last-token embeddings on the calibration texts (`calibration.txt` plus one- and two-token
@@ -55,9 +64,15 @@ import onnx
 log = logging.getLogger(__name__)
 
 CALIBRATION = Path(__file__).with_name("calibration.txt")
+# The int8 variant's start states (`start_states` in FORMAT.md), beside its model.onnx.
+START_FILE = "start.onnx"
 # One- and two-token inputs (with the tokenizer's own special tokens added): the inputs whose last
 # token sits next to position 0's huge activations. Not taken from the shared test data.
-SHORT_TEXTS = ["", "ok", "No", "cat", "Why?", "blue sky", "It works."]
+SHORT_TEXTS = ["", "ok", "No", "cat", "Why?", "blue sky", "It works.",
+               # one-word labels, the kind classification passages are made of (not the shared data's)
+               "sports", "happy", "angry", "finance", "python", "rain", "dog", "yes", "false", "news",
+               "travel", "health", "kitchen", "red", "seven", "Monday", "science", "art", "food",
+               "sad", "spam", "business", "question", "fear", "surprise", "politics", "alarm", "joke"]
 # The int8 variant must meet both on the calibration texts (the export's sample check stays at
 # verify.THRESHOLDS["int8"]).
 FIDELITY = {"min_cosine": 0.99, "mean_cosine": 0.999}
@@ -93,7 +108,7 @@ def cpu_class() -> str:
 
 
 def _w8(name: str, **extra) -> Recipe:
-    return Recipe(name, "w8a8", {"activations": "u8", "weights": "s8", **extra})
+    return Recipe(name, "w8a8", {"activations": "u8", "weights": "s8", "embeddings": "int8", **extra})
 
 
 _ATTN_IN = r"[./](q|k|v)[./]"
@@ -292,6 +307,15 @@ def _weight(tensor: onnx.TensorProto, base: Path) -> np.ndarray:
     return numpy_helper.to_array(tensor)
 
 
+def _is_embedding(node: onnx.NodeProto, inits: dict) -> bool:
+    """The token embedding lookup: Gather(2-D float32 initializer, input_ids) along axis 0."""
+    if node.op_type != "Gather" or node.input[0] not in inits or node.input[1] != "input_ids":
+        return False
+    t = inits[node.input[0]]
+    axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+    return axis == 0 and len(t.dims) == 2 and t.data_type == onnx.TensorProto.FLOAT
+
+
 def _w8a8(src: Path, dst: Path, s: dict, stats: dict[str, np.ndarray]) -> None:
     """Rewrite every eligible MatMul(x, W) into per-token u8 x per-channel s8 (+ fp32 outliers).
 
@@ -390,9 +414,27 @@ def _w8a8(src: Path, dst: Path, s: dict, stats: dict[str, np.ndarray]) -> None:
             weights[wname] = (qn, sn, on)
         return weights[wname]
 
+    def gather_int8(node: onnx.NodeProto, out: list) -> None:
+        """The token embedding table as int8 rows with one fp32 scale each: Gather both, multiply."""
+        table = _weight(inits[node.input[0]], base)
+        scale = (np.abs(table).max(axis=1) / 127.0).astype(np.float32)
+        scale[scale == 0] = 1.0
+        q = np.clip(np.rint(table / scale[:, None]), -127, 127).astype(np.int8)
+        stem = node.name.strip("/").replace("/", "_") or "embed"
+        qn, sn = const(node.input[0] + "_i8", q), const(node.input[0] + "_i8_scale", scale[:, None])
+        rows, f, sc = fresh(stem + "_rows"), fresh(stem + "_float"), fresh(stem + "_scale")
+        out.append(helper.make_node("Gather", [qn, node.input[1]], [rows], axis=0, name=stem + "_int8"))
+        out.append(helper.make_node("Cast", [rows], [f], to=onnx.TensorProto.FLOAT))
+        out.append(helper.make_node("Gather", [sn, node.input[1]], [sc], axis=0, name=stem + "_row_scale"))
+        out.append(helper.make_node("Mul", [f, sc], [node.output[0]], name=stem + "_dequantize"))
+        replaced[node.input[0]] = replaced.get(node.input[0], 0) + 1
+
     new_nodes: list[onnx.NodeProto] = []
     replaced: dict[str, int] = {}
     for node in g.node:
+        if s.get("embeddings") == "int8" and _is_embedding(node, inits):
+            gather_int8(node, new_nodes)
+            continue
         if id(node) not in target_ids:
             new_nodes.append(node)
             continue
@@ -436,19 +478,38 @@ def _w8a8(src: Path, dst: Path, s: dict, stats: dict[str, np.ndarray]) -> None:
 # --- choosing per model ---------------------------------------------------------------------------
 
 
-def embed_rows(graph: Path, rows: list[list[int]], threads: int = 2) -> tuple[np.ndarray, float]:
-    """Last-token embeddings of `rows`, each run alone (no padding), and the seconds it took."""
+def embed_rows(graph: Path, rows: list[list[int]], threads: int = 2,
+               start: tuple[list[int], dict] | None = None) -> tuple[np.ndarray, float]:
+    """Last-token embeddings of `rows`, each run alone (no padding), and the seconds it took. With
+    `start` (ids every row begins with, and their states) the rows run on top of those states."""
     from . import verify
 
     sess = verify.session(graph, threads)
+    k = len(start[0]) if start else 0
     out = []
-    start = time.perf_counter()
+    began = time.perf_counter()
     for row in rows:
-        batch = verify.right_padded([row], pad_id=0)
-        out.append(verify.last_token(verify.onnx_hidden(sess, batch), batch.attention_mask)[0])
-    seconds = time.perf_counter() - start
+        batch, past = verify.right_padded([row], pad_id=0), None
+        if k and row[:k] == start[0] and len(row) > k:
+            batch, past = verify.without_start(batch, k), start[1]
+        out.append(verify.last_token(verify.onnx_hidden(sess, batch, past), batch.attention_mask)[0])
+    seconds = time.perf_counter() - began
     del sess
     return np.stack(out), seconds
+
+
+def start_states(fp32_graph: Path, tokenizer, threads: int = 2) -> tuple[list[int], dict] | None:
+    """The ids every input begins with (the tokenizer's BOS) and their key/value states from the
+    fp32 graph: constants that the int8 variant runs on top of, so that position 0, where a trained
+    model keeps its huge attention-sink activations, is computed exactly. None when the tokenizer
+    adds nothing before a text or the graph takes no prefix states."""
+    from . import verify
+
+    sess = verify.session(fp32_graph, threads)
+    ids = verify.start_ids(tokenizer, [i.name for i in sess.get_inputs()])
+    states = verify.prefix_states(sess, ids) if ids else None
+    del sess
+    return (ids, states) if ids else None
 
 
 def fidelity(reference: np.ndarray, embeddings: np.ndarray, rows: list[list[int]]) -> dict:
@@ -472,10 +533,16 @@ def choose(fp32_graph: Path, dst: Path, tokenizer, candidates: list[str] | None 
     calibration texts; returns the manifest's `quantization` field (the recipe and the selection).
 
     The last candidate is taken if none passes (the export's own parity check still applies).
+    When every input begins with the same ids (a BOS), their states are computed by the fp32 graph,
+    written beside `dst` as `START_FILE` and used in the measurement, as the runtime uses them.
     """
+    from . import verify
+
     names = candidates or CANDIDATES
     rows = calibration_rows(tokenizer, max_length)
     reference, fp32_seconds = embed_rows(fp32_graph, rows, threads)
+    start = start_states(fp32_graph, tokenizer, threads)
+    dst.with_name(START_FILE).unlink(missing_ok=True)
     stats = None
     tried = []
     for i, name in enumerate(names):
@@ -483,16 +550,19 @@ def choose(fp32_graph: Path, dst: Path, tokenizer, candidates: list[str] | None 
         if _needs_stats(recipe) and stats is None:
             stats = calibrate(fp32_graph, rows, threads)
         quantize(fp32_graph, dst, recipe, stats)
-        emb, seconds = embed_rows(dst, rows, threads)
+        emb, seconds = embed_rows(dst, rows, threads, start)
         fid = fidelity(reference, emb, rows)
         # One pass each, on whatever else the machine runs: a speed class, not a benchmark.
         tried.append({"recipe": name, **fid, "speed_vs_fp32": round(fp32_seconds / seconds, 2)})
         log.info("int8 candidate %s: min cosine %.6f, mean %.6f on %d calibration texts", name,
                  fid["min_cosine"], fid["mean_cosine"], fid["texts"])
         if meets(fid, thresholds) or i == len(names) - 1:
+            if start:
+                verify.write_start_graph(dst.with_name(START_FILE), start[1])
             return {**recipe.describe(),
                     "selection": {"texts": f"{CALIBRATION.name} + {len(SHORT_TEXTS)} short texts",
                                   "cpu": cpu_class(), "threads": threads,
+                                  "start_states": start[0] if start else None,
                                   "thresholds": dict(thresholds), "chosen": name, "faithful": meets(fid, thresholds),
                                   "tried": tried}}
         for p in (dst, dst.with_name(dst.name + ".data")):
@@ -552,10 +622,12 @@ def add_int8(model_dir: Path, package: Path, names: list[str], threads: int = 2)
     rows = [s.ids for s in samples.samples(tokenizer)]
     batch = verify.right_padded(rows, meta["special_tokens"]["pad_id"])
     reference = verify.last_token(verify.onnx_hidden(verify.session(fp32, threads), batch), batch.attention_mask)
+    start = verify.start_of(dst, quantization)
     parity = verify.verify_variant("int8", dst, batch, reference, verify.THRESHOLDS["int8"], None, threads,
-                                   samples.prefix_sharing(tokenizer))
+                                   samples.prefix_sharing(tokenizer), start)
     parity["reference"] = "fp32 graph"
-    meta["variants"]["int8"] = manifest.variant_entry(package, "int8", "int8", quantization, parity)
+    meta["variants"]["int8"] = manifest.variant_entry(package, "int8", "int8", quantization, parity,
+                                                      start[0] if start else None)
     manifest.write(package, meta)
     return meta["variants"]["int8"]
 

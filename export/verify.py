@@ -103,6 +103,51 @@ def prefix_states(sess: ort.InferenceSession, prefix: list[int]) -> dict[str, np
     return {name.replace("present.", "past.", 1): out for name, out in zip(names, outs)}
 
 
+def without_start(batch: Batch, k: int) -> Batch:
+    """`batch` without its first `k` columns (the start tokens every row begins with), positions kept:
+    the rows as they run on top of the start states (`past.*` of those `k` tokens)."""
+    return Batch(batch.input_ids[:, k:], batch.attention_mask[:, k:], batch.position_ids[:, k:])
+
+
+def start_ids(tokenizer, graph_inputs) -> list[int]:
+    """The ids the tokenizer puts before every text (bge-en-icl: `<s>`), when the graph takes prefix
+    states; [] otherwise. Their states are the same in every input: an int8 variant runs on top of
+    them computed in fp32 (export/FORMAT.md, `start_states`)."""
+    from . import manifest
+
+    if not any(str(n).startswith("past.") for n in graph_inputs):
+        return []
+    return list(manifest.wrapping(tokenizer)[0])
+
+
+def write_start_graph(path: Path, states: dict[str, np.ndarray]) -> None:
+    """A graph with no inputs whose outputs, named like the model's `past.*` inputs, are `states`."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    nodes, inits, outputs = [], [], []
+    for name, value in states.items():
+        inits.append(numpy_helper.from_array(value, f"{name}.constant"))
+        nodes.append(helper.make_node("Identity", [f"{name}.constant"], [name]))
+        elem = onnx.helper.np_dtype_to_tensor_dtype(value.dtype)
+        outputs.append(helper.make_tensor_value_info(name, elem, list(value.shape)))
+    model = helper.make_model(helper.make_graph(nodes, "start_states", [], outputs, inits),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+
+
+def start_of(graph: Path, quantization: dict | None) -> tuple[list[int], dict[str, np.ndarray]] | None:
+    """The start states written beside a quantized `graph` (ids, states), or None."""
+    path = graph.with_name("start.onnx")
+    ids = ((quantization or {}).get("selection") or {}).get("start_states")
+    if not ids or not path.exists():
+        return None
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    return list(ids), dict(zip(names, sess.run(names, {})))
+
+
 def common_prefix(rows: list[list[int]]) -> int:
     n = min(len(r) for r in rows)
     for i in range(n):
@@ -132,12 +177,14 @@ def verify_variant(
     finite_ids: list[int] | None = None,
     threads: int = 2,
     cache_rows: list[int] | None = None,
+    start: tuple[list[int], dict[str, np.ndarray]] | None = None,
 ) -> dict:
     """Parity figures of one variant; raises VerificationError when it misses `threshold`.
 
     `cache_rows` (indexes into the batch of queries that share their few-shot prefix) also checks the
     prefix cache: those rows embedded on top of their common prefix's states, against PyTorch.
-    `finite_ids` (one long row) must give finite hidden states.
+    `finite_ids` (one long row) must give finite hidden states. `start` (ids every row begins with,
+    and their states): rows run without those ids, on top of the states, as the runtime runs them.
 
     The graph runs under ONNX Runtime one segment at a time (`stream.SegmentedGraph`: embeddings,
     each decoder layer, final norm; the graph's own nodes), all workloads in lockstep, so at most one
@@ -153,21 +200,25 @@ def verify_variant(
             dtype = np.float16 if t.elem_type == onnx_float16() else np.float32
             empty[n] = np.zeros((1, t.shape.dim[1].dim_value, 0, t.shape.dim[3].dim_value), dtype)
     presents = {n for n in segmented.graph_outputs if n.startswith("present.")}
-    runs = [Run({**batch.feeds(), **empty}, {"last_hidden_state"})]
+    k = len(start[0]) if start else 0
+    if k and not (batch.input_ids[:, :k] == np.array(start[0])).all():
+        raise ValueError(f"start states given for {start[0]}, but not every row begins with them")
+    first = {**empty, **start[1]} if start else empty
+    runs = [Run({**without_start(batch, k).feeds(), **first}, {"last_hidden_state"})]
     cache = None
     if cache_rows and empty:
         rows = [batch.row(i).input_ids[0].tolist() for i in cache_rows]
         prefix_len = common_prefix(rows) - 1  # at least one new token per row
         cached = right_padded([r[prefix_len:] for r in rows], 0)
         cached.position_ids = np.where(cached.attention_mask == 1, cached.position_ids + prefix_len, 0)
-        runs.append(Run({**right_padded([rows[0][:prefix_len]], 0).feeds(), **empty}, presents))
+        runs.append(Run({**without_start(right_padded([rows[0][:prefix_len]], 0), k).feeds(), **first}, presents))
         runs.append(Run(cached.feeds(), {"last_hidden_state"}, past_from=len(runs) - 1))
         cache = (len(runs) - 1, cached, prefix_len)
     if finite_ids is not None:
         runs.append(Run({**right_padded([finite_ids], 0).feeds(), **empty}, {"last_hidden_state"}))
     results = segmented.run(runs)
 
-    embeddings = last_token(results[0]["last_hidden_state"], batch.attention_mask)
+    embeddings = last_token(results[0]["last_hidden_state"], batch.attention_mask[:, k:])
     result = parity(reference, embeddings, threshold)
     log.info(
         "%s parity: min cos %.7f, mean cos %.7f, max abs diff %.2e (threshold %s)",

@@ -35,6 +35,37 @@ impl Batch {
             }
         }
     }
+
+    /// Whether every row begins with `ids` and has a token after them.
+    pub fn begins_with(&self, ids: &[u32]) -> bool {
+        !ids.is_empty()
+            && self.lengths.iter().enumerate().all(|(r, &len)| {
+                len > ids.len()
+                    && self.input_ids[r * self.seq..r * self.seq + ids.len()]
+                        .iter()
+                        .zip(ids)
+                        .all(|(&a, &b)| a == b as i64)
+            })
+    }
+
+    /// The batch without its first `k` columns, positions kept: the rows as they run on top of the
+    /// states of the `k` ids they all begin with ([`Batch::begins_with`]).
+    pub fn without_first(&self, k: usize) -> Batch {
+        let seq = self.seq - k;
+        let cut = |v: &[i64]| -> Vec<i64> {
+            v.chunks(self.seq)
+                .flat_map(|row| row[k..].iter().copied())
+                .collect()
+        };
+        Batch {
+            rows: self.rows.clone(),
+            lengths: self.lengths.iter().map(|l| l - k).collect(),
+            seq,
+            input_ids: cut(&self.input_ids),
+            attention_mask: cut(&self.attention_mask),
+            position_ids: cut(&self.position_ids),
+        }
+    }
 }
 
 /// What one more batch costs beyond its padded tokens, in tokens: every run reads all the weights
@@ -134,6 +165,20 @@ mod tests {
         assert_eq!(batches, vec![vec![0], (1..21).collect::<Vec<_>>()]);
         // A few tokens of padding are cheaper than another batch.
         assert_eq!(plan(&[12, 10, 10, 9], 8192, 64), vec![vec![0, 1, 2, 3]]);
+    }
+
+    #[test]
+    fn without_first_drops_the_shared_start_and_keeps_positions() {
+        let ids = vec![vec![1, 5, 6, 7], vec![1, 8]];
+        let b = pad(&ids, &[0, 1], 0);
+        assert!(b.begins_with(&[1]));
+        assert!(!b.begins_with(&[1, 5]));
+        assert!(!pad(&[vec![1]], &[0], 0).begins_with(&[1]));
+        let c = b.without_first(1);
+        assert_eq!((c.seq, c.lengths.clone()), (3, vec![3, 1]));
+        assert_eq!(c.input_ids, vec![5, 6, 7, 8, 0, 0]);
+        assert_eq!(c.attention_mask, vec![1, 1, 1, 1, 0, 0]);
+        assert_eq!(c.position_ids, vec![1, 2, 3, 1, 0, 0]);
     }
 
     #[test]

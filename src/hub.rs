@@ -64,8 +64,7 @@ pub fn resolve(spec: &str, variants: &[String]) -> Result<PathBuf> {
         let mut files = vec![manifest.tokenizer.file.clone()];
         for name in variants {
             if let Some(v) = manifest.variants.get(name) {
-                files.push(v.file.clone());
-                files.extend(v.data.clone());
+                files.extend(v.files());
             }
         }
         Ok(files)

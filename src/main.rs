@@ -434,8 +434,9 @@ fn info(args: InfoArgs) -> Result<()> {
             m.max_length.query, m.max_length.document
         )?;
         for (name, v) in &m.variants {
-            let bytes: u64 = std::iter::once(&v.file)
-                .chain(v.data.iter())
+            let bytes: u64 = v
+                .files()
+                .iter()
                 .filter_map(|f| std::fs::metadata(package.path(f)).ok())
                 .map(|md| md.len())
                 .sum();
@@ -451,6 +452,13 @@ fn info(args: InfoArgs) -> Result<()> {
                 bytes as f64 / (1 << 20) as f64,
                 v.inputs.join(", ")
             )?;
+            if let Some(start) = &v.start_states {
+                writeln!(
+                    out,
+                    "    start states: inputs beginning with {:?} run on their fp32 states ({})",
+                    start.ids, start.file
+                )?;
+            }
         }
         let (choice, why) = icl_embed::auto_cpu_variant(m);
         writeln!(

@@ -119,9 +119,29 @@ pub struct VariantSpec {
     /// (`present.*`); packages without it run without the prefix cache.
     #[serde(default)]
     pub prefix_cache: Option<PrefixCacheSpec>,
+    /// Present when the variant runs every input that begins with the same ids (bge-en-icl's `<s>`)
+    /// on top of their key/value states, computed in fp32 by the exporter (export/FORMAT.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_states: Option<StartStatesSpec>,
+}
+
+/// The ids every input begins with, and the graph (no inputs; outputs named like the `past.*`
+/// inputs) that holds their key/value states.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StartStatesSpec {
+    pub ids: Vec<u32>,
+    pub file: String,
 }
 
 impl VariantSpec {
+    /// The variant's files, relative to the package: the graph, its external data, its start states.
+    pub fn files(&self) -> Vec<String> {
+        std::iter::once(self.file.clone())
+            .chain(self.data.clone())
+            .chain(self.start_states.as_ref().map(|s| s.file.clone()))
+            .collect()
+    }
+
     /// The int8 kernel class the exporter recorded (`quantization.kernel`): `"u8s8"` (per-token
     /// uint8 activations x int8 weights, `MatMulIntegerToFloat`: faster than fp32 on x86-64, fastest
     /// with VNNI) or `"matmulnbits-fp32"` (weight-only, fp32 compute: slower than fp32). Packages
@@ -327,12 +347,9 @@ impl Package {
         })
     }
 
-    /// The files of variant `name`, relative to the package: the graph, then its external data.
+    /// The files of variant `name`, relative to the package ([`VariantSpec::files`]).
     pub fn variant_files(&self, name: &str) -> Result<Vec<String>> {
-        let v = self.spec(name)?;
-        Ok(std::iter::once(v.file.clone())
-            .chain(v.data.clone())
-            .collect())
+        Ok(self.spec(name)?.files())
     }
 
     /// The variant called `name`, with its files checked: present, and matching their sha256
@@ -356,9 +373,7 @@ impl Package {
     pub fn verify(&self, stamps: &Stamps, all: bool) -> Vec<(String, Result<()>)> {
         let mut out = Vec::new();
         for (name, variant) in &self.manifest.variants {
-            let files: Vec<String> = std::iter::once(variant.file.clone())
-                .chain(variant.data.clone())
-                .collect();
+            let files = variant.files();
             if !all && !files.iter().all(|f| self.path(f).exists()) {
                 continue;
             }

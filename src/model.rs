@@ -13,7 +13,7 @@ use ort::value::{DynValue, Tensor, TensorElementType, ValueType};
 
 use crate::batch::{self, Batch};
 use crate::error::{Error, Result};
-use crate::manifest::{Manifest, Package, Stamps, VariantSpec};
+use crate::manifest::{Manifest, Package, Stamps, StartStatesSpec, VariantSpec};
 use crate::pooling;
 use crate::runtime::{self, Device, GraphShape, SessionSettings, TensorRtSettings};
 
@@ -238,6 +238,9 @@ pub struct Model {
     normalize: bool,
     sliding_window: Option<usize>,
     past: Option<PastLayout>,
+    /// States of the ids every input begins with, computed in fp32 by the exporter
+    /// (`start_states`): rows that begin with them run on top of them.
+    start: Option<Prefix>,
     notes: Vec<String>,
 }
 
@@ -306,6 +309,16 @@ impl Model {
     ) -> Result<Model> {
         let (inputs, output) = check_graph(package, name, spec, &session)?;
         let past = past_layout(package, name, spec, &session)?;
+        let start = match (&spec.start_states, &past) {
+            (None, _) => None,
+            (Some(start), Some(layout)) => Some(start_states(package, name, start, layout)?),
+            (Some(_), None) => {
+                return Err(Error::graph(
+                    name,
+                    "the manifest gives start states, but the graph takes no prefix states",
+                ))
+            }
+        };
         let m = &package.manifest;
         Ok(Model {
             session,
@@ -318,6 +331,7 @@ impl Model {
             normalize: m.normalize,
             sliding_window: m.architecture.sliding_window,
             past,
+            start,
             notes,
         })
     }
@@ -366,7 +380,13 @@ impl Model {
         })?;
         self.check_tokens(ids.len(), "the few-shot prefix")?;
         let single = batch::pad(&[ids.to_vec()], &[0], 0);
-        let feed = feed_inputs(&self.inputs, &single, &layout.names, &layout.empty)?;
+        let (single, states) = match &self.start {
+            Some(start) if single.begins_with(&start.ids) => {
+                (single.without_first(start.ids.len()), &start.states[..])
+            }
+            _ => (single, &layout.empty[..]),
+        };
+        let feed = feed_inputs(&self.inputs, &single, &layout.names, states)?;
         let mut outputs = self.session.run(feed).map_err(Error::runtime(format!(
             "inference failed on the {}-token prefix",
             ids.len()
@@ -392,6 +412,14 @@ impl Model {
     /// holds the rows' ids after the prefix, positions continuing from its length
     /// ([`Batch::suffixes`]).
     pub fn forward(&mut self, batch: &Batch, prefix: Option<&Prefix>) -> Result<Array2<f32>> {
+        let shifted;
+        let (batch, prefix) = match (prefix, &self.start) {
+            (None, Some(start)) if batch.begins_with(&start.ids) => {
+                shifted = batch.without_first(start.ids.len());
+                (&shifted, Some(start))
+            }
+            _ => (batch, prefix),
+        };
         let before = prefix.map_or(0, |p| p.ids.len());
         for (i, &len) in batch.lengths.iter().enumerate() {
             if len == 0 {
@@ -485,6 +513,40 @@ impl Model {
             _ => Ok(()),
         }
     }
+}
+
+/// Runs the start-state graph of `spec` (no inputs) once: its outputs, in the order of the model's
+/// `past.*` inputs, as the prefix of the ids every input begins with.
+fn start_states(
+    package: &Package,
+    variant: &str,
+    spec: &StartStatesSpec,
+    layout: &PastLayout,
+) -> Result<Prefix> {
+    let path = package.path(&spec.file);
+    let context = format!("cannot read the start states {}", path.display());
+    let env = runtime::environment(None)?;
+    let mut session = Session::builder(env)
+        .map_err(Error::runtime(context.clone()))?
+        .commit_from_file(&path)
+        .map_err(Error::runtime(context.clone()))?;
+    let mut outputs = session
+        .run(Vec::<(Cow<'static, str>, SessionInputValue<'_>)>::new())
+        .map_err(Error::runtime(context))?;
+    let mut states = Vec::with_capacity(layout.names.len());
+    let mut bytes = 0;
+    for (past, _) in &layout.names {
+        let value = outputs.remove(past.as_str()).ok_or_else(|| {
+            Error::graph(variant, format!("{} has no output {past:?}", spec.file))
+        })?;
+        bytes += value_bytes(&value);
+        states.push(value);
+    }
+    Ok(Prefix {
+        ids: spec.ids.clone(),
+        states,
+        bytes,
+    })
 }
 
 /// The session feed: the int64 inputs of `batch`, then each prefix-state input with its value.

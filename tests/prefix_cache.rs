@@ -69,6 +69,15 @@ fn cache_matches_full_computation_on_every_mteb_task_tiny_fp16() {
     assert!(cos >= 0.999, "min cosine {cos}");
 }
 
+/// tiny's int8 runs on the fp32 states of `<s>` (its `start_states`): the prefix is computed on top
+/// of them, and so are the full rows.
+#[test]
+fn cache_matches_full_computation_on_every_mteb_task_tiny_int8() {
+    let Some(f) = fixtures() else { return };
+    let cos = all_tasks_parity(&f.tiny_pkg, "int8", 3, 1);
+    assert!(cos >= 0.9999, "min cosine {cos}");
+}
+
 #[test]
 fn cache_matches_full_computation_on_every_mteb_task_smollm2_fp32() {
     let Some(f) = fixtures() else { return };

@@ -146,7 +146,8 @@ def test_special_tokens_measured(meta, tokenizer):
 def test_sha256_match_files(package, meta):
     assert manifest.sha256(package / "tokenizer.json") == meta["tokenizer"]["sha256"]
     for v in meta["variants"].values():
-        assert set(v["sha256"]) == {v["file"], v["data"]}
+        start = [v["start_states"]["file"]] if "start_states" in v else []
+        assert set(v["sha256"]) == {v["file"], v["data"], *start}
         for rel, digest in v["sha256"].items():
             assert manifest.sha256(package / rel) == digest, rel
 
@@ -305,3 +306,51 @@ def test_checkpoint_reads_shards_and_bf16(tmp_path):
     (tmp_path / "model-00002-of-00002.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="missing"):
         Checkpoint(tmp_path)
+
+
+BIN = ROOT / "target" / "debug" / "icl-embed"
+
+
+def test_int8_start_states_are_the_fp32_states_of_bos(package, meta, tokenizer):
+    """tiny prepends `<s>` like bge-en-icl: its int8 variant carries the fp32 graph's key/value states
+    of that token (issue 13), named like the graph's `past.*` inputs, pinned by the manifest."""
+    entry = meta["variants"]["int8"]
+    start = entry["start_states"]
+    assert start["ids"] == [tokenizer.bos_token_id] == meta["special_tokens"]["prepend"]
+    assert start["file"] == "int8/start.onnx"
+    assert entry["sha256"][start["file"]] == manifest.sha256(package / start["file"])
+    ids, states = verify.start_of(package / "int8" / "model.onnx", entry["quantization"])
+    fp32 = verify.prefix_states(verify.session(package / "fp32" / "model.onnx"), ids)
+    assert sorted(states) == sorted(fp32) == sorted(i.name for i in verify.past_inputs(
+        verify.session(package / "int8" / "model.onnx")))
+    for name, value in fp32.items():
+        assert states[name].shape == value.shape == (1, meta["architecture"]["kv_heads"], 1,
+                                                     meta["architecture"]["head_dim"])
+        np.testing.assert_array_equal(states[name], value)
+    # Variants that are not quantized run every token themselves.
+    assert all("start_states" not in v for n, v in meta["variants"].items() if n != "int8")
+
+
+def test_cli_int8_runs_documents_on_the_start_states(package, meta, tokenizer, tmp_path):
+    """The binary's int8 documents equal the graph run on top of the stored `<s>` states, and not the
+    graph run from `<s>` itself (the two differ by the int8 error at position 0)."""
+    if not BIN.exists():
+        if os.environ.get("ICL_REQUIRE_FIXTURES"):
+            pytest.fail(f"{BIN} is not built (cargo build)")
+        pytest.skip(f"{BIN} is not built (cargo build)")
+    docs = ["Paris is the capital of France.", "ok", "The mitochondrion is the powerhouse of the cell."]
+    src, out = tmp_path / "docs.txt", tmp_path / "out.npy"
+    src.write_text("\n".join(docs), encoding="utf-8")
+    subprocess.run([BIN, "embed", "--model", package, "--input", src, "--output", out, "--variant", "int8",
+                    "--device", "cpu", "--quiet", "--cache-dir", tmp_path / "cache"], check=True)
+    got = np.load(out).astype(np.float64)
+    rows = [samples.encode_document(tokenizer, d, 512) for d in docs]
+    sess = verify.session(package / "int8" / "model.onnx")
+    batch = verify.right_padded(rows, meta["special_tokens"]["pad_id"])
+    ids, states = verify.start_of(package / "int8" / "model.onnx", meta["variants"]["int8"]["quantization"])
+    on_start = verify.without_start(batch, len(ids))
+    want = verify.last_token(verify.onnx_hidden(sess, on_start, states), on_start.attention_mask)
+    from_bos = verify.last_token(verify.onnx_hidden(sess, batch), batch.attention_mask)
+    gap = np.abs(want - from_bos).max()
+    assert gap > 1e-4, gap  # the comparison can tell the two apart
+    assert np.abs(got - want).max() < gap / 100
