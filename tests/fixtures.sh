@@ -12,7 +12,7 @@ standin tiny-legacy tiny --tokenizer-style legacy
 standin smollm2 smollm2
 package tiny-converted fp32,fp16,int8
 package tiny-legacy fp32
-package smollm2 fp32,int8 --int8-recipes nbits8-acc1
+package smollm2 fp32,int8
 
 golden_key=$(hash_of export/requirements.txt export/standins.py export/reference.py export/io.py tests/parity/*.py tests/parity/edge.jsonl tests/fixtures.sh)
 g=$cache/golden-$golden_key

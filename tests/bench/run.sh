@@ -57,18 +57,20 @@ cargo build --release --quiet
 source export/cache.sh
 $py tests/bench/speed.py check-instructions
 
-# bench_package NAME VARIANTS: the package of NAME with at least VARIANTS (comma-separated).
+# bench_package NAME VARIANTS [EXPORT OPTIONS]: the package of NAME with at least VARIANTS
+# (comma-separated).
 bench_package() {
   local name=$1 variants=$2 dir=$packages_dir/$1
+  shift 2
   if [ -f "$dir.done" ] && ! $py - "$dir/embedder.json" "$variants" <<'PY'
 import json, sys
 sys.exit(0 if set(sys.argv[2].split(",")) <= set(json.load(open(sys.argv[1]))["variants"]) else 1)
 PY
   then
     dir=$packages_dir/$name-bench
-    build "$dir" $py -m export --model "$models_dir/$name" --out "$dir" --variants "$variants"
+    build "$dir" $py -m export --model "$models_dir/$name" --out "$dir" --variants "$variants" "$@"
   else
-    package "$name" "$variants"
+    package "$name" "$variants" "$@"
   fi
   bench_pkg=$dir
 }
@@ -77,15 +79,18 @@ specs=()
 IFS=, read -ra names <<< "$models"
 for m in "${names[@]}"; do
   case $m in
-    tiny) name=tiny-converted; standin tiny-converted tiny --tokenizer-style converted; docs=4; variants=fp32,fp16,int8 ;;
+    tiny) opts=(); name=tiny-converted; standin tiny-converted tiny --tokenizer-style converted; docs=4; variants=fp32,fp16,int8 ;;
     # fp16 is the GPU variant; on the CPU ONNX Runtime has no fast fp16 MatMul, and the 7B slice's
     # fp16 export and runs would double the bench's time, so slice7b measures fp32 and int8.
-    slice7b) name=slice7b; standin slice7b slice7b; docs=8; variants=fp32,int8 ;;
-    smollm2) name=smollm2; standin smollm2 smollm2; docs=32; variants=fp32,fp16,int8 ;;
+    # Its int8 is the fastest recipe (w8a8): slice7b stands in for bge-en-icl's speed, and its
+    # random weights miss the selection's mean threshold (0.998 against 0.999), so the exporter's
+    # own choice for it would be the slow weight-only recipe (export/README.md).
+    slice7b) name=slice7b; standin slice7b slice7b; docs=8; variants=fp32,int8; opts=(--int8-recipes w8a8) ;;
+    smollm2) opts=(); name=smollm2; standin smollm2 smollm2; docs=32; variants=fp32,fp16,int8 ;;
     *) echo "run.sh: unknown model $m (slice7b, smollm2, tiny)" >&2; exit 2 ;;
   esac
   [ $quick = 1 ] && docs=4
-  bench_package $name $variants
+  bench_package $name $variants "${opts[@]}"
   specs+=(--model "$m=$root/$models_dir/$name,$root/$bench_pkg,$docs,${variants//,/+}")
 done
 
