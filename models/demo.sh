@@ -9,7 +9,7 @@ bash export/setup.sh
 cargo build --release --quiet
 source export/cache.sh
 standin smollm2 smollm2
-package smollm2 fp32,int8 --int8-recipes nbits8-acc1
+package smollm2 fp32,int8
 pkg=$packages_dir/smollm2
 
 out=${DEMO_OUT:-$cache/demo}
