@@ -539,13 +539,11 @@ def flag_row(rows: list[Row]) -> Row | None:
     return next((r for r in rows if r.engine.startswith("FlagEmbedding") and r.times), None)
 
 
-def table(model: Model, work: Workload, rows: list[Row], slice_layers: int | None) -> list[str]:
+def table(model: Model, work: Workload, rows: list[Row]) -> list[str]:
     fe = flag_row(rows)
     fe_rate = work.tokens / med(fe.times) if fe else None
     head = ["engine", "variant", "tokens/s", "embeddings/s", "vs FlagEmbedding", "load (s)",
             "whole run (s)", "peak RSS (MiB)", "weights (MiB)", "min cos vs FlagEmbedding"]
-    if slice_layers:
-        head.insert(4, f"bge-en-icl est. tokens/s (x{REAL_LAYERS // slice_layers})")
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rows:
         if r.error:
@@ -559,8 +557,6 @@ def table(model: Model, work: Workload, rows: list[Row], slice_layers: int | Non
                  fmt(med(r.load_s), 2), fmt(med(r.walls), 2) if r.walls else "-",
                  f"{r.rss_kb / 1024:,.0f}", mib(r.weights),
                  fmt(min_cos(r.embeddings, fe.embeddings if fe else None), 4) if r is not fe else "(reference)"]
-        if slice_layers:
-            cells.insert(4, fmt(rate * slice_layers / REAL_LAYERS, 2) if rate else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -722,8 +718,6 @@ def run(argv: list[str]) -> int:
         model = Model(name, Path(fields[0]), Path(fields[1]), n_docs)
         args.variants = fields[3].split("+") if len(fields) > 3 else all_variants
         config = json.loads((model.model_dir / "config.json").read_text())
-        layers = int(config.get("num_hidden_layers", 0))
-        slice_layers = layers if name.startswith("slice7b") else None
         docs, queries = make_workloads(model.n_docs, tasks, args.queries_per_task, args.query_source)
         scratch = args.work / name
         sections += [f"### {name}", "", model_blurb(name, config, model), ""]
@@ -732,7 +726,7 @@ def run(argv: list[str]) -> int:
             rows = measure(model, work, args, scratch, log)
             memory_rows += [(name, work.kind, r) for r in rows if r.engine == "icl-embed" and not r.error]
             sections += [f"#### {name}: {work_title(work)}", "", workload_blurb(work, model), "",
-                         f"`{args.command}`", "", *table(model, work, rows, slice_layers), ""]
+                         f"`{args.command}`", "", *table(model, work, rows), ""]
             if work.kind == "queries":
                 cache = prefix_cache_table(work, rows)
                 if cache:
@@ -756,12 +750,9 @@ def model_blurb(name: str, config: dict[str, Any], model: Model) -> str:
     if name.startswith("slice7b"):
         layers = int(config.get("num_hidden_layers") or 2)
         return (f"`slice7b`: bge-en-icl's exact layer shapes with {layers} of its {REAL_LAYERS} layers ({shape}), "
-                f"random weights. The \"bge-en-icl est.\" column extrapolates to the real model by multiplying "
-                f"the per-token time by {REAL_LAYERS // layers} ({REAL_LAYERS}/{layers} layers). It is an "
-                f"extrapolation, not a measurement: it scales everything by depth, including the parts that do "
-                f"not grow with it (token embedding lookup, final norm, tokenization, batching, I/O; bge-en-icl has "
-                f"no LM head), so it slightly underestimates the real model's speed, and it ignores memory: the "
-                f"real fp32 weights are 28.5 GB.")
+                f"random weights: the per-layer speed of the real model's shapes. What the real model does at "
+                f"all {REAL_LAYERS} layers is measured, not extrapolated, in the section \"bge-en-icl at full "
+                f"size\" below (a full-depth stand-in).")
     if name.startswith("smollm2"):
         return f"`smollm2`: SmolLM2-135M-Instruct with its real weights ({shape}), the stand-in with real activations."
     return f"`{name}` ({shape})."
