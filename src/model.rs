@@ -103,15 +103,17 @@ pub fn auto_cpu_variant(manifest: &Manifest) -> (Option<String>, String) {
         Some("u8s8") => {
             let kernel = if runtime::cpu_int8_needs_u8u8() {
                 "no VNNI: exact u8 x u8 GEMM via session.x64quantprecision, about 1.6x fp32 measured on AVX2"
+            } else if runtime::cpu_has_vnni() {
+                "VNNI u8 x s8 GEMM: about 3x fp32 on bge-en-icl's layer shapes, measured with AVX-512 VNNI"
             } else {
-                "u8 x s8 GEMM, 3x+ fp32 measured with AVX-512 VNNI"
+                "ONNX Runtime's int8 GEMM for this CPU, speed not measured by this project"
             };
             (
                 Some("int8".into()),
-                format!("int8 ({summary}); this CPU is {cpu} ({kernel})"),
+                format!("{summary}; this CPU is {cpu} ({kernel})"),
             )
         }
-        _ => (Some("int8".into()), format!("int8 ({summary})")),
+        _ => (Some("int8".into()), summary),
     }
 }
 
