@@ -96,13 +96,17 @@ def special_tokens(tokenizer) -> dict:
     }
 
 
+# A quantized variant's start states (`start_states` in FORMAT.md), beside its model.onnx.
+START_FILE = "start.onnx"
+
+
 def variant_entry(package: Path, name: str, dtype: str, quantization: dict | None, parity: dict,
                   start_ids: list[int] | None = None) -> dict:
     """One `variants` entry. `start_ids`: the variant runs every input that begins with those ids on
-    top of their states in `{name}/start.onnx` (computed in fp32 by the exporter)."""
+    top of their states in `{name}/START_FILE` (computed in fp32 by the exporter)."""
     graph = f"{name}/model.onnx"
     data = f"{graph}.data"
-    start = f"{name}/start.onnx"
+    start = f"{name}/{START_FILE}"
     entry = {
         "file": graph,
         "data": data,

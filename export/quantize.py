@@ -61,11 +61,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from .manifest import START_FILE
+
 log = logging.getLogger(__name__)
 
 CALIBRATION = Path(__file__).with_name("calibration.txt")
-# The int8 variant's start states (`start_states` in FORMAT.md), beside its model.onnx.
-START_FILE = "start.onnx"
 # One- and two-token inputs (with the tokenizer's own special tokens added): the inputs whose last
 # token sits next to position 0's huge activations. Not taken from the shared test data.
 SHORT_TEXTS = ["", "ok", "No", "cat", "Why?", "blue sky", "It works.",
@@ -485,6 +485,14 @@ def embed_rows(graph: Path, rows: list[list[int]], threads: int = 2,
     from . import verify
 
     sess = verify.session(graph, threads)
+    result = _embed(sess, rows, start)
+    del sess
+    return result
+
+
+def _embed(sess, rows: list[list[int]], start: tuple[list[int], dict] | None = None) -> tuple[np.ndarray, float]:
+    from . import verify
+
     k = len(start[0]) if start else 0
     out = []
     began = time.perf_counter()
@@ -493,23 +501,18 @@ def embed_rows(graph: Path, rows: list[list[int]], threads: int = 2,
         if k and row[:k] == start[0] and len(row) > k:
             batch, past = verify.without_start(batch, k), start[1]
         out.append(verify.last_token(verify.onnx_hidden(sess, batch, past), batch.attention_mask)[0])
-    seconds = time.perf_counter() - began
-    del sess
-    return np.stack(out), seconds
+    return np.stack(out), time.perf_counter() - began
 
 
-def start_states(fp32_graph: Path, tokenizer, threads: int = 2) -> tuple[list[int], dict] | None:
+def start_states(fp32_sess, tokenizer) -> tuple[list[int], dict] | None:
     """The ids every input begins with (the tokenizer's BOS) and their key/value states from the
-    fp32 graph: constants that the int8 variant runs on top of, so that position 0, where a trained
-    model keeps its huge attention-sink activations, is computed exactly. None when the tokenizer
-    adds nothing before a text or the graph takes no prefix states."""
+    fp32 graph's session: constants that the int8 variant runs on top of, so that position 0, where
+    a trained model keeps its huge attention-sink activations, is computed exactly. None when the
+    tokenizer adds nothing before a text or the graph takes no prefix states."""
     from . import verify
 
-    sess = verify.session(fp32_graph, threads)
-    ids = verify.start_ids(tokenizer, [i.name for i in sess.get_inputs()])
-    states = verify.prefix_states(sess, ids) if ids else None
-    del sess
-    return (ids, states) if ids else None
+    ids = verify.start_ids(tokenizer, [i.name for i in fp32_sess.get_inputs()])
+    return (ids, verify.prefix_states(fp32_sess, ids)) if ids else None
 
 
 def fidelity(reference: np.ndarray, embeddings: np.ndarray, rows: list[list[int]]) -> dict:
@@ -540,8 +543,10 @@ def choose(fp32_graph: Path, dst: Path, tokenizer, candidates: list[str] | None 
 
     names = candidates or CANDIDATES
     rows = calibration_rows(tokenizer, max_length)
-    reference, fp32_seconds = embed_rows(fp32_graph, rows, threads)
-    start = start_states(fp32_graph, tokenizer, threads)
+    fp32 = verify.session(fp32_graph, threads)  # one session for the reference and the start states
+    reference, fp32_seconds = _embed(fp32, rows)
+    start = start_states(fp32, tokenizer)
+    del fp32
     dst.with_name(START_FILE).unlink(missing_ok=True)
     stats = None
     tried = []

@@ -139,7 +139,9 @@ def write_start_graph(path: Path, states: dict[str, np.ndarray]) -> None:
 
 def start_of(graph: Path, quantization: dict | None) -> tuple[list[int], dict[str, np.ndarray]] | None:
     """The start states written beside a quantized `graph` (ids, states), or None."""
-    path = graph.with_name("start.onnx")
+    from .manifest import START_FILE
+
+    path = graph.with_name(START_FILE)
     ids = ((quantization or {}).get("selection") or {}).get("start_states")
     if not ids or not path.exists():
         return None
