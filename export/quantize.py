@@ -61,6 +61,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from .cpu import cpu_class, session_options
 from .manifest import START_FILE
 
 log = logging.getLogger(__name__)
@@ -94,17 +95,6 @@ class Recipe:
     def describe(self) -> dict:
         """The manifest's `quantization` field (before `choose` adds the selection)."""
         return {"recipe": self.name, "method": self.method, "kernel": self.kernel, **self.settings}
-
-
-def cpu_class() -> str:
-    """The instruction sets that decide int8 speed on this machine, in words (as src/runtime.rs)."""
-    try:
-        flags = set(next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split())
-    except (OSError, StopIteration):
-        return "unknown"
-    if "avx512_vnni" in flags or "avx_vnni" in flags:
-        return "x86-64 with VNNI"
-    return "x86-64 AVX2 without VNNI" if "avx2" in flags else "other"
 
 
 def _w8(name: str, **extra) -> Recipe:
@@ -240,10 +230,7 @@ def calibrate(fp32_graph: Path, rows: list[list[int]], threads: int = 2) -> dict
     onnx.save(model, os.fspath(probe))
     del model
     try:
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        sess = ort.InferenceSession(os.fspath(probe), opts, providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(os.fspath(probe), session_options(threads), providers=["CPUExecutionProvider"])
         stats: dict[str, np.ndarray] = {}
         for row in rows:
             batch = verify.right_padded([row], pad_id=0)
@@ -375,7 +362,6 @@ def _w8a8(src: Path, dst: Path, s: dict, stats: dict[str, np.ndarray]) -> None:
     c_zp = const("w8a8_zp", np.array(128, dtype=np.uint8))
     c_one = const("w8a8_one", np.array(1.0, dtype=np.float32))
     c_128f = const("w8a8_128f", np.array(128.0, dtype=np.float32))
-    c_wzp = const("w8a8_wzp", np.array(0, dtype=np.int8))
     activations: dict[str, tuple[str, str, str | None, np.ndarray | None]] = {}
     weights: dict[str, tuple[str, str, str | None]] = {}
 
@@ -445,7 +431,11 @@ def _w8a8(src: Path, dst: Path, s: dict, stats: dict[str, np.ndarray]) -> None:
         replaced[wname] = replaced.get(wname, 0) + 1
         stem = node.name or y
         t = fresh(stem + "_mm")
-        new_nodes.append(helper.make_node("MatMulIntegerToFloat", [q, qw, c_one, cs, c_zp, c_wzp], [t],
+        # Each node gets its own weight zero point: without VNNI, `session.x64quantprecision` makes
+        # ONNX Runtime add a uint8 copy of every node's weight and zero point named after the
+        # original (`<name>_s8_2_u8`), and a zero point shared by two nodes fails the session.
+        wzp = const(fresh("wzp"), np.array(0, dtype=np.int8))
+        new_nodes.append(helper.make_node("MatMulIntegerToFloat", [q, qw, c_one, cs, c_zp, wzp], [t],
                                           domain="com.microsoft", name=stem + "_w8a8"))
         if orows is None:
             new_nodes.append(helper.make_node("Mul", [t, rs], [y], name=stem + "_rowscale"))

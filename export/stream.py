@@ -39,6 +39,7 @@ import onnx
 import torch
 from torch import nn
 
+from .cpu import session_options
 from .decoder import Decoder, past_names, present_names
 from .export import INPUTS, OPSET, OUTPUT, example_inputs
 
@@ -423,9 +424,7 @@ class SegmentedGraph:
 
         values = [dict(run.feeds) for run in runs]
         results: list[dict[str, np.ndarray]] = [dict() for _ in runs]
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = self.threads
-        opts.inter_op_num_threads = 1
+        opts = session_options(self.threads)
         # Without this, each session's arena stays resident after the session is gone (measured: about
         # 480 MiB more per segment on an 8-layer model); with it the peak is one segment's.
         opts.enable_cpu_mem_arena = False

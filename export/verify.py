@@ -70,10 +70,9 @@ def torch_hidden(model: torch.nn.Module, batch: Batch) -> np.ndarray:
 
 
 def session(path: Path, threads: int = 2) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    from .cpu import session_options
+
+    return ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
 
 
 _NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16}

@@ -345,14 +345,17 @@ def worker_ort(argv: list[str]) -> int:
     a = p.parse_args(argv)
     import numpy as np
     import onnxruntime as ort
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from export.cpu import session_options
+
     manifest = json.loads((a.package / "embedder.json").read_text())
     spec = manifest["variants"][a.variant]
     pad_id = int(manifest["special_tokens"].get("pad_id") or 0)
     start = time.perf_counter()
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = a.threads
-    options.inter_op_num_threads = 1
-    session = ort.InferenceSession(str(a.package / spec["file"]), options, providers=["CPUExecutionProvider"])
+    # As the runtime sets them: exact int8 (session.x64quantprecision) on a CPU without VNNI.
+    session = ort.InferenceSession(str(a.package / spec["file"]), session_options(a.threads),
+                                   providers=["CPUExecutionProvider"])
     load = time.perf_counter() - start
     names = {i.name for i in session.get_inputs()}
     # Graphs exported with a prefix cache also take past keys/values ([1, kv heads, past, head dim]);

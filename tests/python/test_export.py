@@ -115,6 +115,41 @@ def test_manifest_fields(package, meta):
         assert s8 and all(t.data_type == onnx.TensorProto.INT8 for t in s8)
 
 
+def test_w8a8_loads_and_is_exact_where_the_cpu_lacks_vnni(package, tokenizer, tmp_path):
+    """Without VNNI the runtime sets `session.x64quantprecision` (src/runtime.rs), and ONNX Runtime
+    then rewrites every MatMulIntegerToFloat's int8 weight and zero point to uint8 at load. A w8a8
+    graph must load that way and give what the session of this CPU gives (both exact products)."""
+    import onnxruntime as ort
+
+    from export import cpu
+
+    graph = tmp_path / "w8a8" / "model.onnx"
+    quantize.quantize(package / "fp32" / "model.onnx", graph, quantize.RECIPES["w8a8"])
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 2
+    opts.add_session_config_entry(cpu.X64_QUANT_PRECISION, "1")
+    forced = ort.InferenceSession(str(graph), opts, providers=["CPUExecutionProvider"])
+    batch = verify.right_padded([s.ids for s in samples.samples(tokenizer, 512)], pad_id=0)
+    np.testing.assert_allclose(verify.onnx_hidden(forced, batch), verify.onnx_hidden(verify.session(graph), batch),
+                               rtol=0, atol=1e-5)
+
+
+def test_cpuid_agrees_with_the_kernel():
+    """export/cpu.py reads CPUID itself (as ONNX Runtime and the runtime do); /proc/cpuinfo is the
+    kernel's reading of the same bits."""
+    from export import cpu
+
+    if not cpu._x86_64():
+        assert cpu.features() == frozenset() and not cpu.needs_quant_precision()
+        return
+    flags = set(next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split())
+    f = cpu.features()
+    assert ("avx2" in f) == ("avx2" in flags)
+    assert ("avx512vnni" in f) == ("avx512_vnni" in flags)
+    assert ("avxvnni" in f) == ("avx_vnni" in flags)
+    assert cpu.needs_quant_precision() == (not {"avx512_vnni", "avx_vnni"} & flags)
+
+
 def test_quantize_matmul_weight_per_tensor():
     rng = np.random.default_rng(0)
     w = rng.normal(size=(64, 48)).astype(np.float32)
