@@ -109,7 +109,11 @@ def cpu() -> str:
         if line.startswith("model name") and not model:
             model = line.split(":", 1)[1].strip()
     isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
-    return f"{model}, {os.cpu_count()} logical cores, {' '.join(isa)}"
+    from export.cpu import cpu_class
+
+    # CPUID as the processes read it: under tests/bench/avx2only.sh it is masked to AVX2.
+    masked = " (CPUID masked by tests/bench/avx2only.sh)" if "avx2only" in os.environ.get("LD_PRELOAD", "") else ""
+    return f"{model}, {os.cpu_count()} logical cores, {' '.join(isa)}; processes see {cpu_class()}{masked}"
 
 
 if __name__ == "__main__":

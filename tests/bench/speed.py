@@ -621,6 +621,12 @@ def machine() -> list[str]:
     commit = sh(["git", "rev-parse", "--short", "HEAD"]) or "?"
     dirty = " with uncommitted changes" if sh(["git", "status", "--porcelain", "--untracked-files=no"]) else ""
     load = os.getloadavg()[0]
+    sys.path.insert(0, str(ROOT))
+    from export.cpu import cpu_class
+
+    seen = cpu_class()  # CPUID as this process reads it: differs from /proc/cpuinfo under avx2only.sh
+    if "avx2only" in os.environ.get("LD_PRELOAD", ""):
+        isa.append(f"**CPUID masked by tests/bench/avx2only.sh: every process ran as {seen}**")
     return [
         f"- CPU: {cpu}{' (' + ', '.join(isa) + ')' if isa else ''}; {os.cpu_count()} logical cores visible "
         f"(`nproc`: {sh(['nproc']) or '?'}); {mem / 2**20:.1f} GiB RAM; no GPU used (`--device cpu`)",
