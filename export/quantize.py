@@ -128,7 +128,10 @@ def quantize(src: Path, dst: Path, recipe: Recipe, stats: dict[str, np.ndarray] 
     if recipe.method == "matmulnbits":
         _matmul_nbits(src, dst, recipe.settings)
     elif recipe.method == "w8a8":
-        _w8a8(src, dst, recipe.settings, stats or {})
+        model = onnx.load(os.fspath(src), load_external_data=False)
+        inits = {t.name: t for t in model.graph.initializer}
+        quantize_graph(model, lambda name: _weight(inits[name], src.parent), dst, recipe, stats,
+                       raw=lambda t: _read_raw(t, src.parent))
     else:
         raise ValueError(f"unknown quantization method {recipe.method!r}")
     gc.collect()
@@ -303,12 +306,40 @@ def _is_embedding(node: onnx.NodeProto, inits: dict) -> bool:
     return axis == 0 and len(t.dims) == 2 and t.data_type == onnx.TensorProto.FLOAT
 
 
-def _w8a8(src: Path, dst: Path, s: dict, stats: dict[str, np.ndarray]) -> None:
-    """Rewrite every eligible MatMul(x, W) into per-token u8 x per-channel s8 (+ fp32 outliers).
+def weights_as_initializers(model: onnx.ModelProto, inputs: set[str]) -> None:
+    """Turn the graph inputs named in `inputs` (a traced graph's weights, `stream.trace`) into
+    initializers without data (name, type, shape), for `_w8a8` to fill from its loader."""
+    g = model.graph
+    for i in [i for i in g.input if i.name in inputs]:
+        t = onnx.TensorProto()
+        t.name = i.name
+        t.data_type = i.type.tensor_type.elem_type
+        t.dims.extend(d.dim_value for d in i.type.tensor_type.shape.dim)
+        t.data_location = onnx.TensorProto.EXTERNAL  # filled by the loader when written
+        g.initializer.append(t)
+    keep = [i for i in g.input if i.name not in inputs]
+    del g.input[:]
+    g.input.extend(keep)
+
+
+def quantize_graph(model: onnx.ModelProto, load, dst: Path, recipe: Recipe, stats: dict[str, np.ndarray] | None = None,
+                   raw=None) -> None:
+    """`model` quantized with `recipe` (a w8a8 one) into `dst`, its weights read by `load` (see `_w8a8`)."""
+    if recipe.method != "w8a8":
+        raise ValueError(f"recipe {recipe.name} ({recipe.method}) is made from an fp32 graph file, not streamed")
+    _w8a8(model, load, dst, recipe.settings, stats or {}, raw)
+
+
+def _w8a8(model: onnx.ModelProto, load, dst: Path, s: dict, stats: dict[str, np.ndarray], raw=None) -> None:
+    """Rewrite every eligible MatMul(x, W) of `model` into per-token u8 x per-channel s8 (+ fp32
+    outliers) and save it as `dst` + `.data`. `load(name)` returns an initializer's fp32 data: read
+    from the fp32 graph's data file (`quantize`), or from the checkpoint for a traced graph whose
+    weights have no data (`weights_as_initializers`, `stream.quantize_checkpoint`).
 
     Streams: weights are read, quantized (`quantize_matmul_weight`) and written one tensor at a
     time, so the peak memory is one weight matrix, not a copy of the model. MatMuls matching a
-    `keep` regex stay fp32.
+    `keep` regex stay fp32. `raw(tensor)`, if given, returns the bytes of an initializer that is
+    copied unchanged (default: `load`'s array).
     """
     from onnx import helper, numpy_helper
 
@@ -318,9 +349,7 @@ def _w8a8(src: Path, dst: Path, s: dict, stats: dict[str, np.ndarray]) -> None:
     k_by_kind = {kind: int(k) for kind, k in s.get("outliers_by_kind", {}).items()}  # e.g. {"down": 128}
     keep = [re.compile(p) for p in s.get("keep", [])]
 
-    model = onnx.load(os.fspath(src), load_external_data=False)
     g = model.graph
-    base = src.parent
     inits = {t.name: t for t in g.initializer}
     eligible = _eligible(g, inits)
     targets = [n for n in eligible if not any(p.search(n.name) or p.search(n.input[1]) for p in keep)]
@@ -393,7 +422,7 @@ def _w8a8(src: Path, dst: Path, s: dict, stats: dict[str, np.ndarray]) -> None:
 
     def quant_weight(wname: str, idx: np.ndarray | None) -> tuple[str, str, str | None]:
         if wname not in weights:
-            parts = quantize_matmul_weight(_weight(inits[wname], base), idx)
+            parts = quantize_matmul_weight(load(wname), idx)
             qn = const(wname + "_w8", parts["q"])
             sn = const(wname + "_w8_scale", parts["scale"])
             on = const(wname + "_outlier_rows", parts["outlier_rows"]) if "outlier_rows" in parts else None
@@ -402,7 +431,7 @@ def _w8a8(src: Path, dst: Path, s: dict, stats: dict[str, np.ndarray]) -> None:
 
     def gather_int8(node: onnx.NodeProto, out: list) -> None:
         """The token embedding table as int8 rows with one fp32 scale each: Gather both, multiply."""
-        table = _weight(inits[node.input[0]], base)
+        table = load(node.input[0])
         scale = (np.abs(table).max(axis=1) / 127.0).astype(np.float32)
         scale[scale == 0] = 1.0
         q = np.clip(np.rint(table / scale[:, None]), -127, 127).astype(np.int8)
@@ -451,7 +480,7 @@ def _w8a8(src: Path, dst: Path, s: dict, stats: dict[str, np.ndarray]) -> None:
         if t.name in replaced and replaced[t.name] >= uses.get(t.name, 0):
             continue
         if t.data_location == onnx.TensorProto.EXTERNAL:
-            writer.put(t, _read_raw(t, base))
+            writer.put(t, raw(t) if raw else np.ascontiguousarray(load(t.name)).tobytes())
         kept.append(t)
     writer.close()
     del g.initializer[:]

@@ -246,22 +246,20 @@ def write_variants(checkpoint: Checkpoint, graphs: dict[str, onnx.ModelProto], o
                    on_tensor: Callable[[str], None] | None = None) -> None:
     """Stream every weight of `checkpoint` into each variant of `graphs` ("fp32", "fp16") and save
     `out[name]` + `.data`. Each weight is read once; in memory at a time: that weight and its cast."""
-    weight_inputs = None
+    params = None
     targets = []
     for name, model in graphs.items():
-        params = [i.name for i in model.graph.input if i.name not in INPUTS and not i.name.startswith("past.")]
-        if weight_inputs is None:
-            weight_inputs = params
-        elif params != weight_inputs:
+        these = weight_inputs(model)
+        if params is None:
+            params = these
+        elif these != params:
             raise ValueError(f"variant {name}: its graph's weights differ from the first variant's")
         out[name].parent.mkdir(parents=True, exist_ok=True)
         targets.append(Target(name, model, _store_for(name), DataFile(out[name].with_name(out[name].name + ".data"))))
+    read = weight_reader(checkpoint)
     try:
-        for param in weight_inputs:
-            source, transpose = source_of(param)
-            w = checkpoint.read(source)
-            if transpose:  # torch's blocked, threaded transpose: numpy's takes seconds per MLP weight
-                w = torch.from_numpy(w).t().contiguous().numpy()
+        for param in params:
+            w = read(param)
             for target in targets:
                 target.store(param, w, target)
             del w
@@ -272,10 +270,40 @@ def write_variants(checkpoint: Checkpoint, graphs: dict[str, onnx.ModelProto], o
             target.data.close()
     for target in targets:
         graph = target.graph.graph
-        keep = [i for i in graph.input if i.name not in set(weight_inputs)]
+        keep = [i for i in graph.input if i.name not in set(params)]
         del graph.input[:]
         graph.input.extend(keep)
         onnx.save_model(target.graph, os.fspath(out[target.name]))
+
+
+def weight_reader(checkpoint: Checkpoint) -> Callable[[str], np.ndarray]:
+    """Reads a Decoder parameter (a traced graph's weight input) from the checkpoint as the graph
+    stores it: fp32, MatMul weights transposed to [in, out]."""
+
+    def read(param: str) -> np.ndarray:
+        source, transpose = source_of(param)
+        w = checkpoint.read(source)
+        if transpose:  # torch's blocked, threaded transpose: numpy's takes seconds per MLP weight
+            w = torch.from_numpy(w).t().contiguous().numpy()
+        return w
+
+    return read
+
+
+def weight_inputs(model: onnx.ModelProto) -> list[str]:
+    """A traced graph's weight inputs (everything but the model's inputs and prefix states)."""
+    return [i.name for i in model.graph.input if i.name not in INPUTS and not i.name.startswith("past.")]
+
+
+def quantize_checkpoint(config, checkpoint: Checkpoint, dst: Path, recipe, stats=None) -> None:
+    """The int8 graph `dst` (+ `.data`) with a w8a8 `recipe`, straight from the checkpoint: the fp32
+    graph is traced without weights and never written, and each weight is read, quantized and
+    appended in turn (one weight in memory at a time)."""
+    from . import quantize
+
+    model = trace(skeleton(config, torch.float32), torch.float32)
+    quantize.weights_as_initializers(model, set(weight_inputs(model)))
+    quantize.quantize_graph(model, weight_reader(checkpoint), dst, recipe, stats)
 
 
 def _store_for(name: str):
@@ -289,10 +317,11 @@ def _store_for(name: str):
 # --- the PyTorch reference, one layer at a time ---------------------------------------------------
 
 
-def reference_hidden(model_dir: Path, config, checkpoint: Checkpoint, batch) -> np.ndarray:
-    """`last_hidden_state` of Hugging Face's own fp32 forward (eager attention) over `batch`, with the
-    embeddings and final norm loaded and each decoder layer's weights loaded just before it runs and
-    dropped after: the reference of `verify.torch_hidden` in the memory of one layer."""
+@contextlib.contextmanager
+def layer_by_layer(config, checkpoint: Checkpoint):
+    """Hugging Face's own fp32 model (eager attention) with the embeddings and final norm loaded and
+    each decoder layer's weights loaded just before it runs and dropped after: a forward in the
+    memory of one layer."""
     model = meta_model(config)
 
     def load(module: nn.Module, prefix: str) -> None:
@@ -314,12 +343,36 @@ def reference_hidden(model_dir: Path, config, checkpoint: Checkpoint, batch) -> 
         hooks.append(layer.register_forward_pre_hook(before, with_kwargs=True))
         hooks.append(layer.register_forward_hook(after, with_kwargs=True))
     try:
-        from .verify import torch_hidden
-
-        return torch_hidden(model, batch)
+        yield model
     finally:
         for h in hooks:
             h.remove()
+
+
+def reference_hidden(model_dir: Path, config, checkpoint: Checkpoint, batch) -> np.ndarray:
+    """`last_hidden_state` of Hugging Face's own fp32 forward over `batch`, one layer in memory at a
+    time (`layer_by_layer`): the reference of `verify.torch_hidden` at any model size."""
+    from .verify import torch_hidden
+
+    with layer_by_layer(config, checkpoint) as model:
+        return torch_hidden(model, batch)
+
+
+def start_states(config, checkpoint: Checkpoint, ids: list[int]) -> dict[str, np.ndarray]:
+    """The fp32 key/value states of `ids` (the ids every input begins with: a BOS), named like the
+    graph's `past.{i}.key|value` inputs, from Hugging Face's forward one layer at a time: what the
+    int8 variant runs on top of (quantize.start_states computes the same with an fp32 graph)."""
+    with layer_by_layer(config, checkpoint) as model, torch.inference_mode():
+        out = model(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.int64),
+                    position_ids=torch.arange(len(ids)).unsqueeze(0), use_cache=True)
+    cache = out.past_key_values
+    layers = [(layer.keys, layer.values) for layer in cache.layers] if hasattr(cache, "layers") \
+        else list(cache.to_legacy_cache())
+    states = {}
+    for i, (k, v) in enumerate(layers):
+        states[f"past.{i}.key"] = k.float().numpy().copy()
+        states[f"past.{i}.value"] = v.float().numpy().copy()
+    return states
 
 
 # --- ONNX Runtime, segment by segment -------------------------------------------------------------
