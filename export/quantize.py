@@ -57,6 +57,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -89,7 +90,7 @@ class Recipe:
     def kernel(self) -> str:
         """The speed class the runtime's `--variant auto` reads (FORMAT.md)."""
         if self.method == "w8a8":
-            return "u8s8"
+            return "u8s7" if self.settings.get("weight_bits") == 7 else "u8s8"
         return "matmulnbits-fp32" if self.settings.get("accuracy_level") == 1 else "matmulnbits-int8"
 
     def describe(self) -> dict:
@@ -104,18 +105,27 @@ def _w8(name: str, **extra) -> Recipe:
 _ATTN_IN = r"[./](q|k|v)[./]"
 _DOWN = r"[./]down[./]"
 
-# Fastest first (slice7b, AVX-512 VNNI, 2 threads; export/README.md). `choose` takes the first
-# that is faithful on the model being exported.
-RECIPES = {
-    "w8a8": _w8("w8a8"),
-    "w8a8-o8": _w8("w8a8-o8", outliers=8),
-    "w8a8-o32": _w8("w8a8-o32", outliers=32),
-    "w8a8-o32-down128": _w8("w8a8-o32-down128", outliers=32, outliers_by_kind={"down": 128}),
-    "w8a8-o64-down256": _w8("w8a8-o64-down256", outliers=64, outliers_by_kind={"down": 256}),
-    "w8a8-o32-down-fp32": _w8("w8a8-o32-down-fp32", outliers=32, keep=[_DOWN]),
-    "nbits8-acc1": Recipe("nbits8-acc1", "matmulnbits",
-                          {"bits": 8, "block_size": 32, "symmetric": True, "accuracy_level": 1}),
+# The w8a8 recipes, fastest first (slice7b, AVX-512 VNNI, 2 threads; export/README.md).
+_W8A8 = {
+    "": {},
+    "-o8": {"outliers": 8},
+    "-o32": {"outliers": 32},
+    "-o32-down128": {"outliers": 32, "outliers_by_kind": {"down": 128}},
+    "-o64-down256": {"outliers": 64, "outliers_by_kind": {"down": 256}},
+    "-o32-down-fp32": {"outliers": 32, "keep": [_DOWN]},
 }
+# Each comes twice: with 7-bit weights (`w7a8*`, -63..63) first, then 8-bit (`w8a8*`). 7-bit
+# weights keep ONNX Runtime's u8 x s8 GEMM exact on CPUs without VNNI (its int16 pair sums cannot
+# saturate: 2 x 255 x 63 < 32767), so it runs there as is, 1.84x fp32 on slice7b against 1.35x for
+# 8-bit weights, which need the slower exact u8 x u8 kernel; with VNNI both run the same kernel.
+# They cost fidelity, so `choose` takes the first that is faithful on the model being exported;
+# the last resort is weight-only int8.
+RECIPES = {
+    f"w{bits}a8{suffix}": _w8(f"w{bits}a8{suffix}", **extra, **({"weight_bits": 7} if bits == 7 else {}))
+    for suffix, extra in _W8A8.items() for bits in (7, 8)
+}
+RECIPES["nbits8-acc1"] = Recipe("nbits8-acc1", "matmulnbits",
+                                {"bits": 8, "block_size": 32, "symmetric": True, "accuracy_level": 1})
 CANDIDATES = list(RECIPES)
 
 
@@ -158,7 +168,7 @@ def _matmul_nbits(src: Path, dst: Path, s: dict) -> None:
 # --- per tensor -----------------------------------------------------------------------------------
 
 
-def quantize_matmul_weight(w: np.ndarray, outliers: np.ndarray | None = None) -> dict[str, np.ndarray]:
+def quantize_matmul_weight(w: np.ndarray, outliers: np.ndarray | None = None, bits: int = 8) -> dict[str, np.ndarray]:
     """One fp32 `[in, out]` MatMul weight as the int8 recipe's initializers.
 
     Returns `q` (int8 `[in, out]`, symmetric per output column, range -127..127, the rows of
@@ -175,9 +185,10 @@ def quantize_matmul_weight(w: np.ndarray, outliers: np.ndarray | None = None) ->
         out["outlier_rows"] = np.ascontiguousarray(w[outliers])
         w = w.copy()
         w[outliers] = 0.0
-    scale = (np.abs(w).max(axis=0) / 127.0).astype(np.float32)
+    top = float(2 ** (bits - 1) - 1)  # 127, or 63 for 7-bit weights
+    scale = (np.abs(w).max(axis=0) / top).astype(np.float32)
     scale[scale == 0] = 1.0
-    out["q"] = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
+    out["q"] = np.clip(np.rint(w / scale), -top, top).astype(np.int8)
     out["scale"] = scale
     return out
 
@@ -217,67 +228,110 @@ def _eligible(graph: onnx.GraphProto, inits: dict) -> list[onnx.NodeProto]:
 
 def calibrate(fp32_graph: Path, rows: list[list[int]], threads: int = 2) -> dict[str, np.ndarray]:
     """Per-channel max |x| of every quantizable MatMul's input over `rows` (each run alone)."""
-    import onnxruntime as ort
+    return Fp32Model.from_graph(fp32_graph).measure(rows, [], threads).stats
 
-    from . import verify
 
-    model = onnx.load(os.fspath(fp32_graph), load_external_data=False)
-    inits = {t.name: t for t in model.graph.initializer}
-    names = sorted({n.input[0] for n in _eligible(model.graph, inits)})
-    existing = {o.name for o in model.graph.output}
-    for name in names:
-        if name not in existing:
-            model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    # Beside the original so that its external data resolves.
-    probe = fp32_graph.with_name(f".calibrate-{os.getpid()}.onnx")
-    onnx.save(model, os.fspath(probe))
-    del model
-    try:
-        sess = ort.InferenceSession(os.fspath(probe), session_options(threads), providers=["CPUExecutionProvider"])
+@dataclass
+class Fp32Measure:
+    reference: np.ndarray  # last-token embeddings of the rows, each run alone
+    start: tuple[list[int], dict[str, np.ndarray]] | None  # the start ids and their fp32 states
+    stats: dict[str, np.ndarray]  # per quantizable MatMul input: max |x| per channel over the rows
+    seconds: float
+
+
+@dataclass
+class Fp32Model:
+    """The fp32 model that `choose` measures the int8 recipes against and quantizes them from: an
+    exported fp32 graph file (`from_graph`), or the traced graph with its weights read from the
+    checkpoint as needed (`from_checkpoint`), which is never written: at bge-en-icl's size the fp32
+    graph is 28.5 GB of disk and more memory than a 24 GB machine has, so it is only ever run one
+    layer at a time (`stream.SegmentedGraph`)."""
+
+    graph: onnx.ModelProto  # weights as initializers, with data (a file) or without (the checkpoint)
+    load: Callable[[str], np.ndarray]
+    path: Path | None = None
+    raw: Callable[[onnx.TensorProto], bytes] | None = None
+    write_fp32: Callable[[Path], None] | None = None  # writes the fp32 graph (for the weight-only recipe)
+
+    @classmethod
+    def from_graph(cls, path: Path) -> "Fp32Model":
+        model = onnx.load(os.fspath(path), load_external_data=False)
+        inits = {t.name: t for t in model.graph.initializer}
+        return cls(model, lambda name: _weight(inits[name], path.parent), path, lambda t: _read_raw(t, path.parent))
+
+    @classmethod
+    def from_checkpoint(cls, traced: onnx.ModelProto, checkpoint) -> "Fp32Model":
+        """`traced`: `stream.trace` of the fp32 skeleton (weights as graph inputs; not modified)."""
+        from . import stream
+
+        model = onnx.ModelProto.FromString(traced.SerializeToString())
+        weights_as_initializers(model, set(stream.weight_inputs(model)))
+
+        def write_fp32(dst: Path) -> None:
+            copy = onnx.ModelProto.FromString(traced.SerializeToString())
+            stream.write_variants(checkpoint, {"fp32": copy}, {"fp32": dst})
+
+        return cls(model, stream.weight_reader(checkpoint), write_fp32=write_fp32)
+
+    def input_names(self) -> list[str]:
+        return [i.name for i in self.graph.graph.input]
+
+    def measure(self, rows: list[list[int]], start_ids: list[int], threads: int = 2) -> Fp32Measure:
+        """One pass over the model, one layer at a time: each row alone (reference embeddings and the
+        statistics of every quantizable MatMul input) and `start_ids` (their key/value states)."""
+        from . import stream, verify
+
+        inits = {t.name: t for t in self.graph.graph.initializer}
+        names = sorted({n.input[0] for n in _eligible(self.graph.graph, inits)})
+        if self.path is not None:
+            segmented = stream.SegmentedGraph(self.path, threads, outputs=names)
+        else:
+            segmented = stream.SegmentedGraph(None, threads, model=self.graph, load=self.load, outputs=names)
+        empty = segmented.empty_past()
+        runs = [stream.Run({**verify.right_padded([row], 0).feeds(), **empty}, {"last_hidden_state"}) for row in rows]
+        presents = {n for n in segmented.graph_outputs if n.startswith("present.")}
+        if start_ids:
+            runs.append(stream.Run({**verify.right_padded([start_ids], 0).feeds(), **empty}, presents))
+        wanted = set(names)
         stats: dict[str, np.ndarray] = {}
-        for row in rows:
-            batch = verify.right_padded([row], pad_id=0)
-            feeds = batch.feeds()
-            feeds.update(verify.empty_past(sess))
-            for name, x in zip(names, sess.run(names, feeds)):
-                m = np.abs(x.reshape(-1, x.shape[-1])).max(axis=0)
+
+        def reduce(run: int, name: str, value: np.ndarray) -> None:
+            if name in wanted and run < len(rows):
+                m = np.abs(value.reshape(-1, value.shape[-1])).max(axis=0)
                 stats[name] = m if name not in stats else np.maximum(stats[name], m)
-        del sess
-    finally:
-        probe.unlink(missing_ok=True)
-    return stats
+
+        began = time.perf_counter()
+        results = segmented.run(runs, reduce)
+        seconds = time.perf_counter() - began
+        ones = [np.ones((1, len(row)), dtype=np.int64) for row in rows]
+        reference = np.stack([verify.last_token(results[i]["last_hidden_state"], ones[i])[0] for i in range(len(rows))])
+        start = None
+        if start_ids:
+            start = (list(start_ids), {n.replace("present.", "past.", 1): v for n, v in results[-1].items()})
+        return Fp32Measure(reference, start, stats, seconds)
+
+    def quantize(self, recipe: Recipe, dst: Path, stats: dict[str, np.ndarray] | None) -> None:
+        if recipe.method == "w8a8":
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            quantize_graph(onnx.ModelProto.FromString(self.graph.SerializeToString()), self.load, dst, recipe,
+                           stats, self.raw)
+            log.info("quantized %s with %s", dst, recipe.name)
+        elif self.path is not None:
+            quantize(self.path, dst, recipe, stats)
+        else:
+            # MatMulNBitsQuantizer works on a whole fp32 graph in memory: written for it, then removed
+            # (the last resort; at bge-en-icl's size it needs the fp32 graph's 28.5 GB of disk and memory).
+            scratch = dst.parent.with_name(dst.parent.name + ".fp32-for-" + recipe.name)
+            try:
+                self.write_fp32(scratch / "model.onnx")
+                quantize(scratch / "model.onnx", dst, recipe, stats)
+            finally:
+                import shutil
+
+                shutil.rmtree(scratch, ignore_errors=True)
 
 
 # --- w8a8: per-token dynamic int8 activations x per-channel int8 weights ------------------------
-
-
-class _DataWriter:
-    """Appends tensors to one external data file and points their protos at it."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.file = open(path, "wb")
-        self.offset = 0
-
-    def put(self, tensor: onnx.TensorProto, raw: bytes) -> None:
-        align = 4096 if len(raw) >= 1 << 20 else 64
-        pad = (-self.offset) % align
-        if pad:
-            self.file.write(b"\0" * pad)
-            self.offset += pad
-        self.file.write(raw)
-        tensor.ClearField("raw_data")
-        for f in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
-            tensor.ClearField(f)
-        del tensor.external_data[:]
-        tensor.data_location = onnx.TensorProto.EXTERNAL
-        for key, value in (("location", self.path.name), ("offset", str(self.offset)), ("length", str(len(raw)))):
-            entry = tensor.external_data.add()
-            entry.key, entry.value = key, value
-        self.offset += len(raw)
-
-    def close(self) -> None:
-        self.file.close()
 
 
 def _read_raw(tensor: onnx.TensorProto, base: Path) -> bytes:
@@ -370,7 +424,9 @@ def _w8a8(model: onnx.ModelProto, load, dst: Path, s: dict, stats: dict[str, np.
             uses[i] = uses.get(i, 0) + 1
 
     dst.parent.mkdir(parents=True, exist_ok=True)
-    writer = _DataWriter(dst.parent / (dst.name + ".data"))
+    from .stream import DataFile
+
+    writer = DataFile(dst.parent / (dst.name + ".data"))
     new_inits: list[onnx.TensorProto] = []
     counter = [0]
 
@@ -379,10 +435,10 @@ def _w8a8(model: onnx.ModelProto, load, dst: Path, s: dict, stats: dict[str, np.
         return f"w8a8_{stem}_{counter[0]}"
 
     def const(name: str, arr: np.ndarray) -> str:
-        t = numpy_helper.from_array(arr, name)
-        if t.ByteSize() > 4096:
-            writer.put(t, t.raw_data)
-        new_inits.append(t)
+        # Large tensors go to the data file straight from the array: a TensorProto holding their bytes
+        # keeps them in its arena even after ClearField (measured: resident memory grew by the
+        # whole int8 model, 7 GB at bge-en-icl's size).
+        new_inits.append(writer.add(name, arr) if arr.nbytes > 4096 else numpy_helper.from_array(arr, name))
         return name
 
     c_axes = const("w8a8_axes_last", np.array([-1], dtype=np.int64))
@@ -422,7 +478,7 @@ def _w8a8(model: onnx.ModelProto, load, dst: Path, s: dict, stats: dict[str, np.
 
     def quant_weight(wname: str, idx: np.ndarray | None) -> tuple[str, str, str | None]:
         if wname not in weights:
-            parts = quantize_matmul_weight(load(wname), idx)
+            parts = quantize_matmul_weight(load(wname), idx, int(s.get("weight_bits", 8)))
             qn = const(wname + "_w8", parts["q"])
             sn = const(wname + "_w8_scale", parts["scale"])
             on = const(wname + "_outlier_rows", parts["outlier_rows"]) if "outlier_rows" in parts else None
@@ -480,7 +536,7 @@ def _w8a8(model: onnx.ModelProto, load, dst: Path, s: dict, stats: dict[str, np.
         if t.name in replaced and replaced[t.name] >= uses.get(t.name, 0):
             continue
         if t.data_location == onnx.TensorProto.EXTERNAL:
-            writer.put(t, raw(t) if raw else np.ascontiguousarray(load(t.name)).tobytes())
+            writer.put_raw(t, raw(t) if raw else memoryview(np.ascontiguousarray(load(t.name))).cast("B"))
         kept.append(t)
     writer.close()
     del g.initializer[:]
@@ -523,17 +579,6 @@ def _embed(sess, rows: list[list[int]], start: tuple[list[int], dict] | None = N
     return np.stack(out), time.perf_counter() - began
 
 
-def start_states(fp32_sess, tokenizer) -> tuple[list[int], dict] | None:
-    """The ids every input begins with (the tokenizer's BOS) and their key/value states from the
-    fp32 graph's session: constants that the int8 variant runs on top of, so that position 0, where
-    a trained model keeps its huge attention-sink activations, is computed exactly. None when the
-    tokenizer adds nothing before a text or the graph takes no prefix states."""
-    from . import verify
-
-    ids = verify.start_ids(tokenizer, [i.name for i in fp32_sess.get_inputs()])
-    return (ids, verify.prefix_states(fp32_sess, ids)) if ids else None
-
-
 def fidelity(reference: np.ndarray, embeddings: np.ndarray, rows: list[list[int]]) -> dict:
     cos = np.sum(reference * embeddings, axis=1)
     worst = int(np.argmin(cos))
@@ -545,48 +590,43 @@ def meets(fid: dict, thresholds: dict = FIDELITY) -> bool:
     return fid["min_cosine"] >= thresholds["min_cosine"] and fid["mean_cosine"] >= thresholds["mean_cosine"]
 
 
-def _needs_stats(recipe: Recipe) -> bool:
-    return bool(recipe.settings.get("outliers") or recipe.settings.get("outliers_by_kind"))
-
-
-def choose(fp32_graph: Path, dst: Path, tokenizer, candidates: list[str] | None = None, threads: int = 2,
+def choose(fp32: Fp32Model, dst: Path, tokenizer, candidates: list[str] | None = None, threads: int = 2,
            max_length: int = 512, thresholds: dict = FIDELITY) -> dict:
     """Quantize `dst` with the first (fastest) recipe of `candidates` that is faithful on the
     calibration texts; returns the manifest's `quantization` field (the recipe and the selection).
 
     The last candidate is taken if none passes (the export's own parity check still applies).
-    When every input begins with the same ids (a BOS), their states are computed by the fp32 graph,
-    written beside `dst` as `START_FILE` and used in the measurement, as the runtime uses them.
+    When every input begins with the same ids (a BOS), their states are computed in fp32, written
+    beside `dst` as `START_FILE` and used in the measurement, as the runtime uses them: position 0,
+    where a trained model keeps its huge attention-sink activations, is never quantized. The fp32
+    model runs once, one layer at a time (`Fp32Model.measure`); each candidate is written from it
+    tensor by tensor and run whole.
     """
     from . import verify
 
     names = candidates or CANDIDATES
     rows = calibration_rows(tokenizer, max_length)
-    fp32 = verify.session(fp32_graph, threads)  # one session for the reference and the start states
-    reference, fp32_seconds = _embed(fp32, rows)
-    start = start_states(fp32, tokenizer)
-    del fp32
+    ids = verify.start_ids(tokenizer, fp32.input_names())
+    measured = fp32.measure(rows, ids, threads)
+    log.info("fp32 reference over %d calibration texts in %.1f s (one layer at a time)", len(rows), measured.seconds)
     dst.with_name(START_FILE).unlink(missing_ok=True)
-    stats = None
     tried = []
     for i, name in enumerate(names):
         recipe = RECIPES[name]
-        if _needs_stats(recipe) and stats is None:
-            stats = calibrate(fp32_graph, rows, threads)
-        quantize(fp32_graph, dst, recipe, stats)
-        emb, seconds = embed_rows(dst, rows, threads, start)
-        fid = fidelity(reference, emb, rows)
-        # One pass each, on whatever else the machine runs: a speed class, not a benchmark.
-        tried.append({"recipe": name, **fid, "speed_vs_fp32": round(fp32_seconds / seconds, 2)})
-        log.info("int8 candidate %s: min cosine %.6f, mean %.6f on %d calibration texts", name,
-                 fid["min_cosine"], fid["mean_cosine"], fid["texts"])
+        fp32.quantize(recipe, dst, measured.stats)
+        emb, seconds = embed_rows(dst, rows, threads, measured.start)
+        fid = fidelity(measured.reference, emb, rows)
+        # One pass, on whatever else the machine runs: a speed class, not a benchmark.
+        tried.append({"recipe": name, **fid, "seconds": round(seconds, 2)})
+        log.info("int8 candidate %s: min cosine %.6f, mean %.6f on %d calibration texts (%.1f s)", name,
+                 fid["min_cosine"], fid["mean_cosine"], fid["texts"], seconds)
         if meets(fid, thresholds) or i == len(names) - 1:
-            if start:
-                verify.write_start_graph(dst.with_name(START_FILE), start[1])
+            if measured.start:
+                verify.write_start_graph(dst.with_name(START_FILE), measured.start[1])
             return {**recipe.describe(),
                     "selection": {"texts": f"{CALIBRATION.name} + {len(SHORT_TEXTS)} short texts",
                                   "cpu": cpu_class(), "threads": threads,
-                                  "start_states": start[0] if start else None,
+                                  "start_states": measured.start[0] if measured.start else None,
                                   "thresholds": dict(thresholds), "chosen": name, "faithful": meets(fid, thresholds),
                                   "tried": tried}}
         for p in (dst, dst.with_name(dst.name + ".data")):
@@ -605,8 +645,8 @@ def compare(model_dir: Path, fp32_graph: Path, names: list[str], runs: int = 3, 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     rows = calibration_rows(tokenizer)
     tokens = sum(map(len, rows))
-    reference, _ = embed_rows(fp32_graph, rows, threads)
-    stats = calibrate(fp32_graph, rows, threads) if any(_needs_stats(RECIPES[n]) for n in names) else None
+    measured = Fp32Model.from_graph(fp32_graph).measure(rows, [], threads)
+    reference, stats = measured.reference, measured.stats
     table = {"fp32": {"recipe": "fp32 graph", "min_cosine": 1.0, "mean_cosine": 1.0, "times": []}}
     with tempfile.TemporaryDirectory(dir=fp32_graph.parent.parent) as tmp:
         graphs = {"fp32": fp32_graph}
@@ -642,7 +682,7 @@ def add_int8(model_dir: Path, package: Path, names: list[str], threads: int = 2)
     meta = json.loads((package / "embedder.json").read_text(encoding="utf-8"))
     fp32 = package / "fp32" / "model.onnx"
     dst = package / "int8" / "model.onnx"
-    quantization = choose(fp32, dst, tokenizer, names, threads)
+    quantization = choose(Fp32Model.from_graph(fp32), dst, tokenizer, names, threads)
     rows = [s.ids for s in samples.samples(tokenizer)]
     batch = verify.right_padded(rows, meta["special_tokens"]["pad_id"])
     reference = verify.last_token(verify.onnx_hidden(verify.session(fp32, threads), batch), batch.attention_mask)

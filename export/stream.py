@@ -216,17 +216,25 @@ class DataFile:
         tensor.name = name
         tensor.data_type = onnx.helper.np_dtype_to_tensor_dtype(array.dtype)
         tensor.dims.extend(array.shape)
-        raw = memoryview(array).cast("B")
-        pad = (-self.offset) % (4096 if raw.nbytes >= 1 << 20 else 64)
+        self.put_raw(tensor, memoryview(array).cast("B"))
+        return tensor
+
+    def put_raw(self, tensor: onnx.TensorProto, raw) -> None:
+        """Append `raw` (bytes or a byte memoryview) and point `tensor` (type and shape already set,
+        any data of its own dropped) at it."""
+        nbytes = memoryview(raw).nbytes
+        pad = (-self.offset) % (4096 if nbytes >= 1 << 20 else 64)
         self.file.write(b"\0" * pad)
         self.offset += pad
         self.file.write(raw)
+        for f in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
+            tensor.ClearField(f)
+        del tensor.external_data[:]
         tensor.data_location = onnx.TensorProto.EXTERNAL
-        for key, value in (("location", self.path.name), ("offset", str(self.offset)), ("length", str(raw.nbytes))):
+        for key, value in (("location", self.path.name), ("offset", str(self.offset)), ("length", str(nbytes))):
             entry = tensor.external_data.add()
             entry.key, entry.value = key, value
-        self.offset += raw.nbytes
-        return tensor
+        self.offset += nbytes
 
     def close(self) -> None:
         self.file.close()
@@ -407,12 +415,26 @@ def segments(graph: onnx.GraphProto) -> list[list[onnx.NodeProto]]:
 
 class SegmentedGraph:
     """An exported graph split by `segments`, each saved as its own small graph beside the original
-    (so the weights' external-data locations still resolve) and run by its own ONNX Runtime session."""
+    (so the weights' external-data locations still resolve) and run by its own ONNX Runtime session.
 
-    def __init__(self, path: Path, threads: int = 2):
-        self.path = Path(path)
+    Or a graph in memory whose weights have no data (`model`: a traced graph after
+    `quantize.weights_as_initializers`) with `load(name)` giving each weight: every segment then gets
+    its weights from `load` (the checkpoint) as it is built, and nothing is written. `outputs`:
+    more tensors to return (for example a MatMul's input), as if they were graph outputs."""
+
+    def __init__(self, path: Path | None, threads: int = 2, model: onnx.ModelProto | None = None,
+                 load: Callable[[str], np.ndarray] | None = None, outputs: list[str] = ()):
+        self.path = Path(path) if path is not None else None
         self.threads = threads
-        model = onnx.load(os.fspath(self.path), load_external_data=False)
+        self.load = load
+        if model is None:
+            model = onnx.load(os.fspath(self.path), load_external_data=False)
+        else:
+            model = onnx.ModelProto.FromString(model.SerializeToString())  # outputs are added below
+        existing = {o.name for o in model.graph.output}
+        for name in outputs:
+            if name not in existing:
+                model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
         graph = model.graph
         self.opset = list(model.opset_import)
         self.graph_inputs = {i.name: i for i in graph.input}
@@ -445,6 +467,16 @@ class SegmentedGraph:
             self.last_use[name] = max(users)
         self.dtypes = self._value_types(model)
 
+    def empty_past(self) -> dict[str, np.ndarray]:
+        """Zero-length `past.*` inputs (the plain forward), or {} for a graph without them."""
+        empty = {}
+        for n, vi in self.graph_inputs.items():
+            if n.startswith("past."):
+                t = vi.type.tensor_type
+                dtype = np.float16 if t.elem_type == onnx.TensorProto.FLOAT16 else np.float32
+                empty[n] = np.zeros((1, t.shape.dim[1].dim_value, 0, t.shape.dim[3].dim_value), dtype)
+        return empty
+
     def _value_types(self, model: onnx.ModelProto) -> dict[str, int]:
         """Element type of every tensor crossing a segment boundary (shape inference on the weightless graph)."""
         inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=False)
@@ -453,10 +485,15 @@ class SegmentedGraph:
             types[vi.name] = vi.type.tensor_type.elem_type
         return types
 
-    def _segment_model(self, k: int, scratch: Path) -> Path:
+    def _segment_model(self, k: int, scratch: Path | None) -> Path | bytes:
+        """Segment k's graph: a file beside the original, or (weights from `load`) serialized bytes."""
         part = self.parts[k]
         used = {i for n in part for i in n.input}
         inits = [self.inits[n] for n in used if n in self.inits]
+        if self.load is not None:
+            from onnx import numpy_helper
+
+            inits = [numpy_helper.from_array(self.load(t.name), t.name) if _without_data(t) else t for t in inits]
         inputs = [self.graph_inputs[n] if n in self.graph_inputs else
                   onnx.helper.make_tensor_value_info(n, self.dtypes.get(n, onnx.TensorProto.FLOAT), None)
                   for n in self.needs[k]]
@@ -465,14 +502,19 @@ class SegmentedGraph:
         graph = onnx.helper.make_graph(part, f"segment{k}", inputs, outputs, initializer=inits)
         model = onnx.helper.make_model(graph, opset_imports=self.opset)
         model.ir_version = onnx.IR_VERSION if model.ir_version == 0 else model.ir_version
+        if scratch is None:
+            return model.SerializeToString()  # one segment: under protobuf's 2 GB at bge-en-icl's size
         path = scratch / f".segment{k}-{os.getpid()}.onnx"
         onnx.save_model(model, os.fspath(path))
         return path
 
-    def run(self, runs: list["Run"]) -> list[dict[str, np.ndarray]]:
+    def run(self, runs: list["Run"],
+            on_output: Callable[[int, str, np.ndarray], None] | None = None) -> list[dict[str, np.ndarray]]:
         """Run several workloads through the graph in lockstep, one segment (one session) at a time;
         returns each run's `keep` outputs. A run with `past_from` = r takes its `past.{i}.*` inputs from
-        run r's `present.{i}.*` outputs (run r must come first and keep them): the prefix cache."""
+        run r's `present.{i}.*` outputs (run r must come first and keep them): the prefix cache.
+        `on_output(run, name, value)` sees every output of every segment as it is made (for
+        reducing large ones on the fly instead of keeping them)."""
         import onnxruntime as ort
 
         values = [dict(run.feeds) for run in runs]
@@ -483,11 +525,15 @@ class SegmentedGraph:
         opts.enable_cpu_mem_arena = False
         start = time.perf_counter()
         for k in range(len(self.parts)):
-            path = self._segment_model(k, self.path.parent)
-            try:
-                sess = ort.InferenceSession(os.fspath(path), opts, providers=["CPUExecutionProvider"])
-            finally:
-                path.unlink()
+            segment = self._segment_model(k, self.path.parent if self.load is None else None)
+            if isinstance(segment, bytes):
+                sess = ort.InferenceSession(segment, opts, providers=["CPUExecutionProvider"])
+                del segment
+            else:
+                try:
+                    sess = ort.InferenceSession(os.fspath(segment), opts, providers=["CPUExecutionProvider"])
+                finally:
+                    segment.unlink()
             for r, run in enumerate(runs):
                 for name in self.needs[k]:
                     if name not in values[r] and run.past_from is not None and name.startswith("past."):
@@ -497,6 +543,8 @@ class SegmentedGraph:
                     raise ValueError(f"segment {k} needs {missing}, which no earlier segment gave")
                 outs = sess.run(self.gives[k], {n: values[r][n] for n in self.needs[k]})
                 for name, value in zip(self.gives[k], outs):
+                    if on_output is not None:
+                        on_output(r, name, value)
                     if name in run.keep:
                         results[r][name] = value
                     if self.last_use.get(name, -1) > k:
@@ -504,9 +552,15 @@ class SegmentedGraph:
                 for name in [n for n in values[r] if self.last_use.get(n, -1) <= k]:
                     del values[r][name]
             del sess
-            log.info("%s: segment %d/%d run (%.0f s so far, peak RSS %.2f GiB)", self.path.parent.name, k + 1,
+            log.info("%s: segment %d/%d run (%.0f s so far, peak RSS %.2f GiB)",
+                     self.path.parent.name if self.path else "checkpoint", k + 1,
                      len(self.parts), time.perf_counter() - start, _peak_rss_gib())
         return results
+
+
+def _without_data(t: onnx.TensorProto) -> bool:
+    """An initializer that only describes a weight (`quantize.weights_as_initializers`)."""
+    return t.data_location == onnx.TensorProto.EXTERNAL and not any(e.key == "location" for e in t.external_data)
 
 
 @dataclass

@@ -194,12 +194,7 @@ def verify_variant(
     from .stream import Run, SegmentedGraph
 
     segmented = SegmentedGraph(graph, threads)
-    empty = {}
-    for n, vi in segmented.graph_inputs.items():
-        if n.startswith("past."):
-            t = vi.type.tensor_type
-            dtype = np.float16 if t.elem_type == onnx_float16() else np.float32
-            empty[n] = np.zeros((1, t.shape.dim[1].dim_value, 0, t.shape.dim[3].dim_value), dtype)
+    empty = segmented.empty_past()
     presents = {n for n in segmented.graph_outputs if n.startswith("present.")}
     k = len(start[0]) if start else 0
     if k and not (batch.input_ids[:, :k] == np.array(start[0])).all():
@@ -249,9 +244,3 @@ def verify_variant(
             )
         result["prefix_cache"] = figures
     return result
-
-
-def onnx_float16() -> int:
-    import onnx
-
-    return onnx.TensorProto.FLOAT16

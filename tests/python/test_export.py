@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -157,6 +158,34 @@ def test_int8_from_the_checkpoint_equals_int8_from_the_fp32_graph(package, tiny_
                                   verify.onnx_hidden(verify.session(from_graph), batch))
 
 
+def test_int8_selection_measures_the_checkpoint_as_the_fp32_graph(package, tiny_dir, tokenizer):
+    """`choose` measures against the fp32 model run one layer at a time with its weights read from
+    the checkpoint (no fp32 graph written): the same reference embeddings, start states and
+    calibration statistics as the exported fp32 graph gives."""
+    from transformers import AutoConfig
+
+    from export import stream
+
+    config = AutoConfig.from_pretrained(tiny_dir)
+    traced = stream.trace(stream.skeleton(config), torch.float32)
+    rows = quantize.calibration_rows(tokenizer)[:8] + quantize.calibration_rows(tokenizer)[-3:]
+    ids = [tokenizer.bos_token_id]
+    streamed = quantize.Fp32Model.from_checkpoint(traced, stream.Checkpoint(tiny_dir)).measure(rows, ids)
+    graph = quantize.Fp32Model.from_graph(package / "fp32" / "model.onnx").measure(rows, ids)
+    whole = verify.session(package / "fp32" / "model.onnx")
+    np.testing.assert_allclose(streamed.reference, graph.reference, rtol=0, atol=1e-6)
+    for i, row in enumerate(rows):  # each row alone, as a whole-graph session runs it
+        b = verify.right_padded([row], 0)
+        np.testing.assert_allclose(streamed.reference[i], verify.last_token(verify.onnx_hidden(whole, b),
+                                                                            b.attention_mask)[0], rtol=0, atol=1e-5)
+    assert streamed.start[0] == ids and sorted(streamed.start[1]) == sorted(graph.start[1])
+    for name, value in graph.start[1].items():
+        np.testing.assert_allclose(streamed.start[1][name], value, rtol=0, atol=1e-6)
+    assert sorted(streamed.stats) == sorted(graph.stats) and streamed.stats
+    for name, value in graph.stats.items():
+        np.testing.assert_allclose(streamed.stats[name], value, rtol=1e-5, atol=1e-6)
+
+
 def test_cpuid_agrees_with_the_kernel():
     """export/cpu.py reads CPUID itself (as ONNX Runtime and the runtime do); /proc/cpuinfo is the
     kernel's reading of the same bits."""
@@ -188,6 +217,11 @@ def test_quantize_matmul_weight_per_tensor():
     x = rng.normal(size=(3, 64)).astype(np.float32)
     approx = x @ (parts["q"] * parts["scale"]) + x[:, [5, 9]] @ parts["outlier_rows"]
     assert np.abs(approx - x @ w).max() < np.abs(x @ (plain["q"] * plain["scale"]) - x @ w).max()
+    # 7-bit weights (the w7a8 recipes): -63..63, so that u8 x s7 pair sums fit in int16.
+    seven = quantize.quantize_matmul_weight(w, bits=7)
+    assert np.abs(seven["q"]).max() == 63
+    assert np.abs(seven["q"] * seven["scale"] - w).max() <= seven["scale"].max() / 2 + 1e-6
+    assert 2 * 255 * int(np.abs(seven["q"]).max()) <= 32767
     with pytest.raises(ValueError, match="2-D float32"):
         quantize.quantize_matmul_weight(w.astype(np.float64))
 
