@@ -62,7 +62,7 @@ from typing import Callable
 import numpy as np
 import onnx
 
-from .cpu import cpu_class, session_options
+from .cpu import cpu_class
 from .manifest import START_FILE
 
 log = logging.getLogger(__name__)
