@@ -52,8 +52,8 @@ def features() -> frozenset[str]:
         top = cpuid(0)[0]
         if top < 7:
             return frozenset()
-        _, ebx7, ecx7, _ = cpuid(7, 0)
-        eax7_1 = cpuid(7, 1)[0] if cpuid(7, 0)[0] >= 1 else 0
+        subleaves, ebx7, ecx7, _ = cpuid(7, 0)
+        eax7_1 = cpuid(7, 1)[0] if subleaves >= 1 else 0
     except (OSError, ValueError):  # no executable anonymous memory: fall back to the kernel's list
         flags = next((line.split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
         return frozenset(f.replace("_", "") for f in flags if f in ("avx2", "avx512_vnni", "avx_vnni"))

@@ -138,10 +138,7 @@ def quantize(src: Path, dst: Path, recipe: Recipe, stats: dict[str, np.ndarray] 
     if recipe.method == "matmulnbits":
         _matmul_nbits(src, dst, recipe.settings)
     elif recipe.method == "w8a8":
-        model = onnx.load(os.fspath(src), load_external_data=False)
-        inits = {t.name: t for t in model.graph.initializer}
-        quantize_graph(model, lambda name: _weight(inits[name], src.parent), dst, recipe, stats,
-                       raw=lambda t: _read_raw(t, src.parent))
+        Fp32Model.from_graph(src).quantize(recipe, dst, stats)
     else:
         raise ValueError(f"unknown quantization method {recipe.method!r}")
     gc.collect()
@@ -388,7 +385,7 @@ def _w8a8(model: onnx.ModelProto, load, dst: Path, s: dict, stats: dict[str, np.
     """Rewrite every eligible MatMul(x, W) of `model` into per-token u8 x per-channel s8 (+ fp32
     outliers) and save it as `dst` + `.data`. `load(name)` returns an initializer's fp32 data: read
     from the fp32 graph's data file (`quantize`), or from the checkpoint for a traced graph whose
-    weights have no data (`weights_as_initializers`, `stream.quantize_checkpoint`).
+    weights have no data (`weights_as_initializers`, `Fp32Model.from_checkpoint`).
 
     Streams: weights are read, quantized (`quantize_matmul_weight`) and written one tensor at a
     time, so the peak memory is one weight matrix, not a copy of the model. MatMuls matching a

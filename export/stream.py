@@ -303,17 +303,6 @@ def weight_inputs(model: onnx.ModelProto) -> list[str]:
     return [i.name for i in model.graph.input if i.name not in INPUTS and not i.name.startswith("past.")]
 
 
-def quantize_checkpoint(config, checkpoint: Checkpoint, dst: Path, recipe, stats=None) -> None:
-    """The int8 graph `dst` (+ `.data`) with a w8a8 `recipe`, straight from the checkpoint: the fp32
-    graph is traced without weights and never written, and each weight is read, quantized and
-    appended in turn (one weight in memory at a time)."""
-    from . import quantize
-
-    model = trace(skeleton(config, torch.float32), torch.float32)
-    quantize.weights_as_initializers(model, set(weight_inputs(model)))
-    quantize.quantize_graph(model, weight_reader(checkpoint), dst, recipe, stats)
-
-
 def _store_for(name: str):
     if name == "fp32":
         return lambda param, w, t: t.graph.graph.initializer.append(t.data.add(param, w))
@@ -325,11 +314,10 @@ def _store_for(name: str):
 # --- the PyTorch reference, one layer at a time ---------------------------------------------------
 
 
-@contextlib.contextmanager
-def layer_by_layer(config, checkpoint: Checkpoint):
-    """Hugging Face's own fp32 model (eager attention) with the embeddings and final norm loaded and
-    each decoder layer's weights loaded just before it runs and dropped after: a forward in the
-    memory of one layer."""
+def reference_hidden(model_dir: Path, config, checkpoint: Checkpoint, batch) -> np.ndarray:
+    """`last_hidden_state` of Hugging Face's own fp32 forward (eager attention) over `batch`, with the
+    embeddings and final norm loaded and each decoder layer's weights loaded just before it runs and
+    dropped after: the reference of `verify.torch_hidden` in the memory of one layer."""
     model = meta_model(config)
 
     def load(module: nn.Module, prefix: str) -> None:
@@ -351,36 +339,12 @@ def layer_by_layer(config, checkpoint: Checkpoint):
         hooks.append(layer.register_forward_pre_hook(before, with_kwargs=True))
         hooks.append(layer.register_forward_hook(after, with_kwargs=True))
     try:
-        yield model
+        from .verify import torch_hidden
+
+        return torch_hidden(model, batch)
     finally:
         for h in hooks:
             h.remove()
-
-
-def reference_hidden(model_dir: Path, config, checkpoint: Checkpoint, batch) -> np.ndarray:
-    """`last_hidden_state` of Hugging Face's own fp32 forward over `batch`, one layer in memory at a
-    time (`layer_by_layer`): the reference of `verify.torch_hidden` at any model size."""
-    from .verify import torch_hidden
-
-    with layer_by_layer(config, checkpoint) as model:
-        return torch_hidden(model, batch)
-
-
-def start_states(config, checkpoint: Checkpoint, ids: list[int]) -> dict[str, np.ndarray]:
-    """The fp32 key/value states of `ids` (the ids every input begins with: a BOS), named like the
-    graph's `past.{i}.key|value` inputs, from Hugging Face's forward one layer at a time: what the
-    int8 variant runs on top of (quantize.start_states computes the same with an fp32 graph)."""
-    with layer_by_layer(config, checkpoint) as model, torch.inference_mode():
-        out = model(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.int64),
-                    position_ids=torch.arange(len(ids)).unsqueeze(0), use_cache=True)
-    cache = out.past_key_values
-    layers = [(layer.keys, layer.values) for layer in cache.layers] if hasattr(cache, "layers") \
-        else list(cache.to_legacy_cache())
-    states = {}
-    for i, (k, v) in enumerate(layers):
-        states[f"past.{i}.key"] = k.float().numpy().copy()
-        states[f"past.{i}.value"] = v.float().numpy().copy()
-    return states
 
 
 # --- ONNX Runtime, segment by segment -------------------------------------------------------------

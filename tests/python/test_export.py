@@ -136,9 +136,9 @@ def test_w8a8_loads_and_is_exact_where_the_cpu_lacks_vnni(package, tokenizer, tm
 
 
 def test_int8_from_the_checkpoint_equals_int8_from_the_fp32_graph(package, tiny_dir, tokenizer, tmp_path):
-    """`stream.quantize_checkpoint` quantizes tensor by tensor from the checkpoint, without an fp32
-    graph on disk (issue 12): the same int8 graph, to the bit, as quantizing the fp32 graph
-    (outlier channels and int8 embedding rows included)."""
+    """The exporter quantizes tensor by tensor from the checkpoint (`Fp32Model.from_checkpoint`),
+    without an fp32 graph on disk (issue 12): the same int8 graph, to the bit, as quantizing the
+    fp32 graph (outlier channels and int8 embedding rows included)."""
     from transformers import AutoConfig
 
     from export import stream
@@ -148,8 +148,8 @@ def test_int8_from_the_checkpoint_equals_int8_from_the_fp32_graph(package, tiny_
     stats = quantize.calibrate(fp32, quantize.calibration_rows(tokenizer)[:6])
     from_graph, from_checkpoint = tmp_path / "graph" / "model.onnx", tmp_path / "checkpoint" / "model.onnx"
     quantize.quantize(fp32, from_graph, recipe, stats)
-    stream.quantize_checkpoint(AutoConfig.from_pretrained(tiny_dir), stream.Checkpoint(tiny_dir), from_checkpoint,
-                               recipe, stats)
+    traced = stream.trace(stream.skeleton(AutoConfig.from_pretrained(tiny_dir)), torch.float32)
+    quantize.Fp32Model.from_checkpoint(traced, stream.Checkpoint(tiny_dir)).quantize(recipe, from_checkpoint, stats)
     assert not (tmp_path / "checkpoint" / "fp32").exists()
     ops = [n.op_type for n in onnx.load(str(from_checkpoint), load_external_data=False).graph.node]
     assert "MatMulIntegerToFloat" in ops and "MatMul" in ops  # int8 products and fp32 outlier products
@@ -403,9 +403,10 @@ def test_checkpoint_reads_shards_and_bf16(tmp_path):
 BIN = ROOT / "target" / "debug" / "icl-embed"
 
 
-def test_int8_start_states_are_the_fp32_states_of_bos(package, meta, tokenizer, tiny_dir):
+def test_int8_start_states_are_the_fp32_states_of_bos(package, meta, tokenizer):
     """tiny prepends `<s>` like bge-en-icl: its int8 variant carries the fp32 graph's key/value states
-    of that token (issue 13), named like the graph's `past.*` inputs, pinned by the manifest."""
+    of that token (issue 13), named like the graph's `past.*` inputs, pinned by the manifest. The
+    exporter computes them from the checkpoint one layer at a time, with no fp32 graph written."""
     entry = meta["variants"]["int8"]
     start = entry["start_states"]
     assert start["ids"] == [tokenizer.bos_token_id] == meta["special_tokens"]["prepend"]
@@ -419,15 +420,6 @@ def test_int8_start_states_are_the_fp32_states_of_bos(package, meta, tokenizer, 
         assert states[name].shape == value.shape == (1, meta["architecture"]["kv_heads"], 1,
                                                      meta["architecture"]["head_dim"])
         np.testing.assert_array_equal(states[name], value)
-    # Computed from the checkpoint one layer at a time (no fp32 graph), they are the same states.
-    from transformers import AutoConfig
-
-    from export import stream
-
-    streamed = stream.start_states(AutoConfig.from_pretrained(tiny_dir), stream.Checkpoint(tiny_dir), ids)
-    assert sorted(streamed) == sorted(fp32)
-    for name, value in fp32.items():
-        np.testing.assert_allclose(streamed[name], value, rtol=0, atol=1e-5, err_msg=name)
     # Variants that are not quantized run every token themselves.
     assert all("start_states" not in v for n, v in meta["variants"].items() if n != "int8")
 
