@@ -226,6 +226,49 @@ def test_quantize_matmul_weight_per_tensor():
         quantize.quantize_matmul_weight(w.astype(np.float64))
 
 
+@pytest.mark.parametrize("recipe", ["w8a8", "w7a8", "w8a8-o8"])
+def test_w8a8_graph_computes_the_recipe(recipe, tmp_path):
+    """One MatMul through `quantize_graph`, run by ONNX Runtime, against the recipe written out in
+    numpy: per-token u8 activations (scale max|x| / 127, round half to even, zero point 128) x the
+    per-channel weights of `quantize_matmul_weight`, plus the outlier channels in fp32."""
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(1)
+    k, n = 48, 40
+    w = rng.normal(size=(k, n)).astype(np.float32)
+    x = rng.normal(size=(2, 5, k)).astype(np.float32)
+    x[0, 0] = 0.0  # an all-zero row: the scale's floor, no division by zero
+    x[0, 1, 7] = 300.0  # a token with one huge channel
+    x[1, 2] = np.arange(k, dtype=np.float32) - k / 2 + 0.5  # many values at exact halves of the step
+    x[1, 2, 0] = -127.0  # sets the step to 1, so the halves above round half to even
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="/layers.0/up/MatMul")], "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["b", "s", k])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["b", "s", n])], [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    r = quantize.RECIPES[recipe]
+    stats = {"x": np.abs(x).reshape(-1, k).max(axis=0)}
+    dst = tmp_path / "model.onnx"
+    quantize.quantize_graph(model, lambda name: w, dst, r, stats)
+    got = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"]).run(["y"], {"x": x})[0]
+
+    idx = quantize.outlier_channels(stats["x"], r.settings.get("outliers", 0)) if r.settings.get("outliers") else None
+    parts = quantize.quantize_matmul_weight(w, idx, r.settings.get("weight_bits", 8))
+    inliers = x.copy()
+    if idx is not None:
+        inliers[..., idx] = 0.0
+    scale = np.maximum(np.abs(inliers).max(axis=-1, keepdims=True) * np.float32(1 / 127), np.float32(1e-12))
+    assert idx is not None or scale[1, 2, 0] == 1.0  # the halves row: exact halves of the step
+    q = np.clip(np.rint(inliers / scale) + 128, 0, 255)  # np.rint rounds half to even
+    assert q.min() >= 1 and q.max() <= 255
+    want = ((q - 128).astype(np.int64) @ parts["q"].astype(np.int64)).astype(np.float32) * parts["scale"] * scale
+    if idx is not None:
+        want += x[..., idx] @ parts["outlier_rows"]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    assert not got[0, 0].any()
+
+
 def test_special_tokens_measured(meta, tokenizer):
     st = meta["special_tokens"]
     assert st["bos_id"] == 1 and st["eos_id"] == 2 and st["pad_id"] == 0
