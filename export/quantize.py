@@ -37,8 +37,9 @@ inputs) meet `FIDELITY` against the fp32 graph; the manifest records the recipe 
 tried recipe measured.
 
 Per tensor: `quantize_matmul_weight(w, outliers)` turns one fp32 `[in, out]` weight (and the
-static outlier channel list of its input) into the int8 initializers, so a streaming exporter can
-call it weight by weight.
+static outlier channel list of its input) into the int8 initializers, `quantize_nbits_weight` into
+`MatMulNBits`' blocks, so every recipe is written weight by weight (`quantize_graph`), from an fp32
+graph's data file or straight from the checkpoint, never from a whole fp32 graph in memory.
 
 `python -m export.quantize --model DIR --fp32 GRAPH` measures every recipe (fidelity on the
 calibration set and speed, each text alone) against the fp32 graph.
@@ -134,32 +135,9 @@ def quantize(src: Path, dst: Path, recipe: Recipe, stats: dict[str, np.ndarray] 
 
     `stats` (from `calibrate`) is needed by recipes with `outliers`.
     """
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    if recipe.method == "matmulnbits":
-        _matmul_nbits(src, dst, recipe.settings)
-    elif recipe.method == "w8a8":
-        Fp32Model.from_graph(src).quantize(recipe, dst, stats)
-    else:
-        raise ValueError(f"unknown quantization method {recipe.method!r}")
+    Fp32Model.from_graph(src).quantize(recipe, dst, stats)
     gc.collect()
     log.info("quantized %s -> %s with %s", src, dst, recipe.name)
-
-
-def _matmul_nbits(src: Path, dst: Path, s: dict) -> None:
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-    quantizer = MatMulNBitsQuantizer(
-        onnx.load(os.fspath(src)),
-        bits=s["bits"],
-        block_size=s["block_size"],
-        is_symmetric=s["symmetric"],
-        accuracy_level=s["accuracy_level"],
-        op_types_to_quantize=("MatMul",),
-    )
-    quantizer.process()
-    # One external data file named after the graph: model.onnx -> model.onnx.data.
-    quantizer.model.save_model_to_file(os.fspath(dst), use_external_data_format=True)
-    del quantizer
 
 
 # --- per tensor -----------------------------------------------------------------------------------
@@ -248,7 +226,6 @@ class Fp32Model:
     load: Callable[[str], np.ndarray]
     path: Path | None = None
     raw: Callable[[onnx.TensorProto], bytes] | None = None
-    write_fp32: Callable[[Path], None] | None = None  # writes the fp32 graph (for the weight-only recipe)
 
     @classmethod
     def from_graph(cls, path: Path) -> "Fp32Model":
@@ -263,12 +240,7 @@ class Fp32Model:
 
         model = onnx.ModelProto.FromString(traced.SerializeToString())
         weights_as_initializers(model, set(stream.weight_inputs(model)))
-
-        def write_fp32(dst: Path) -> None:
-            copy = onnx.ModelProto.FromString(traced.SerializeToString())
-            stream.write_variants(checkpoint, {"fp32": copy}, {"fp32": dst})
-
-        return cls(model, stream.weight_reader(checkpoint), write_fp32=write_fp32)
+        return cls(model, stream.weight_reader(checkpoint))
 
     def input_names(self) -> list[str]:
         return [i.name for i in self.graph.graph.input]
@@ -308,24 +280,11 @@ class Fp32Model:
         return Fp32Measure(reference, start, stats, seconds)
 
     def quantize(self, recipe: Recipe, dst: Path, stats: dict[str, np.ndarray] | None) -> None:
-        if recipe.method == "w8a8":
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            quantize_graph(onnx.ModelProto.FromString(self.graph.SerializeToString()), self.load, dst, recipe,
-                           stats, self.raw)
-            log.info("quantized %s with %s", dst, recipe.name)
-        elif self.path is not None:
-            quantize(self.path, dst, recipe, stats)
-        else:
-            # MatMulNBitsQuantizer works on a whole fp32 graph in memory: written for it, then removed
-            # (the last resort; at bge-en-icl's size it needs the fp32 graph's 28.5 GB of disk and memory).
-            scratch = dst.parent.with_name(dst.parent.name + ".fp32-for-" + recipe.name)
-            try:
-                self.write_fp32(scratch / "model.onnx")
-                quantize(scratch / "model.onnx", dst, recipe, stats)
-            finally:
-                import shutil
-
-                shutil.rmtree(scratch, ignore_errors=True)
+        """Write `dst` with `recipe`, one weight in memory at a time (every method)."""
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        quantize_graph(onnx.ModelProto.FromString(self.graph.SerializeToString()), self.load, dst, recipe,
+                       stats, self.raw)
+        log.info("quantized %s with %s", dst, recipe.name)
 
 
 # --- w8a8: per-token dynamic int8 activations x per-channel int8 weights ------------------------
@@ -375,10 +334,13 @@ def weights_as_initializers(model: onnx.ModelProto, inputs: set[str]) -> None:
 
 def quantize_graph(model: onnx.ModelProto, load, dst: Path, recipe: Recipe, stats: dict[str, np.ndarray] | None = None,
                    raw=None) -> None:
-    """`model` quantized with `recipe` (a w8a8 one) into `dst`, its weights read by `load` (see `_w8a8`)."""
-    if recipe.method != "w8a8":
-        raise ValueError(f"recipe {recipe.name} ({recipe.method}) is made from an fp32 graph file, not streamed")
-    _w8a8(model, load, dst, recipe.settings, stats or {}, raw)
+    """`model` quantized with `recipe` into `dst`, its weights read by `load` one at a time (see `_w8a8`)."""
+    if recipe.method == "w8a8":
+        _w8a8(model, load, dst, recipe.settings, stats or {}, raw)
+    elif recipe.method == "matmulnbits":
+        _nbits(model, load, dst, recipe.settings, raw)
+    else:
+        raise ValueError(f"unknown quantization method {recipe.method!r}")
 
 
 def _w8a8(model: onnx.ModelProto, load, dst: Path, s: dict, stats: dict[str, np.ndarray], raw=None) -> None:
@@ -415,11 +377,6 @@ def _w8a8(model: onnx.ModelProto, load, dst: Path, s: dict, stats: dict[str, np.
         missing = sorted({n.input[0] for n in targets} - set(stats))
         if missing:
             raise ValueError(f"no calibration statistics for {len(missing)} MatMul inputs (first: {missing[0]})")
-    uses: dict[str, int] = {}
-    for n in g.node:
-        for i in n.input:
-            uses[i] = uses.get(i, 0) + 1
-
     dst.parent.mkdir(parents=True, exist_ok=True)
     from .stream import DataFile
 
@@ -532,7 +489,24 @@ def _w8a8(model: onnx.ModelProto, load, dst: Path, s: dict, stats: dict[str, np.
             new_nodes.append(helper.make_node("MatMul", [gathered, orows], [o], name=stem + "_outliers"))
             new_nodes.append(helper.make_node("Add", [t2, o], [y], name=stem + "_sum"))
 
-    # Initializers: drop weights no longer used, copy the rest into the new data file.
+    _save(model, dst, writer, new_nodes, new_inits, replaced, load, raw, opset=21)  # blocked QuantizeLinear
+    log.info("w8a8: %d MatMuls rewritten (%d inputs quantized, %d outlier channels each, by kind %s), %d kept fp32",
+             len(targets), len(activations), k_out, k_by_kind, len(eligible) - len(targets))
+
+
+def _save(model: onnx.ModelProto, dst: Path, writer, new_nodes: list, new_inits: list, replaced: dict[str, int],
+          load, raw, opset: int) -> None:
+    """Finish a rewritten graph: drop the weights every user of which was replaced, copy the other
+    initializers into `writer`'s data file (`raw(tensor)` or `load(name)`), add `new_inits`, and
+    save `dst` with the com.microsoft domain and at least `opset`. (The traced graphs' ops mean
+    the same up to opset 21.)"""
+    from onnx import helper
+
+    g = model.graph
+    uses: dict[str, int] = {}  # in the graph as it was, before `new_nodes` replace its nodes
+    for n in g.node:
+        for i in n.input:
+            uses[i] = uses.get(i, 0) + 1
     kept = []
     for t in g.initializer:
         if t.name in replaced and replaced[t.name] >= uses.get(t.name, 0):
@@ -547,12 +521,67 @@ def _w8a8(model: onnx.ModelProto, load, dst: Path, s: dict, stats: dict[str, np.
     g.node.extend(new_nodes)
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    for o in model.opset_import:  # blocked QuantizeLinear; the traced graph's ops mean the same at 21
+    for o in model.opset_import:
         if o.domain in ("", "ai.onnx"):
-            o.version = max(o.version, 21)
+            o.version = max(o.version, opset)
     onnx.save(model, os.fspath(dst))
-    log.info("w8a8: %d MatMuls rewritten (%d inputs quantized, %d outlier channels each, by kind %s), %d kept fp32",
-             len(targets), len(activations), k_out, k_by_kind, len(eligible) - len(targets))
+
+
+# --- weight-only: MatMulNBits ---------------------------------------------------------------------
+
+
+def quantize_nbits_weight(w: np.ndarray, s: dict) -> tuple[np.ndarray, np.ndarray]:
+    """One fp32 `[K, N]` MatMul weight as `MatMulNBits`' `B` (uint8 `[N, K / block, block]`) and
+    scales (`[N, K / block]`), by ONNX Runtime's own kernel (`quantize_matmul_8bits`, what its
+    `MatMulNBitsQuantizer` calls for each weight), so the bytes are the quantizer's."""
+    from onnxruntime.capi._pybind_state import quantize_matmul_8bits
+
+    if s["bits"] != 8 or not s["symmetric"]:
+        raise ValueError(f"MatMulNBits recipes take symmetric 8-bit weights, not {s}")
+    if w.ndim != 2 or w.dtype != np.float32:
+        raise ValueError(f"expected a 2-D float32 weight, got {w.dtype} {w.shape}")
+    k, n = w.shape
+    block = int(s["block_size"])
+    blocks = (k + block - 1) // block
+    if blocks * block != k:
+        w = np.pad(w, ((0, blocks * block - k), (0, 0)))
+    packed = np.zeros((n, blocks, block), dtype=np.uint8)
+    scales = np.zeros((n, blocks), dtype=np.float32)
+    zero_points = np.zeros((n, blocks), dtype=np.uint8)  # unused when symmetric
+    quantize_matmul_8bits(packed, np.ascontiguousarray(w), scales, zero_points, block, n, blocks * block, True)
+    return packed, scales
+
+
+def _nbits(model: onnx.ModelProto, load, dst: Path, s: dict, raw=None) -> None:
+    """Every eligible MatMul(x, W) of `model` as `com.microsoft.MatMulNBits` (weight-only, blocks
+    along K), written one weight at a time like `_w8a8`: no whole fp32 graph in memory."""
+    from onnx import helper
+
+    from .stream import DataFile
+
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    nodes = _eligible(g, inits)  # held, so that their ids stay theirs
+    eligible = {id(n) for n in nodes}
+    writer = DataFile(dst.parent / (dst.name + ".data"))
+    new_nodes, new_inits, replaced, done = [], [], {}, set()
+    for node in g.node:
+        if id(node) not in eligible:
+            new_nodes.append(node)
+            continue
+        wname = node.input[1]
+        k, n = (int(d) for d in inits[wname].dims)
+        if wname not in done:
+            packed, scales = quantize_nbits_weight(load(wname), s)
+            new_inits += [writer.add(wname + "_Q8", packed), writer.add(wname + "_scales", scales)]
+            done.add(wname)
+        new_nodes.append(helper.make_node(
+            "MatMulNBits", [node.input[0], wname + "_Q8", wname + "_scales"], list(node.output),
+            name=(node.name or wname) + "_Q8", domain="com.microsoft", K=k, N=n, bits=int(s["bits"]),
+            block_size=int(s["block_size"]), accuracy_level=int(s["accuracy_level"])))
+        replaced[wname] = replaced.get(wname, 0) + 1
+    _save(model, dst, writer, new_nodes, new_inits, replaced, load, raw, opset=0)
+    log.info("matmulnbits: %d MatMuls rewritten", len(eligible))
 
 
 # --- choosing per model ---------------------------------------------------------------------------

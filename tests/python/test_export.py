@@ -135,24 +135,29 @@ def test_w8a8_loads_and_is_exact_where_the_cpu_lacks_vnni(package, tokenizer, tm
                                rtol=0, atol=1e-5)
 
 
-def test_int8_from_the_checkpoint_equals_int8_from_the_fp32_graph(package, tiny_dir, tokenizer, tmp_path):
+@pytest.mark.parametrize("name", ["w8a8-o8", "nbits8-acc1"])
+def test_int8_from_the_checkpoint_equals_int8_from_the_fp32_graph(name, package, tiny_dir, tokenizer, tmp_path):
     """The exporter quantizes tensor by tensor from the checkpoint (`Fp32Model.from_checkpoint`),
-    without an fp32 graph on disk (issue 12): the same int8 graph, to the bit, as quantizing the
-    fp32 graph (outlier channels and int8 embedding rows included)."""
+    without an fp32 graph on disk (issue 12), the weight-only last resort too: the same int8
+    graph, to the bit, as quantizing the fp32 graph (outlier channels and int8 embedding rows
+    included)."""
     from transformers import AutoConfig
 
     from export import stream
 
-    recipe = quantize.RECIPES["w8a8-o8"]
+    recipe = quantize.RECIPES[name]
     fp32 = package / "fp32" / "model.onnx"
     stats = quantize.calibrate(fp32, quantize.calibration_rows(tokenizer)[:6])
     from_graph, from_checkpoint = tmp_path / "graph" / "model.onnx", tmp_path / "checkpoint" / "model.onnx"
     quantize.quantize(fp32, from_graph, recipe, stats)
     traced = stream.trace(stream.skeleton(AutoConfig.from_pretrained(tiny_dir)), torch.float32)
     quantize.Fp32Model.from_checkpoint(traced, stream.Checkpoint(tiny_dir)).quantize(recipe, from_checkpoint, stats)
-    assert not (tmp_path / "checkpoint" / "fp32").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint", "graph"], "no fp32 graph written on the way"
     ops = [n.op_type for n in onnx.load(str(from_checkpoint), load_external_data=False).graph.node]
-    assert "MatMulIntegerToFloat" in ops and "MatMul" in ops  # int8 products and fp32 outlier products
+    if recipe.method == "w8a8":
+        assert "MatMulIntegerToFloat" in ops and "MatMul" in ops  # int8 products and fp32 outlier products
+    else:
+        assert "MatMulNBits" in ops and "MatMul" in ops  # weight-only products; attention stays MatMul
     batch = verify.right_padded([s.ids for s in samples.samples(tokenizer, 512)], pad_id=0)
     np.testing.assert_array_equal(verify.onnx_hidden(verify.session(from_checkpoint), batch),
                                   verify.onnx_hidden(verify.session(from_graph), batch))
@@ -224,6 +229,43 @@ def test_quantize_matmul_weight_per_tensor():
     assert 2 * 255 * int(np.abs(seven["q"]).max()) <= 32767
     with pytest.raises(ValueError, match="2-D float32"):
         quantize.quantize_matmul_weight(w.astype(np.float64))
+
+
+def test_nbits_graph_equals_onnxruntimes_quantizer(package, tokenizer, tmp_path):
+    """The weight-only last resort is written one weight at a time (`quantize._nbits`); ONNX
+    Runtime's `MatMulNBitsQuantizer`, which needs the whole fp32 graph in memory, gives the same
+    weights, scales and embeddings."""
+    from onnx import numpy_helper
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    recipe = quantize.RECIPES["nbits8-acc1"]
+    fp32 = package / "fp32" / "model.onnx"
+    ours = tmp_path / "ours" / "model.onnx"
+    quantize.quantize(fp32, ours, recipe)
+    s = recipe.settings
+    reference = MatMulNBitsQuantizer(onnx.load(str(fp32)), bits=s["bits"], block_size=s["block_size"],
+                                     is_symmetric=s["symmetric"], accuracy_level=s["accuracy_level"],
+                                     op_types_to_quantize=("MatMul",))
+    reference.process()
+    theirs = tmp_path / "theirs" / "model.onnx"
+    theirs.parent.mkdir()
+    reference.model.save_model_to_file(str(theirs), use_external_data_format=True)
+
+    def nodes(path):
+        m = onnx.load(str(path))
+        inits = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+        return {n.output[0]: (n.op_type, {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute},
+                              [inits.get(i) for i in n.input]) for n in m.graph.node if n.op_type == "MatMulNBits"}
+
+    a, b = nodes(ours), nodes(theirs)
+    assert a.keys() == b.keys() and len(a) >= 7 * 2, "every q/k/v/o/gate/up/down of both layers"
+    for out in a:
+        assert a[out][:2] == b[out][:2], out
+        for x, y in zip(a[out][2][1:], b[out][2][1:]):
+            np.testing.assert_array_equal(x, y)
+    batch = verify.right_padded([s.ids for s in samples.samples(tokenizer, 512)], pad_id=0)
+    np.testing.assert_array_equal(verify.onnx_hidden(verify.session(ours), batch),
+                                  verify.onnx_hidden(verify.session(theirs), batch))
 
 
 @pytest.mark.parametrize("recipe", ["w8a8", "w7a8", "w8a8-o8"])
