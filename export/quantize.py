@@ -137,7 +137,6 @@ def quantize(src: Path, dst: Path, recipe: Recipe, stats: dict[str, np.ndarray] 
     """
     Fp32Model.from_graph(src).quantize(recipe, dst, stats)
     gc.collect()
-    log.info("quantized %s -> %s with %s", src, dst, recipe.name)
 
 
 # --- per tensor -----------------------------------------------------------------------------------
@@ -564,17 +563,16 @@ def _nbits(model: onnx.ModelProto, load, dst: Path, s: dict, raw=None) -> None:
     nodes = _eligible(g, inits)  # held, so that their ids stay theirs
     eligible = {id(n) for n in nodes}
     writer = DataFile(dst.parent / (dst.name + ".data"))
-    new_nodes, new_inits, replaced, done = [], [], {}, set()
+    new_nodes, new_inits, replaced = [], [], {}
     for node in g.node:
         if id(node) not in eligible:
             new_nodes.append(node)
             continue
         wname = node.input[1]
         k, n = (int(d) for d in inits[wname].dims)
-        if wname not in done:
+        if wname not in replaced:  # a weight shared by two MatMuls is written once
             packed, scales = quantize_nbits_weight(load(wname), s)
             new_inits += [writer.add(wname + "_Q8", packed), writer.add(wname + "_scales", scales)]
-            done.add(wname)
         new_nodes.append(helper.make_node(
             "MatMulNBits", [node.input[0], wname + "_Q8", wname + "_scales"], list(node.output),
             name=(node.name or wname) + "_Q8", domain="com.microsoft", K=k, N=n, bits=int(s["bits"]),

@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
@@ -36,20 +35,15 @@ def main(argv: list[str] | None = None) -> int:
     rows, tokens = (int(x) for x in args.shape.split("x"))
     rng = np.random.default_rng(0)
     batch = verify.right_padded([[1] + rng.integers(100, 30000, tokens - 1).tolist() for _ in range(rows)], 0)
-    sessions = [ort.InferenceSession(str(g), cpu.session_options(args.threads), providers=["CPUExecutionProvider"])
-                for g in args.graphs]
-    feeds = []
-    for s in sessions:
-        names = {i.name for i in s.get_inputs()}
-        feeds.append({k: v for k, v in {**batch.feeds(), **verify.empty_past(s)}.items() if k in names})
-    outs = [s.run(["last_hidden_state"], f)[0] for s, f in zip(sessions, feeds)]
+    sessions = [verify.session(g, args.threads) for g in args.graphs]
+    outs = [verify.onnx_hidden(s, batch) for s in sessions]
     for g, o in zip(args.graphs[1:], outs[1:]):
         print(f"{g}: largest difference from {args.graphs[0]}: {np.abs(o - outs[0]).max():.3g}")
     times: list[list[float]] = [[] for _ in sessions]
     for _ in range(args.runs):
-        for i, (s, f) in enumerate(zip(sessions, feeds)):
+        for i, s in enumerate(sessions):
             start = time.perf_counter()
-            s.run(["last_hidden_state"], f)
+            verify.onnx_hidden(s, batch)
             times[i].append(time.perf_counter() - start)
     print(f"{cpu.cpu_class()}, {args.threads} threads, {rows} x {tokens} tokens, {args.runs} runs each")
     for g, t in zip(args.graphs, times):
