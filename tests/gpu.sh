@@ -24,8 +24,8 @@ pkg=${1:?usage: bash tests/gpu.sh PKG [BIN]}
 bin=${2:-$root/target/release/icl-embed}
 py=${PYTHON:-python3}
 data=${ICL_DATA:-$root/../shared/data/flagembedding-icl-examples}
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
+# GPU_WORK: keep the inputs, embeddings and logs in this folder (tests/bench/flag_gpu.py reads them).
+if [ -n "${GPU_WORK:-}" ]; then work=$GPU_WORK; mkdir -p "$work"; else work=$(mktemp -d); trap 'rm -rf "$work"' EXIT; fi
 fail=0
 report() { printf '%-5s %s\n' "$1" "$2"; [ "$1" != FAIL ] || fail=1; }
 
@@ -80,7 +80,7 @@ c = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
 print(f"{c.min():.6f}")
 EOF
 }
-tps() { sed -n 's/.* \([0-9.]*\) tokens\/s;.*/\1/p' "$work/$1.err" | tail -1; }
+tps() { [ -f "$work/$1.err" ] && sed -n 's/.* \([0-9.]*\) tokens\/s;.*/\1/p' "$work/$1.err" | tail -1 || true; }
 check() {  # check LABEL A B: min cosine of A vs B >= 0.999
   local c; c=$(cosine "$2" "$3")
   if $py -c "import sys; sys.exit(0 if $c >= 0.999 else 1)"; then report PASS "$1: min cosine $c"; else report FAIL "$1: min cosine $c < 0.999"; fi
