@@ -79,6 +79,10 @@ SHORT_TEXTS = ["", "ok", "No", "cat", "Why?", "blue sky", "It works.",
 # The int8 variant must meet both on the calibration texts (the export's sample check stays at
 # verify.THRESHOLDS["int8"]).
 FIDELITY = {"min_cosine": 0.99, "mean_cosine": 0.999}
+# The candidates' runs over the calibration texts go in batches of this many padded tokens: run one
+# by one, the weight-only last resort (which expands its weights on every run) took 83 runs x ~48 s
+# at bge-en-icl's depth.
+SELECTION_BATCH_TOKENS = 4096
 
 
 @dataclass(frozen=True)
@@ -586,28 +590,52 @@ def _nbits(model: onnx.ModelProto, load, dst: Path, s: dict, raw=None) -> None:
 
 
 def embed_rows(graph: Path, rows: list[list[int]], threads: int = 2,
-               start: tuple[list[int], dict] | None = None) -> tuple[np.ndarray, float]:
-    """Last-token embeddings of `rows`, each run alone (no padding), and the seconds it took. With
-    `start` (ids every row begins with, and their states) the rows run on top of those states."""
+               start: tuple[list[int], dict] | None = None, batch_tokens: int = 0) -> tuple[np.ndarray, float]:
+    """Last-token embeddings of `rows` and the seconds it took: each row run alone (no padding), or
+    with `batch_tokens`, rows of similar length right-padded into batches of at most that many
+    tokens (rows x longest; a longer row runs alone). With `start` (ids every row begins with, and
+    their states) the rows run on top of those states."""
     from . import verify
 
     sess = verify.session(graph, threads)
-    result = _embed(sess, rows, start)
+    result = _embed(sess, rows, start, batch_tokens)
     del sess
     return result
 
 
-def _embed(sess, rows: list[list[int]], start: tuple[list[int], dict] | None = None) -> tuple[np.ndarray, float]:
+def _batches(rows: list[list[int]], batch_tokens: int) -> list[list[int]]:
+    """Indexes of `rows`, shortest first, cut into batches of at most `batch_tokens` padded tokens."""
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and (len(batches[-1]) + 1) * len(rows[i]) <= batch_tokens:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+def _embed(sess, rows: list[list[int]], start: tuple[list[int], dict] | None = None,
+           batch_tokens: int = 0) -> tuple[np.ndarray, float]:
+    """Right padding leaves each row's last real token as it is alone (attention is causal); only
+    the summation order of the matrix products differs. Rows on the start states and rows without
+    them (not beginning with its ids, or nothing after them) are batched apart."""
     from . import verify
 
     k = len(start[0]) if start else 0
-    out = []
+    on_start = [bool(k) and row[:k] == start[0] and len(row) > k for row in rows]
+    out: list[np.ndarray | None] = [None] * len(rows)
     began = time.perf_counter()
-    for row in rows:
-        batch, past = verify.right_padded([row], pad_id=0), None
-        if k and row[:k] == start[0] and len(row) > k:
-            batch, past = verify.without_start(batch, k), start[1]
-        out.append(verify.last_token(verify.onnx_hidden(sess, batch, past), batch.attention_mask)[0])
+    for group in (True, False):
+        members = [i for i in range(len(rows)) if on_start[i] == group]
+        for part in _batches([rows[i] for i in members], batch_tokens):
+            index = [members[j] for j in part]
+            batch, past = verify.right_padded([rows[i] for i in index], pad_id=0), None
+            if group:
+                batch, past = verify.without_start(batch, k), start[1]
+            embeddings = verify.last_token(verify.onnx_hidden(sess, batch, past), batch.attention_mask)
+            for i, e in zip(index, embeddings):
+                out[i] = e
     return np.stack(out), time.perf_counter() - began
 
 
@@ -646,7 +674,7 @@ def choose(fp32: Fp32Model, dst: Path, tokenizer, candidates: list[str] | None =
     for i, name in enumerate(names):
         recipe = RECIPES[name]
         fp32.quantize(recipe, dst, measured.stats)
-        emb, seconds = embed_rows(dst, rows, threads, measured.start)
+        emb, seconds = embed_rows(dst, rows, threads, measured.start, SELECTION_BATCH_TOKENS)
         fid = fidelity(measured.reference, emb, rows)
         # One pass, on whatever else the machine runs: a speed class, not a benchmark.
         tried.append({"recipe": name, **fid, "seconds": round(seconds, 2)})

@@ -390,6 +390,24 @@ def test_right_padded_batch_equals_single_rows(package, tokenizer, name):
         np.testing.assert_allclose(hidden[i, : len(ids)], alone, rtol=0, atol=1e-3, err_msg=f"{name} row {i}")
 
 
+@pytest.mark.parametrize("name", ["fp32", "int8"])
+def test_selection_batches_equal_rows_run_alone(package, meta, tokenizer, name):
+    """`choose` runs each candidate over the calibration texts in length-sorted, right-padded
+    batches (`quantize.SELECTION_BATCH_TOKENS`): each row's embedding as when the row runs alone,
+    on the start states where the row begins with their ids, and in the input order."""
+    bos = tokenizer.bos_token_id
+    # plus a row of the start ids alone and one without them: both run on no states
+    rows = quantize.calibration_rows(tokenizer) + [[bos], [bos + 4, bos + 5, bos + 6]]
+    assert min(len(r) for r in rows) == 1 and max(len(r) for r in rows) > 64
+    graph = package / name / "model.onnx"
+    start = verify.start_of(graph, meta["variants"][name].get("quantization")) or \
+        ([bos], verify.prefix_states(verify.session(graph), [bos]))
+    alone, _ = quantize.embed_rows(graph, rows, start=start)
+    batched, _ = quantize.embed_rows(graph, rows, start=start, batch_tokens=quantize.SELECTION_BATCH_TOKENS)
+    assert len(quantize._batches(rows, quantize.SELECTION_BATCH_TOKENS)) < len(rows) / 4
+    np.testing.assert_allclose(batched, alone, rtol=0, atol=1e-4 if name == "fp32" else 1e-3)
+
+
 def test_right_padded_layout():
     batch = verify.right_padded([[5, 6, 7], [8]], pad_id=0)
     assert batch.input_ids.tolist() == [[5, 6, 7], [8, 0, 0]]
