@@ -33,8 +33,9 @@ activations, is never quantized.
 
 `choose()` is what the exporter calls: it quantizes with each recipe in order and keeps the first
 whose last-token embeddings on the calibration texts (`calibration.txt` plus one- and two-token
-inputs) meet `FIDELITY` against the fp32 graph; the manifest records the recipe and what every
-tried recipe measured.
+inputs; each text alone, but the weight-only candidate in right-padded batches) meet
+`FIDELITY` against the fp32 graph; the manifest records the recipe and what every tried recipe
+measured.
 
 Per tensor: `quantize_matmul_weight(w, outliers)` turns one fp32 `[in, out]` weight (and the
 static outlier channel list of its input) into the int8 initializers, `quantize_nbits_weight` into
@@ -79,9 +80,10 @@ SHORT_TEXTS = ["", "ok", "No", "cat", "Why?", "blue sky", "It works.",
 # The int8 variant must meet both on the calibration texts (the export's sample check stays at
 # verify.THRESHOLDS["int8"]).
 FIDELITY = {"min_cosine": 0.99, "mean_cosine": 0.999}
-# The candidates' runs over the calibration texts go in batches of this many padded tokens: run one
-# by one, the weight-only last resort (which expands its weights on every run) took 83 runs x ~48 s
-# at bge-en-icl's depth.
+# The weight-only candidate expands its weights on every run (about 48 s a run at bge-en-icl's
+# depth, 83 runs one text at a time), so it runs the calibration texts in batches of this many
+# padded tokens (slice7b: 52 s against 260 s alone). The w8a8 candidates have no per-run cost and
+# run each text alone: batched, the padding made them 1.3x slower (smollm2: 12.3 s against 9.2 s).
 SELECTION_BATCH_TOKENS = 4096
 
 
@@ -674,7 +676,8 @@ def choose(fp32: Fp32Model, dst: Path, tokenizer, candidates: list[str] | None =
     for i, name in enumerate(names):
         recipe = RECIPES[name]
         fp32.quantize(recipe, dst, measured.stats)
-        emb, seconds = embed_rows(dst, rows, threads, measured.start, SELECTION_BATCH_TOKENS)
+        batch_tokens = SELECTION_BATCH_TOKENS if recipe.method == "matmulnbits" else 0
+        emb, seconds = embed_rows(dst, rows, threads, measured.start, batch_tokens)
         fid = fidelity(measured.reference, emb, rows)
         # One pass, on whatever else the machine runs: a speed class, not a benchmark.
         tried.append({"recipe": name, **fid, "seconds": round(seconds, 2)})
