@@ -77,7 +77,8 @@ def main() -> int:
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name(0) if gpu else 'cpu'}")
     start = time.perf_counter()
     model = FlagICLModel(str(args.model), query_instruction_for_retrieval=TASK, examples_for_task=examples,
-                         use_fp16=args.variant != "fp32", devices="cuda:0" if args.device == "cuda" else "cpu", query_max_length=512, passage_max_length=512)
+                         use_fp16=args.variant != "fp32", devices="cuda:0" if gpu else "cpu",
+                         query_max_length=512, passage_max_length=512)
     print(f"FlagEmbedding load {time.perf_counter() - start:.1f} s")
 
     for name, (texts, extra) in workloads.items():

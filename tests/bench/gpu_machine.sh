@@ -42,12 +42,12 @@ stage() {
 
 export_model() {
   cd $w && export PYTHONPATH=$w/site:$w
-  python3 - <<'PY' || { touch $w/export.failed; exit 1; }
-import json
+  python3 - "$w/slice7b" <<'PY' || { touch $w/export.failed; exit 1; }
+import json, sys
 from pathlib import Path
 from transformers import MistralConfig
 from export import standins
-out = Path("/tmp/icl-gpu/slice7b")
+out = Path(sys.argv[1])
 config = MistralConfig(**json.loads((out / "config.json").read_text()))
 standins.write_safetensors(out / "model.safetensors", standins.random_weight_specs(config, 0))
 print("slice7b weights written")
