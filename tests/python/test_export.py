@@ -104,11 +104,15 @@ def test_manifest_fields(package, meta):
     recipe = quantize.RECIPES[quant["recipe"]]
     assert {k: v for k, v in quant.items() if k != "selection"} == recipe.describe()
     assert sel["chosen"] == quant["recipe"] and sel["thresholds"] == quantize.FIDELITY
-    names = [t["recipe"] for t in sel["tried"]]
-    assert names == quantize.CANDIDATES[: len(names)] and names[-1] == quant["recipe"], "fastest first, stops at the first faithful"
-    for t in sel["tried"][:-1]:
-        assert not quantize.meets(t), f"{t['recipe']} was faithful but passed over"
-    assert sel["faithful"] == quantize.meets(sel["tried"][-1])
+    tried = {t["recipe"]: t for t in sel["tried"]}
+    assert len(tried) == len(sel["tried"]) and quant["recipe"] in tried and set(tried) <= set(quantize.CANDIDATES)
+    assert sel["faithful"] == quantize.meets(tried[quant["recipe"]])
+    faster = quantize.CANDIDATES[: quantize.CANDIDATES.index(quant["recipe"])]
+    for name in faster:  # each faster recipe missed, or one at least as precise as it did
+        missed = tried.get(name) or tried[sel["skipped"][name]]
+        assert not quantize.meets(missed), f"{name} passed over, though {missed['recipe']} was faithful"
+        assert missed["recipe"] == name or quantize._at_least_as_precise(quantize.RECIPES[missed["recipe"]],
+                                                                         quantize.RECIPES[name])
     graph = onnx.load(str(package / meta["variants"]["int8"]["file"]), load_external_data=False).graph
     ops = {n.op_type for n in graph.node}
     if recipe.method == "w8a8":
@@ -440,6 +444,64 @@ def test_a_candidate_stops_once_it_cannot_meet_the_thresholds(package, meta, tok
     halfway = {"min_cosine": 0.0, "mean_cosine": 1 - (1 - whole["mean_cosine"]) / 2}
     short = run(thresholds=halfway)
     assert short["stopped"] and short["texts"] < len(rows) and not quantize.meets(short, halfway)
+
+
+def test_precision_order_of_the_recipes():
+    """`choose` skips a recipe once one at least as precise everywhere has missed: more weight
+    bits, more outlier channels per MatMul kind, a kind kept fp32; never across methods."""
+    more = quantize._at_least_as_precise
+    r = quantize.RECIPES
+    assert more(r["w8a8"], r["w7a8"]) and not more(r["w7a8"], r["w8a8"])
+    assert more(r["w7a8-o32"], r["w7a8-o8"]) and more(r["w8a8-o64-down256"], r["w8a8-o32-down128"])
+    assert more(r["w8a8-o32-down-fp32"], r["w8a8-o32-down128"])
+    # down fp32 against more outliers elsewhere: neither is the more precise
+    assert not more(r["w8a8-o32-down-fp32"], r["w8a8-o64-down256"])
+    assert not more(r["w8a8-o64-down256"], r["w8a8-o32-down-fp32"])
+    assert not more(r["w8a8-o8"], r["w7a8-o32"]) and not more(r["w7a8-o32"], r["w8a8-o8"])
+    assert not more(r["nbits8-acc1"], r["w7a8"]) and not more(r["w8a8-o32-down-fp32"], r["nbits8-acc1"])
+    odd = quantize.Recipe("odd", "w8a8", {**r["w8a8"].settings, "keep": [r"q_proj"]})
+    assert not more(odd, r["w8a8"]) and more(odd, odd)
+    fast = quantize.CANDIDATES[:-1]
+    ceilings = [n for n in fast if not any(quantize._more_precise(r[m], r[n]) for m in fast)]
+    assert ceilings == ["w8a8-o64-down256", "w8a8-o32-down-fp32"]
+    for name in fast:  # every fast recipe is below one of them, so two misses skip the rest
+        assert any(more(r[c], r[name]) for c in ceilings), name
+
+
+@pytest.mark.parametrize("passing", [(), ("w8a8-o32-down-fp32",), ("w8a8-o32-down-fp32", "w8a8-o64-down256", "w7a8-o8")])
+def test_choose_probes_the_most_precise_then_goes_fastest_first(passing, package, tokenizer, tmp_path, monkeypatch):
+    """The order of `choose` with made-up measurements: the most precise recipes first, until
+    one passes; then fastest first, skipping what a missed recipe out-precisions; the last
+    candidate when nothing passes. The chosen recipe's graph is what is left on disk."""
+    def measure(graph, rows, reference, threads=2, start=None, batch_tokens=0, thresholds=None):
+        recipe = json.loads((graph.parent / "recipe.json").read_text())
+        good = recipe in passing or thresholds is None
+        return {"texts": len(rows), "min_cosine": 1.0 if good else 0.5, "mean_cosine": 1.0 if good else 0.5,
+                "worst_tokens": 1, "seconds": 0.0}
+
+    def write(self, recipe, dst, stats):
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.write_text(recipe.name)
+        (dst.parent / "recipe.json").write_text(json.dumps(recipe.name))
+
+    monkeypatch.setattr(quantize, "measure_candidate", measure)
+    monkeypatch.setattr(quantize.Fp32Model, "quantize", write)
+    fp32 = quantize.Fp32Model.from_graph(package / "fp32" / "model.onnx")
+    monkeypatch.setattr(fp32, "measure", lambda rows, ids, threads=2: quantize.Fp32Measure(
+        np.zeros((len(rows), 4), np.float32), None, {}, 0.0))
+    dst = tmp_path / "int8" / "model.onnx"
+    got = quantize.choose(fp32, dst, tokenizer)["selection"]
+    order = [t["recipe"] for t in got["tried"]]
+    if not passing:
+        assert order == ["w8a8-o64-down256", "w8a8-o32-down-fp32", "nbits8-acc1"]
+        assert got["chosen"] == "nbits8-acc1" and set(got["skipped"]) == set(quantize.CANDIDATES[:-1]) - set(order)
+    elif passing == ("w8a8-o32-down-fp32",):
+        assert order == ["w8a8-o64-down256", "w8a8-o32-down-fp32", "w7a8-o32-down-fp32"]
+        assert got["chosen"] == "w8a8-o32-down-fp32" and got["skipped"]["w7a8"] == "w8a8-o64-down256"
+    else:
+        assert order == ["w8a8-o64-down256", "w7a8", "w8a8", "w7a8-o8"] and got["skipped"] == {}
+        assert got["chosen"] == "w7a8-o8"
+    assert dst.read_text() == got["chosen"]
 
 
 def test_right_padded_layout():
