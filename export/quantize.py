@@ -35,8 +35,9 @@ activations, is never quantized.
 whose last-token embeddings on the calibration texts (`calibration.txt` plus one- and two-token
 inputs; each text alone, but the weight-only candidate in right-padded batches) meet
 `FIDELITY` against the fp32 graph; the manifest records the recipe and what every tried recipe
-measured. A candidate's pass stops as soon as it can no longer meet `FIDELITY`
-(`measure_candidate`), so the recipes that miss cost little more than their writing.
+measured. A candidate runs one layer at a time, the shortest texts first, and stops as soon as it
+can no longer meet `FIDELITY` (`measure_candidate`), so the recipes that miss cost little more
+than their writing.
 
 Per tensor: `quantize_matmul_weight(w, outliers)` turns one fp32 `[in, out]` weight (and the
 static outlier channel list of its input) into the int8 initializers, `quantize_nbits_weight` into
@@ -87,6 +88,9 @@ FIDELITY = {"min_cosine": 0.99, "mean_cosine": 0.999}
 # attention scores). The w8a8 candidates have no per-run cost and run each text alone: batched,
 # the padding made them 1.3x slower (smollm2: 12.3 s against 9.2 s).
 SELECTION_BATCH_TOKENS = 1024
+# A candidate runs these shortest calibration texts first, and the others only if it can still
+# meet the thresholds after them (`measure_candidate`).
+FIRST_ROUND = 8
 
 
 @dataclass(frozen=True)
@@ -706,27 +710,26 @@ def measure_candidate(graph: Path, rows: list[list[int]], reference: np.ndarray,
                       thresholds: dict | None = None) -> dict:
     """`fidelity` of `graph` on `rows` against `reference`, and the seconds its pass took.
 
-    With `thresholds`, the graph runs whole, batch after batch, and the pass stops at the first
-    batch after which they can no longer be met (a cosine under the minimum, or a mean that even
-    perfect remaining texts would leave short): the figures are then those of the texts run, and
-    `stopped` is true. Rows run shortest first, so a recipe that fails on one- and two-token inputs
-    is told after seconds, not after a whole pass (about 5 min a recipe at bge-en-icl's depth).
-    Without, it runs one layer at a time (`_embed_segmented`) over every text."""
-    from . import verify
-
+    The graph runs one layer at a time (`_embed_segmented`): a candidate that keeps `down` fp32 is
+    12.6 GB at bge-en-icl's depth, more than an export may hold (8 GiB). With `thresholds`, the
+    `FIRST_ROUND` shortest texts run first and the rest only if the thresholds can still be met
+    after them (a cosine under the minimum, or a mean that even perfect remaining texts would
+    leave short, ends it): the figures are then those of the texts run, and `stopped` is true.
+    One- and two-token inputs are where recipes fail, so most misses cost one short round."""
     if thresholds is None:
-        embeddings, seconds = _embed_segmented(graph, rows, threads, start, batch_tokens)
-        return {**fidelity(reference, embeddings, rows), "seconds": round(seconds, 2)}
-    sess = verify.session(graph, threads)
+        rounds = [list(range(len(rows)))]
+    else:
+        order = [i for index, _, _ in _batched(rows, start, batch_tokens) for i in index]
+        rounds = [order[:FIRST_ROUND], order[FIRST_ROUND:]]
     cos = np.full(len(rows), np.nan)
-    began, stopped = time.perf_counter(), False
-    for index, embeddings in _embedded(sess, rows, start, batch_tokens):
+    seconds, stopped = 0.0, False
+    for index in [r for r in rounds if r]:
+        embeddings, took = _embed_segmented(graph, [rows[i] for i in index], threads, start, batch_tokens)
         cos[index] = np.sum(reference[index] * embeddings, axis=1)
-        if not _can_meet(cos, thresholds):
-            stopped = True
+        seconds += took
+        if thresholds is not None and not _can_meet(cos, thresholds):
+            stopped = bool(np.isnan(cos).any())
             break
-    seconds = time.perf_counter() - began
-    del sess
     done = np.flatnonzero(~np.isnan(cos))
     fid = _figures(cos[done], [rows[i] for i in done])
     return {**fid, **({"stopped": True} if stopped else {}), "seconds": round(seconds, 2)}
@@ -801,7 +804,8 @@ def choose(fp32: Fp32Model, dst: Path, tokenizer, candidates: list[str] | None =
     beside `dst` as `START_FILE` and used in the measurement, as the runtime uses them: position 0,
     where a trained model keeps its huge attention-sink activations, is never quantized. The fp32
     model runs once, one layer at a time (`Fp32Model.measure`); each candidate is written from it
-    tensor by tensor and run whole, until it meets the thresholds or cannot any more.
+    tensor by tensor and run one layer at a time too, until it meets the thresholds or cannot any
+    more (`measure_candidate`).
     """
     from . import verify
 

@@ -415,35 +415,38 @@ def test_selection_batches_equal_rows_run_alone(package, meta, tokenizer, name):
 
 @pytest.mark.parametrize("batch_tokens", [0, quantize.SELECTION_BATCH_TOKENS])
 def test_a_candidate_stops_once_it_cannot_meet_the_thresholds(package, meta, tokenizer, batch_tokens):
-    """`choose` measures each candidate but the last with its thresholds: the pass ends at the
-    first batch after which they cannot be met, shortest rows first; one that meets them runs
-    every text. Without thresholds (the last candidate) the graph runs one layer at a time over
-    every text and gives what the whole graph gives."""
+    """`choose` measures each candidate one layer at a time, and each but the last with its
+    thresholds: the `FIRST_ROUND` shortest texts first, the rest only if the thresholds can still
+    be met; one that meets them runs every text. The layer-by-layer pass gives what the whole
+    graph gives."""
     rows = quantize.calibration_rows(tokenizer)
     reference, _ = quantize.embed_rows(package / "fp32" / "model.onnx", rows)
     graph = package / "int8" / "model.onnx"
     start = verify.start_of(graph, meta["variants"]["int8"]["quantization"])
     run = functools.partial(quantize.measure_candidate, graph, rows, reference, start=start, batch_tokens=batch_tokens)
-    embeddings, _ = quantize.embed_rows(graph, rows, start=start, batch_tokens=batch_tokens)
-    whole = quantize.fidelity(reference, embeddings, rows)
+    whole, _ = quantize.embed_rows(graph, rows, start=start, batch_tokens=batch_tokens)
     segmented, _ = quantize._embed_segmented(graph, rows, 2, start, batch_tokens)
-    np.testing.assert_allclose(segmented, embeddings, rtol=0, atol=5e-3)  # fusion differs across segments
-    full = run()
-    assert full.pop("seconds") >= 0 and "stopped" not in full
-    assert full == quantize.fidelity(reference, segmented, rows)
-    assert full["texts"] == len(rows) and full["min_cosine"] == pytest.approx(whole["min_cosine"], abs=1e-4)
-    first, _ = next(quantize._embedded(verify.session(graph), rows, start, batch_tokens))
-    stopped = run(thresholds={"min_cosine": 2.0, "mean_cosine": 0.0})
-    assert stopped.pop("seconds") >= 0
-    assert stopped == {**quantize.fidelity(reference[first], embeddings[first], [rows[i] for i in first]),
-                       "stopped": True}
-    met = {"min_cosine": whole["min_cosine"] - 1e-6, "mean_cosine": whole["mean_cosine"] - 1e-6}
-    passed = run(thresholds=met)
-    assert passed.pop("seconds") >= 0 and passed == whole
-    # a mean that only perfect texts could reach after half the shortfall: stops before the end
-    halfway = {"min_cosine": 0.0, "mean_cosine": 1 - (1 - whole["mean_cosine"]) / 2}
-    short = run(thresholds=halfway)
-    assert short["stopped"] and short["texts"] < len(rows) and not quantize.meets(short, halfway)
+    np.testing.assert_allclose(segmented, whole, rtol=0, atol=5e-3)  # fusion differs across segments
+    full = quantize.fidelity(reference, segmented, rows)
+    assert full["min_cosine"] == pytest.approx(quantize.fidelity(reference, whole, rows)["min_cosine"], abs=1e-4)
+
+    def figures(**kw):
+        got = run(**kw)
+        assert got.pop("seconds") >= 0
+        return got
+
+    assert figures() == full
+    first = [i for index, _, _ in quantize._batched(rows, start, batch_tokens) for i in index][: quantize.FIRST_ROUND]
+    assert sorted(len(rows[i]) for i in first) == sorted(map(len, rows))[: quantize.FIRST_ROUND]  # the shortest
+    stopped = figures(thresholds={"min_cosine": 2.0, "mean_cosine": 0.0})
+    expected = quantize.fidelity(reference[first], segmented[first], [rows[i] for i in first])
+    assert stopped.pop("stopped") is True and stopped["texts"] == quantize.FIRST_ROUND
+    assert stopped == {**expected, "min_cosine": pytest.approx(expected["min_cosine"], abs=1e-5),
+                       "mean_cosine": pytest.approx(expected["mean_cosine"], abs=1e-5)}
+    met = {"min_cosine": full["min_cosine"] - 1e-6, "mean_cosine": full["mean_cosine"] - 1e-6}
+    assert figures(thresholds=met) == full
+    # a mean that only perfect texts could reach: stops after the first round
+    assert figures(thresholds={"min_cosine": 0.0, "mean_cosine": 1.0})["texts"] == quantize.FIRST_ROUND
 
 
 def test_precision_order_of_the_recipes():
