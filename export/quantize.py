@@ -664,14 +664,13 @@ def _batched(rows: list[list[int]], start: tuple[list[int], dict] | None,
                 yield index, batch, None
 
 
-def _embed_segmented(graph: Path, rows: list[list[int]], threads: int, start: tuple[list[int], dict] | None,
+def _embed_segmented(segmented, rows: list[list[int]], start: tuple[list[int], dict] | None,
                      batch_tokens: int) -> tuple[np.ndarray, float]:
-    """`_embed`, with the graph run one layer at a time (`stream.SegmentedGraph`), every batch in
-    lockstep: one layer's weights in memory instead of all of them (a whole int8 graph of
+    """`_embed`, with the graph run one layer at a time (a `stream.SegmentedGraph`), every batch
+    in lockstep: one layer's weights in memory instead of all of them (a whole int8 graph of
     bge-en-icl is 7-8 GB of mapped weights)."""
     from . import stream, verify
 
-    segmented = stream.SegmentedGraph(graph, threads)
     empty = segmented.empty_past()
     batches = list(_batched(rows, start, batch_tokens))
     runs = [stream.Run({**batch.feeds(), **(past if past is not None else empty)}, set()) for _, batch, past in batches]
@@ -716,6 +715,9 @@ def measure_candidate(graph: Path, rows: list[list[int]], reference: np.ndarray,
     after them (a cosine under the minimum, or a mean that even perfect remaining texts would
     leave short, ends it): the figures are then those of the texts run, and `stopped` is true.
     One- and two-token inputs are where recipes fail, so most misses cost one short round."""
+    from . import stream
+
+    segmented = stream.SegmentedGraph(graph, threads)  # loaded and split once for both rounds
     if thresholds is None:
         rounds = [list(range(len(rows)))]
     else:
@@ -724,7 +726,7 @@ def measure_candidate(graph: Path, rows: list[list[int]], reference: np.ndarray,
     cos = np.full(len(rows), np.nan)
     seconds, stopped = 0.0, False
     for index in [r for r in rounds if r]:
-        embeddings, took = _embed_segmented(graph, [rows[i] for i in index], threads, start, batch_tokens)
+        embeddings, took = _embed_segmented(segmented, [rows[i] for i in index], start, batch_tokens)
         cos[index] = np.sum(reference[index] * embeddings, axis=1)
         seconds += took
         if thresholds is not None and not _can_meet(cos, thresholds):
@@ -818,12 +820,13 @@ def choose(fp32: Fp32Model, dst: Path, tokenizer, candidates: list[str] | None =
     log.info("fp32 reference over %d calibration texts in %.1f s (one layer at a time)", len(rows), measured.seconds)
     dst.with_name(START_FILE).unlink(missing_ok=True)
     tried: list[dict] = []
-    on_disk: list[str] = []  # the recipe dst holds
+    on_disk = None  # the recipe dst holds
 
     def attempt(name: str, final: bool = False) -> bool:
+        nonlocal on_disk
         recipe = RECIPES[name]
         fp32.quantize(recipe, dst, measured.stats)
-        on_disk[:] = [name]
+        on_disk = name
         batch_tokens = SELECTION_BATCH_TOKENS if recipe.method == "matmulnbits" else 0
         # The last candidate is taken whatever it measures, so its figures cover every text.
         fid = measure_candidate(dst, rows, measured.reference, threads, measured.start, batch_tokens,
@@ -838,11 +841,11 @@ def choose(fp32: Fp32Model, dst: Path, tokenizer, candidates: list[str] | None =
             return True
         for p in (dst, dst.with_name(dst.name + ".data")):
             p.unlink(missing_ok=True)
-        on_disk.clear()
+        on_disk = None
         return False
 
     def chosen(name: str) -> dict:
-        if on_disk != [name]:  # a probe that passed, overwritten by later candidates
+        if on_disk != name:  # a probe that passed, overwritten by later candidates
             fp32.quantize(RECIPES[name], dst, measured.stats)
         if measured.start:
             verify.write_start_graph(dst.with_name(START_FILE), measured.start[1])
@@ -854,16 +857,16 @@ def choose(fp32: Fp32Model, dst: Path, tokenizer, candidates: list[str] | None =
                               "thresholds": dict(thresholds), "chosen": name, "faithful": meets(fid, thresholds),
                               "tried": tried, "skipped": skipped}}
 
-    fast, failed, skipped, passed = names[:-1], [], {}, set()
+    fast, failed, skipped, probe = names[:-1], [], {}, None
     ceilings = [n for n in fast if not any(_more_precise(RECIPES[m], RECIPES[n]) for m in fast)]
     if len(ceilings) < len(fast):
         for name in ceilings:  # what these miss, the less precise recipes are taken to miss too
             if attempt(name):
-                passed.add(name)
+                probe = name  # passed
                 break
             failed.append(name)
     for name in fast:
-        if name in passed:
+        if name == probe:
             return chosen(name)
         if name in failed:
             continue

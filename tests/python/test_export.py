@@ -419,13 +419,15 @@ def test_a_candidate_stops_once_it_cannot_meet_the_thresholds(package, meta, tok
     thresholds: the `FIRST_ROUND` shortest texts first, the rest only if the thresholds can still
     be met; one that meets them runs every text. The layer-by-layer pass gives what the whole
     graph gives."""
+    from export.stream import SegmentedGraph
+
     rows = quantize.calibration_rows(tokenizer)
     reference, _ = quantize.embed_rows(package / "fp32" / "model.onnx", rows)
     graph = package / "int8" / "model.onnx"
     start = verify.start_of(graph, meta["variants"]["int8"]["quantization"])
     run = functools.partial(quantize.measure_candidate, graph, rows, reference, start=start, batch_tokens=batch_tokens)
     whole, _ = quantize.embed_rows(graph, rows, start=start, batch_tokens=batch_tokens)
-    segmented, _ = quantize._embed_segmented(graph, rows, 2, start, batch_tokens)
+    segmented, _ = quantize._embed_segmented(SegmentedGraph(graph), rows, start, batch_tokens)
     np.testing.assert_allclose(segmented, whole, rtol=0, atol=5e-3)  # fusion differs across segments
     full = quantize.fidelity(reference, segmented, rows)
     assert full["min_cosine"] == pytest.approx(quantize.fidelity(reference, whole, rows)["min_cosine"], abs=1e-4)
