@@ -117,7 +117,7 @@ struct EmbedArgs {
     /// Intra-op threads (default: one per core).
     #[arg(long)]
     threads: Option<usize>,
-    /// Token budget of one batch, rows x padded length (default 4096 on CPU, 16384 on GPU).
+    /// Token budget of one batch, rows x padded length (default 512 on CPU, 16384 on GPU).
     #[arg(long)]
     batch_tokens: Option<usize>,
     /// Most rows in one batch.

@@ -366,6 +366,14 @@ pub fn session(
             .with_config_entry(X64_QUANT_PRECISION, "1")
             .map_err(|e| Error::runtime(context.clone())(e.into()))?;
     }
+    if !device.is_gpu() {
+        // A memory pattern is planned per input shape and allocated as one block; batches here
+        // rarely repeat a shape, and on 512-token batches the blocks cost slice7b int8 140 MiB
+        // of peak RSS (BENCHMARKS.md) at the same speed.
+        builder = builder
+            .with_memory_pattern(false)
+            .map_err(|e| Error::runtime(context.clone())(e.into()))?;
+    }
     let providers = match device {
         Device::Cpu | Device::Auto => vec![],
         Device::Cuda(n) => vec![ep::CUDA::default()

@@ -26,7 +26,7 @@ pub struct ServeArgs {
     /// Require `Authorization: Bearer KEY` on every route but /health.
     #[arg(long)]
     pub api_key: Option<String>,
-    /// Token budget of one batch, rows x padded length (default 4096 on CPU, 16384 on GPU);
+    /// Token budget of one batch, rows x padded length (default 512 on CPU, 16384 on GPU);
     /// requests are batched together up to it.
     #[arg(long)]
     pub max_batch_tokens: Option<usize>,
