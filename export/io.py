@@ -11,7 +11,7 @@ Texts (`read_texts`), chosen by the file name's extension, never by sniffing the
 Files are UTF-8 (a leading byte-order mark is dropped). Errors name the file and the 1-based line.
 
 Few-shot examples (`read_examples`): a JSON list of objects (the format of
-`../shared/data/flagembedding-icl-examples/MTEB/*.json`), or JSON lines of objects when the name ends
+`tests/data/flagembedding-icl-examples/MTEB/*.json`), or JSON lines of objects when the name ends
 in `.jsonl`/`.ndjson`. Each object has string `query` and `response` and an optional string
 `instruct`; other keys are ignored. Errors name the file and the 0-based entry index.
 """

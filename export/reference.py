@@ -1,6 +1,6 @@
 """The parity oracle: FlagEmbedding's own ICLLLMEmbedder, run on CPU in fp32.
 
-This module does not rebuild the reference procedure (DESIGN.md section 2); it calls it
+This module does not rebuild the reference procedure (export/REFERENCE.md section 2); it calls it
 (`FlagICLModel.encode_queries` / `encode_corpus`) and only watches what happens:
 
 - the token ids: the tokenizer is given a recording subclass; every call made with special tokens

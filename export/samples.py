@@ -1,6 +1,6 @@
 """Built-in sample inputs for the export's parity check.
 
-A handful of queries with few-shot examples (rendered with the formula of DESIGN.md section 2, the
+A handful of queries with few-shot examples (rendered with the formula of export/REFERENCE.md section 2, the
 way FlagEmbedding's `ICLLLMEmbedder` tokenizes them) and documents, short and long, one of them
 long enough to hit the maximum length. The exact texts matter less than their spread: short and
 long rows in one right-padded batch, special ICL tokens, and a truncated row.

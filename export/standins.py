@@ -1,4 +1,4 @@
-"""Build the stand-in models of DESIGN.md section 6 as Hugging Face model directories.
+"""Build the stand-in models of export/REFERENCE.md section 3 as Hugging Face model directories.
 
 The real bge-en-icl weights cannot be downloaded here, so the project tests and measures on three
 stand-ins, each written as `config.json`, `model.safetensors` and the tokenizer files:

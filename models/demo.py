@@ -1,6 +1,6 @@
 """Inputs and report for models/demo.sh.
 
-`prepare` writes the demo corpus from ../shared/data: the AIR-Bench QA passages (plus long
+`prepare` writes the demo corpus from tests/data: the AIR-Bench QA passages (plus long
 documents as distractors) and their questions, a retrieval task instruction and three MS MARCO
 few-shot examples. `report` prints, for each question, the passage icl-embed ranks first.
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "flagembedding-icl-examples"
+DATA = Path(__file__).resolve().parents[1] / "tests" / "data" / "flagembedding-icl-examples"
 TASK = "Given a web search query, retrieve relevant passages that answer the query"
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job on a fresh machine: sets up Python and the Rust build, makes the `smollm2` stand-in
 # (real trained weights) and its model package, then embeds a passage corpus and few-shot queries
-# from ../shared/data with icl-embed and prints a small similarity table.
+# from tests/data with icl-embed and prints a small similarity table.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"

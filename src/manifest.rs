@@ -66,7 +66,7 @@ pub struct Architecture {
     pub sliding_window: Option<usize>,
 }
 
-/// The prompt layout of DESIGN.md section 2; placeholders `{task}`, `{query}`, `{instruct}`,
+/// The prompt layout of export/REFERENCE.md section 2; placeholders `{task}`, `{query}`, `{instruct}`,
 /// `{response}`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PromptTemplate {

@@ -1,4 +1,4 @@
-//! Prompt text for queries, exactly as FlagEmbedding's `ICLLLMEmbedder` builds it (DESIGN.md
+//! Prompt text for queries, exactly as FlagEmbedding's `ICLLLMEmbedder` builds it (export/REFERENCE.md
 //! section 2): the task instruction wraps each query, the few-shot examples form a prefix ending in
 //! the example separator, and a fixed suffix follows. Pure string functions, byte-for-byte.
 

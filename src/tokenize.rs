@@ -1,4 +1,4 @@
-//! Token ids exactly as the reference produces them (DESIGN.md section 2). Documents: the text with
+//! Token ids exactly as the reference produces them (export/REFERENCE.md section 2). Documents: the text with
 //! the tokenizer's special tokens, truncated. Queries: the instruction-wrapped text is truncated,
 //! decoded back to a string (special tokens kept, transformers' clean-up applied when the tokenizer
 //! asks for it), then prefix + decoded + suffix is tokenized again with special tokens. That

@@ -7,7 +7,7 @@
 # `--variants fp32,fp16`). BIN: the icl-embed binary (default target/release/icl-embed; the GPU
 # machine has no Rust toolchain, so carry the release binary built on the CPU machine).
 # ORT_DYLIB_PATH must name a CUDA build of ONNX Runtime (onnxruntime-gpu's libonnxruntime.so.*,
-# ../shared/GPU.md says how to bring it); the NVIDIA libraries of the torch wheels are put on
+# tests/bench/README.md says how to bring it); the NVIDIA libraries of the torch wheels are put on
 # LD_LIBRARY_PATH when python3 finds them.
 #
 # Checks, each printed as PASS/FAIL/SKIP with its figure:
@@ -23,7 +23,7 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 pkg=${1:?usage: bash tests/gpu.sh PKG [BIN]}
 bin=${2:-$root/target/release/icl-embed}
 py=${PYTHON:-python3}
-data=${ICL_DATA:-$root/../shared/data/flagembedding-icl-examples}
+data=${ICL_DATA:-$root/tests/data/flagembedding-icl-examples}
 # GPU_WORK: keep the inputs, embeddings and logs in this folder (tests/bench/flag_gpu.py reads them).
 if [ -n "${GPU_WORK:-}" ]; then work=$GPU_WORK; mkdir -p "$work"; else work=$(mktemp -d); trap 'rm -rf "$work"' EXIT; fi
 fail=0

@@ -1,5 +1,5 @@
 //! The prefix cache (issue 5): queries embedded on top of their few-shot prefix's key/value states
-//! against the same queries computed in full, over every MTEB task of ../shared/data (each task's
+//! against the same queries computed in full, over every MTEB task of tests/data (each task's
 //! own three examples as the prefix, its instruction from tests/data/mteb_instructions.json, its
 //! example queries as the queries), and the fallback for queries whose ids do not start with the
 //! prefix's.

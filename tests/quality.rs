@@ -1,5 +1,5 @@
 //! The int8 variant's fidelity (issues 4 and 13): on `smollm2` (real weights), its embeddings against the
-//! fp32 variant's over every text of ../shared/data: all passages (MTEB example responses, AIR-Bench
+//! fp32 variant's over every text of tests/data: all passages (MTEB example responses, AIR-Bench
 //! `pos` fields, long documents truncated at 512 tokens) and all queries with a few-shot prefix (each
 //! MTEB task's example queries under its instruction and its first three examples; the AIR-Bench
 //! queries under MSMARCO's). Goal: min cosine >= 0.99, mean >= 0.999.

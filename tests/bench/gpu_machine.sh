@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CUDA check on a lent GPU machine (../shared/GPU.md), run there from the repository root over
+# The CUDA check on a lent GPU machine (tests/bench/GPU.md), run there from the repository root over
 # the files tests/bench/gpu_prepare.sh put in .gpu/. Five calls, back to back (the machine keeps
 # /tmp while it stays warm; one call carries at most 64 MiB):
 #

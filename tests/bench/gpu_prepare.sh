@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Prepares .gpu/ (git-ignored) for tests/bench/gpu_machine.sh, the CUDA check on a lent GPU machine
-# (../shared/GPU.md). Run here, on the CPU machine, after the release build:
+# (tests/bench/GPU.md). Run here, on the CPU machine, after the release build:
 #
 #   bash tests/bench/gpu_prepare.sh MODEL_DIR     # MODEL_DIR: the slice7b stand-in (export/standins.py)
 #
@@ -44,7 +44,7 @@ if [ ! -f $g/ort/ortgpu.tar.xz ]; then
 fi
 split -b 54000000 -d $g/ort/ortgpu.tar.xz $g/parts/x
 cp "$model"/config.json "$model"/tokenizer.json "$model"/tokenizer_config.json "$model"/special_tokens_map.json $g/slice7b/
-data=../shared/data/flagembedding-icl-examples
+data=tests/data/flagembedding-icl-examples
 cp -r $data/AIR-Bench $g/data/ && cp $data/MTEB/MSMARCO.json $g/data/MTEB/
 xz -9 -c target/release/icl-embed > $g/icl-embed.xz
 du -sb $g/parts/* $g/whl $g/whl-ort $g/slice7b $g/data $g/icl-embed.xz

@@ -11,7 +11,7 @@ Measures, with the same package, variant and thread count:
   `--no-prefix-cache`, with the CLI's query throughput (with and without the cache) beside them.
 
 The load generator is this script: asyncio + aiohttp (already in .venv), so every request carries its
-own text from ../shared/data (oha and wrk repeat one body) and latencies are per request. Bounded:
+own text from tests/data (oha and wrk repeat one body) and latencies are per request. Bounded:
 each phase sends at most --docs / --queries requests and stops after --max-seconds; only 127.0.0.1.
 Runs alternate CLI and server phases; figures are medians over --runs. The client shares the
 machine's cores with the server, as a real client on the same host would.

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
-DATA = ROOT.parent / "shared" / "data" / "flagembedding-icl-examples"
+DATA = ROOT / "tests" / "data" / "flagembedding-icl-examples"
 INSTRUCTIONS = ROOT / "tests" / "data" / "mteb_instructions.json"
 STREAM_BEGIN = "<!-- stream-memory:begin -->"
 STREAM_END = "<!-- stream-memory:end -->"
@@ -768,7 +768,7 @@ def model_blurb(name: str, config: dict[str, Any], model: Model) -> str:
 
 
 QUERY_SOURCES = {
-    "air-bench": "the AIR-Bench `query` fields of `../shared/data/flagembedding-icl-examples` (qa, then long-doc; "
+    "air-bench": "the AIR-Bench `query` fields of `tests/data/flagembedding-icl-examples` (qa, then long-doc; "
                  "real retrieval questions)",
     "mteb": "MTEB example queries of the other tasks",
 }
@@ -784,7 +784,7 @@ def workload_blurb(work: Workload, model: Model) -> str:
              f"{statistics.median(lengths):.0f}, max {max(lengths)} per text), max length {MAX_LENGTH}")
     if work.kind == "documents":
         return (f"{stats}: passages spread evenly over the MTEB example `response` fields and the AIR-Bench `pos` "
-                f"fields of `../shared/data/flagembedding-icl-examples` of at least {MIN_PASSAGE_CHARS} characters "
+                f"fields of `tests/data/flagembedding-icl-examples` of at least {MIN_PASSAGE_CHARS} characters "
                 f"(the shorter `response` fields are class labels and titles).")
     tasks = "; ".join(f"{p.name} ({len(p.texts)} quer{'y' if len(p.texts) == 1 else 'ies'}, {SHOTS}-shot prefix of "
                       f"{len(p.examples or [])} examples, instruction from tests/data/mteb_instructions.json)"

@@ -294,7 +294,7 @@ pub fn embedder(pkg: &Path, variant: &str, prefix_cache: bool) -> Embedder {
 }
 
 pub fn data_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/flagembedding-icl-examples")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/flagembedding-icl-examples")
 }
 
 /// A task: its instruction, its first three examples (the prefix; SummEval, STS22 and
@@ -307,7 +307,7 @@ pub struct Task {
     pub queries: Vec<String>,
 }
 
-/// Every MTEB task file of ../shared/data.
+/// Every MTEB task file of tests/data/flagembedding-icl-examples.
 pub fn mteb_tasks() -> Vec<Task> {
     let table: BTreeMap<String, serde_json::Value> = serde_json::from_str(
         &std::fs::read_to_string(

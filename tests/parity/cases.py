@@ -2,8 +2,8 @@
 exactly as FlagEmbedding does (issue 3).
 
 `write_cases(out)` lays the inputs out under `out/` and writes `out/cases.json`, which the Rust
-integration tests read. Real text comes from ../shared/data at run time (never copied into the
-repository); the hand-written edge cases live in `edge.jsonl` beside this file.
+integration tests read. Real text comes from tests/data/flagembedding-icl-examples (the few-shot
+example sets FlagEmbedding publishes); the hand-written edge cases live in `edge.jsonl` beside this file.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-DATA = HERE.parent.parent.parent / "shared" / "data" / "flagembedding-icl-examples"
+DATA = HERE.parent.parent / "tests" / "data" / "flagembedding-icl-examples"
 
 SCIFACT_TASK = "Given a scientific claim, retrieve documents that support or refute the claim"
 ARGUANA_TASK = "Given a claim, find documents that refute the claim"

@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 
 from export import io, reference, standins  # noqa: E402
 
-EXAMPLES_FILE = ROOT.parent / "shared" / "data" / "flagembedding-icl-examples" / "MTEB" / "ArguAna.json"
+EXAMPLES_FILE = ROOT / "tests" / "data" / "flagembedding-icl-examples" / "MTEB" / "ArguAna.json"
 TASK = "Given a claim, find documents that refute the claim."
 DOCS = [
     "The cat sat on the mat.",

@@ -21,7 +21,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = ROOT / "target" / "debug" / "icl-embed"
-EXAMPLES = ROOT.parent / "shared" / "data" / "flagembedding-icl-examples" / "MTEB" / "MSMARCO.json"
+EXAMPLES = ROOT / "tests" / "data" / "flagembedding-icl-examples" / "MTEB" / "MSMARCO.json"
 INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query."
 DOCS = [
     "Paris is the capital and most populous city of France.",
