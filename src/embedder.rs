@@ -1,19 +1,19 @@
 //! The front door: [`Encoder`] (a package's tokenizer and prompt procedure, no ONNX Runtime needed)
 //! and [`Embedder`] (an encoder, a [`Model`] and a [`PrefixCache`]), which embeds documents and
-//! few-shot queries through the batch driver ([`crate::driver`]).
+//! few-shot queries through the batch driver ([`crate::engine::run`]).
 
 use std::path::{Path, PathBuf};
 
 use ndarray::Array2;
 
-use crate::driver::{BatchLimits, Batches, Finished};
+use crate::backend::runtime::Device;
+use crate::backend::{Model, ModelOptions, Prefix, Variant};
+use crate::engine::run::{BatchLimits, Batches, Finished};
 use crate::error::Result;
-use crate::hub;
-use crate::manifest::Package;
-use crate::model::{Model, ModelOptions, Prefix, Variant};
-use crate::prompt::Example;
-use crate::runtime::Device;
-use crate::tokenize::{QueryPrompt, TextTokenizer};
+use crate::package::hub;
+use crate::package::Package;
+use crate::text::prompt::Example;
+use crate::text::tokenize::{QueryPrompt, TextTokenizer};
 
 /// Tokenization of a package: final token ids for documents and queries, exactly as the
 /// reference computes them.
@@ -396,7 +396,7 @@ impl Embedder {
         let use_prefix = prefix.filter(|p| {
             self.use_prefix_cache
                 && self.model.supports_prefix()
-                && ids.iter().any(|r| crate::driver::continues(r, p))
+                && ids.iter().any(|r| crate::engine::run::continues(r, p))
         });
         let states = match use_prefix {
             Some(p) => Some(self.prefixes.get(&mut self.model, p)?),

@@ -5,8 +5,10 @@
 
 use std::path::PathBuf;
 
-/// Everything that can go wrong while loading a package or embedding text.
+/// Everything that can go wrong while loading a package or embedding text. New kinds may be added,
+/// so a `match` needs a wildcard arm.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// A file of the package or an input could not be read or written.
     #[error("{}: {action}", path.display())]
@@ -66,6 +68,14 @@ pub enum Error {
     /// A text, example or option given by the user is unusable.
     #[error("{what}: {reason}")]
     Input { what: String, reason: String },
+    /// The files a corpus run keeps beside its output (run state, partial rows) are unreadable or
+    /// disagree with each other: left by another version, edited, or damaged.
+    #[error("{}: {reason}", path.display())]
+    RunState { path: PathBuf, reason: String },
+    /// A fault of icl-embed itself (a broken invariant, a panic while running a batch): a bug to
+    /// report, never the caller's input.
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 /// The crate's result type.
@@ -96,6 +106,17 @@ impl Error {
             what: what.into(),
             reason: reason.into(),
         }
+    }
+
+    pub(crate) fn run_state(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
+        Error::RunState {
+            path: path.into(),
+            reason: reason.into(),
+        }
+    }
+
+    pub(crate) fn internal(what: impl Into<String>) -> Self {
+        Error::Internal(what.into())
     }
 
     pub(crate) fn graph(variant: impl Into<String>, reason: impl Into<String>) -> Self {

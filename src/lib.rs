@@ -21,32 +21,26 @@
 //!
 //! How a batch goes through, for callers that batch themselves (a server): token ids from the
 //! [`Encoder`] ([`Encoder::documents`], [`Encoder::queries`] under a [`QueryPrompt`]) -> a plan
-//! under a token budget ([`driver::plan`]) -> a padded [`Batch`] ([`batch::pad`]) ->
+//! under a token budget ([`engine::run::plan`]) -> a padded [`Batch`] ([`engine::batch::pad`]) ->
 //! [`Model::forward`] (on top of a [`Prefix`] for few-shot queries) -> pooled, normalised rows.
-//! [`driver::Batches`] runs that loop; [`Embedder`] and the corpus runner ([`stream`]) use it.
+//! [`engine::Batches`] runs that loop; [`Embedder`] and the corpus runner ([`corpus::run`]) use it.
 
-pub mod batch;
-pub mod driver;
+pub mod backend;
+pub mod corpus;
 mod embedder;
+pub mod engine;
 mod error;
-mod hub;
-pub mod input;
-mod manifest;
-mod model;
-pub mod output;
-mod pooling;
-mod prompt;
-pub mod runtime;
-pub mod stream;
-mod tokenize;
+pub mod package;
+pub mod text;
 
-pub use batch::Batch;
-pub use driver::{BatchLimits, Batches, Finished};
+pub use backend::{
+    auto_cpu_variant, default_cache_dir, Device, Model, ModelOptions, Prefix, Variant,
+};
+pub use corpus::input::read_examples;
 pub use embedder::{Embedder, EmbedderOptions, Encoder, PrefixCache, PrefixStats};
+pub use engine::{Batch, BatchLimits, Batches, Finished};
 pub use error::{Error, Result};
-pub use hub::{is_repo_id, locate};
-pub use manifest::{Architecture, Manifest, Package, Stamps, VariantSpec, MANIFEST_FILE};
-pub use model::{auto_cpu_variant, default_cache_dir, Model, ModelOptions, Prefix, Variant};
-pub use prompt::Example;
-pub use runtime::Device;
-pub use tokenize::{QueryPrompt, TextTokenizer};
+pub use package::{
+    is_repo_id, locate, Architecture, Manifest, Package, Stamps, VariantSpec, MANIFEST_FILE,
+};
+pub use text::{Example, QueryPrompt, TextTokenizer};

@@ -9,10 +9,10 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use icl_embed::input::{self, InputFormat};
-use icl_embed::output::{self, OutputFormat};
-use icl_embed::runtime;
-use icl_embed::stream::{self, Progress, RunOptions, RunSettings, Shard, Source};
+use icl_embed::backend::runtime;
+use icl_embed::corpus::input::{self, InputFormat};
+use icl_embed::corpus::output::{self, OutputFormat};
+use icl_embed::corpus::run::{self as stream, Progress, RunOptions, RunSettings, Shard, Source};
 use icl_embed::{
     Device, Embedder, EmbedderOptions, Encoder, Example, Package, PrefixStats, QueryPrompt, Stamps,
     Variant,

@@ -9,8 +9,8 @@ use std::path::Path;
 
 use common::*;
 use icl_embed::{
-    batch, driver, Device, Embedder, EmbedderOptions, Encoder, Error, Model, ModelOptions, Package,
-    Variant,
+    engine::batch, engine::run as driver, Device, Embedder, EmbedderOptions, Encoder, Error, Model,
+    ModelOptions, Package, Variant,
 };
 
 fn options(variant: Variant) -> EmbedderOptions {
@@ -45,7 +45,7 @@ fn edit_manifest(pkg: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
 
 fn sci_fact() -> (String, Vec<icl_embed::Example>) {
     let task = "Given a scientific claim, retrieve documents that support or refute the claim";
-    let examples = icl_embed::input::read_examples(&data_dir().join("MTEB/SciFact.json")).unwrap();
+    let examples = icl_embed::read_examples(&data_dir().join("MTEB/SciFact.json")).unwrap();
     (task.to_string(), examples)
 }
 

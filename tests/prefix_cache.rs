@@ -102,18 +102,17 @@ fn cache_matches_full_computation_on_an_eighth_of_the_mteb_tasks_smollm2_int8() 
 #[test]
 fn cache_stops_before_tokens_the_query_changes() {
     let Some(f) = fixtures() else { return };
-    let examples: Vec<Example> =
-        icl_embed::input::read_examples(&data_dir().join("MTEB/SciFact.json"))
-            .unwrap()
-            .into_iter()
-            .map(|e| Example {
-                instruct: Some(
-                    "Given a scientific claim, retrieve documents that support or refute the claim"
-                        .into(),
-                ),
-                ..e
-            })
-            .collect();
+    let examples: Vec<Example> = icl_embed::read_examples(&data_dir().join("MTEB/SciFact.json"))
+        .unwrap()
+        .into_iter()
+        .map(|e| Example {
+            instruct: Some(
+                "Given a scientific claim, retrieve documents that support or refute the claim"
+                    .into(),
+            ),
+            ..e
+        })
+        .collect();
     let texts = [
         "\n\nstarts with blank lines",
         "   starts with spaces",
@@ -164,7 +163,7 @@ fn cache_stops_before_tokens_the_query_changes() {
 fn rows_that_do_not_start_with_the_prefix_fall_back() {
     let Some(f) = fixtures() else { return };
     let task = "Given a scientific claim, retrieve documents that support or refute the claim";
-    let examples = icl_embed::input::read_examples(&data_dir().join("MTEB/SciFact.json")).unwrap();
+    let examples = icl_embed::read_examples(&data_dir().join("MTEB/SciFact.json")).unwrap();
     let texts = [
         "Aspirin lowers the risk of colorectal cancer.",
         "what causes tides",

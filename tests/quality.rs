@@ -36,7 +36,7 @@ fn int8_matches_fp32_on_every_shared_text_smollm2() {
     for path in std::fs::read_dir(data_dir().join("MTEB")).unwrap() {
         let path = path.unwrap().path();
         passages.extend(
-            icl_embed::input::read_examples(&path)
+            icl_embed::read_examples(&path)
                 .unwrap()
                 .into_iter()
                 .map(|e| e.response),

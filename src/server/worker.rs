@@ -16,9 +16,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{anyhow, Context, Result};
-use icl_embed::driver::{self, plan_cost};
+use icl_embed::engine::run::{self as driver, plan_cost};
 use icl_embed::{
-    batch, input, Device, Embedder, EmbedderOptions, Encoder, Example, Prefix, QueryPrompt, Variant,
+    corpus::input, engine::batch, Device, Embedder, EmbedderOptions, Encoder, Example, Prefix,
+    QueryPrompt, Variant,
 };
 use tokio::sync::{mpsc, oneshot};
 

@@ -338,7 +338,7 @@ pub fn mteb_tasks() -> Vec<Task> {
                     panic!("no instruction for {name} in tests/data/mteb_instructions.json")
                 })
                 .to_string();
-            let examples = icl_embed::input::read_examples(path).unwrap();
+            let examples = icl_embed::read_examples(path).unwrap();
             assert!(!examples.is_empty(), "{name}: no examples");
             let queries = examples.iter().rev().map(|e| e.query.clone()).collect();
             Task {

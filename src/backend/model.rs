@@ -11,11 +11,11 @@ use ndarray::Array2;
 use ort::session::{HasSelectedOutputs, OutputSelector, RunOptions, Session, SessionInputValue};
 use ort::value::{DynValue, Tensor, TensorElementType, ValueType};
 
-use crate::batch::{self, Batch};
+use crate::backend::pooling;
+use crate::backend::runtime::{self, Device, GraphShape, SessionSettings, TensorRtSettings};
+use crate::engine::batch::{self, Batch};
 use crate::error::{Error, Result};
-use crate::manifest::{Manifest, Package, Stamps, StartStatesSpec, VariantSpec};
-use crate::pooling;
-use crate::runtime::{self, Device, GraphShape, SessionSettings, TensorRtSettings};
+use crate::package::{Manifest, Package, Stamps, StartStatesSpec, VariantSpec};
 
 /// Which graph of a package to run.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
@@ -521,7 +521,7 @@ impl Model {
                      (architecture.sliding_window in {}): the exported graphs attend to every \
                      earlier token, so it would not be embedded as the reference embeds it; \
                      shorten it or lower --max-length",
-                    self.dir.join(crate::manifest::MANIFEST_FILE).display()
+                    self.dir.join(crate::package::MANIFEST_FILE).display()
                 ),
             )),
             _ => Ok(()),

@@ -8,8 +8,8 @@
 use std::path::Path;
 
 use crate::error::{Error, Result};
-use crate::manifest::{PromptTemplate, SpecialTokens};
-use crate::prompt::Example;
+use crate::package::{PromptTemplate, SpecialTokens};
+use crate::text::prompt::Example;
 
 /// The package's tokenizer plus the special-token and clean-up conventions transformers applies.
 pub struct TextTokenizer {

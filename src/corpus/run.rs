@@ -25,11 +25,11 @@ use ndarray::{Array2, ArrayView1};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::corpus::input::{is_blank, parse_json_record, InputFormat};
+use crate::corpus::output::{npy_header, OutputFormat};
 use crate::embedder::Embedder;
 use crate::error::{Error, Result};
-use crate::input::{is_blank, parse_json_record, InputFormat};
-use crate::output::{npy_header, OutputFormat};
-use crate::tokenize::QueryPrompt;
+use crate::text::tokenize::QueryPrompt;
 
 /// `--shard K/N`: this run takes the records whose index is K modulo N.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -174,7 +174,7 @@ pub struct RunSettings {
     pub device: String,
     pub queries: bool,
     pub task: Option<String>,
-    pub examples: Vec<crate::prompt::Example>,
+    pub examples: Vec<crate::text::prompt::Example>,
     pub max_length: Option<usize>,
     pub batch_tokens: usize,
     pub max_rows: usize,
@@ -520,10 +520,7 @@ fn run_inner(embedder: &mut Embedder, options: RunOptions<'_>, paths: &Paths) ->
             }
         }
         if finished_rows != chunk.len() {
-            return Err(Error::input(
-                "internal",
-                "a batch of the chunk was not embedded",
-            ));
+            return Err(Error::internal("a batch of the chunk was not embedded"));
         }
 
         // Commit the chunk: rows in input order, skipped lines, then the state.
@@ -542,7 +539,7 @@ fn run_inner(embedder: &mut Embedder, options: RunOptions<'_>, paths: &Paths) ->
                 &mut skipped_bytes,
                 &serde_json::json!({"line": inv.line, "reason": inv.reason}),
             )
-            .map_err(|e| Error::input("skipped list", e.to_string()))?;
+            .map_err(|e| Error::internal(format!("cannot encode a skipped line: {e}")))?;
             skipped_bytes.push(b'\n');
         }
         write_at_end(&mut skipped_file, &paths.skipped, &skipped_bytes)?;
@@ -664,8 +661,8 @@ fn hex(bytes: &[u8]) -> String {
 fn load_state(paths: &Paths) -> Result<Option<State>> {
     match std::fs::read(&paths.state) {
         Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
-            Error::input(
-                paths.state.display().to_string(),
+            Error::run_state(
+                &paths.state,
                 format!(
                     "unreadable run state ({e}); remove {}* to start over",
                     paths.partial.display()
@@ -674,8 +671,8 @@ fn load_state(paths: &Paths) -> Result<Option<State>> {
         }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             if paths.partial.exists() {
-                return Err(Error::input(
-                    paths.partial.display().to_string(),
+                return Err(Error::run_state(
+                    &paths.partial,
                     "exists without its run state; remove it to start over",
                 ));
             }
@@ -688,7 +685,8 @@ fn load_state(paths: &Paths) -> Result<Option<State>> {
 /// Writes the state to a temporary file and renames it over the old one.
 fn save_state(paths: &Paths, state: &State) -> Result<()> {
     let tmp = paths.state.with_extension("json.tmp");
-    let bytes = serde_json::to_vec(state).map_err(|e| Error::input("run state", e.to_string()))?;
+    let bytes = serde_json::to_vec(state)
+        .map_err(|e| Error::internal(format!("cannot encode the run state: {e}")))?;
     std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, "cannot write the run state", e))?;
     std::fs::rename(&tmp, &paths.state)
         .map_err(|e| Error::io(&paths.state, "cannot write the run state", e))
@@ -707,7 +705,7 @@ fn open_truncated(path: &Path, len: u64) -> Result<File> {
         .map_err(|e| Error::io(path, "cannot stat", e))?
         .len();
     if have < len {
-        return Err(Error::input(path.display().to_string(), format!("is shorter ({have} bytes) than the run state records ({len}); remove the run's files to start over")));
+        return Err(Error::run_state(path, format!("is shorter ({have} bytes) than the run state records ({len}); remove the run's files to start over")));
     }
     file.set_len(len)
         .map_err(|e| Error::io(path, "cannot truncate", e))?;
@@ -782,10 +780,10 @@ fn encode_row(
             row.insert(
                 "embedding".into(),
                 serde_json::to_value(values)
-                    .map_err(|e| Error::input("embedding", e.to_string()))?,
+                    .map_err(|e| Error::internal(format!("cannot encode an embedding: {e}")))?,
             );
             serde_json::to_writer(&mut *out, &row)
-                .map_err(|e| Error::input("embedding", e.to_string()))?;
+                .map_err(|e| Error::internal(format!("cannot encode an embedding: {e}")))?;
             out.push(b'\n');
         }
     }

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use hf_hub::{Cache, Repo, RepoType};
 
 use crate::error::{Error, Result};
-use crate::manifest::{Manifest, MANIFEST_FILE};
+use crate::package::{Manifest, MANIFEST_FILE};
 
 /// Whether `spec` names a hub repository rather than a directory: `owner/name` or
 /// `owner/name@revision`, and no such path exists here.

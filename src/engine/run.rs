@@ -1,5 +1,5 @@
 //! The one way through for token ids: plan batches under a token budget ([`plan`]), pad each
-//! ([`crate::batch::pad`]), run it on the model, on top of a prefix's states for the rows that
+//! ([`crate::engine::batch::pad`]), run it on the model, on top of a prefix's states for the rows that
 //! start with the prefix and in full for the others ([`run_rows`]), and hand back each finished
 //! batch ([`Batches`]). `embed_documents`, `embed_queries`, the corpus runner and a server all go
 //! through here.
@@ -8,9 +8,9 @@ use std::collections::HashMap;
 
 use ndarray::{Array2, Axis};
 
-use crate::batch;
+use crate::backend::{Model, Prefix};
+use crate::engine::batch;
 use crate::error::Result;
-use crate::model::{Model, Prefix};
 
 /// Limits of one batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,7 +25,7 @@ impl BatchLimits {
     /// 512 tokens on the CPU, 16384 on a GPU; 64 rows. On the CPU a 512-token batch already keeps
     /// the GEMMs busy: slice7b and smollm2 embed as fast as with 4096, and the activations, which
     /// grow with the batch, take less memory (slice7b int8 documents: peak RSS 977 -> 705 MiB,
-    /// with [`crate::runtime::session`]'s memory pattern off; BENCHMARKS.md).
+    /// with [`crate::backend::runtime::session`]'s memory pattern off; BENCHMARKS.md).
     pub fn default_for(device: crate::Device) -> BatchLimits {
         BatchLimits {
             tokens: if device.is_gpu() { 16384 } else { 512 },

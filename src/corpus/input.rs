@@ -6,7 +6,7 @@ use std::io::Read;
 use std::path::Path;
 
 use crate::error::{Error, Result};
-use crate::prompt::Example;
+use crate::text::prompt::Example;
 
 /// How an input file is laid out (`auto`, `text` or `jsonl`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -5,7 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::manifest::PromptTemplate;
+use crate::package::PromptTemplate;
 
 /// One few-shot example: a query and the response the model should imitate.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,0 +1,9 @@
+//! ONNX Runtime: the shared library and execution providers ([`runtime`]), and one variant of a
+//! package as a session checked against the graph contract, with its forward pass ([`Model`]).
+
+mod model;
+pub(crate) mod pooling;
+pub mod runtime;
+
+pub use model::*;
+pub use runtime::Device;
