@@ -18,6 +18,13 @@ fi
 stage "rust build"
 cargo build --quiet --all-targets
 cargo test --quiet --no-run
+stage "rust lint"
+cargo fmt --check
+cargo clippy --quiet --all-targets -- -D warnings
+# The library alone (a program that embeds takes it without the CLI and server crates).
+cargo build --quiet --no-default-features --lib
+RUSTDOCFLAGS="-D rustdoc::broken_intra_doc_links -D rustdoc::private_intra_doc_links" \
+  cargo doc --quiet --no-deps --lib
 stage "fixtures"
 fixtures=$(bash tests/fixtures.sh)  # a failing fixture build stops here (set -e)
 eval "$fixtures"
