@@ -259,3 +259,47 @@ fn progress_bar(quiet: bool) -> Option<indicatif::ProgressBar> {
     bar.set_style(style);
     Some(bar)
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::super::{Cli, Command};
+
+    fn parse(extra: &[&str]) -> Result<super::EmbedArgs, clap::Error> {
+        let base = [
+            "icl-embed",
+            "embed",
+            "--model",
+            "m",
+            "--input",
+            "i",
+            "--output",
+            "o.npy",
+        ];
+        match Cli::try_parse_from([&base[..], extra].concat())?.command {
+            Command::Embed(a) => Ok(a),
+            _ => panic!("not embed"),
+        }
+    }
+
+    #[test]
+    fn embed_takes_the_shared_runtime_flags() {
+        let a = parse(&["--batch-tokens", "64", "--max-batch", "2", "--threads", "1"]).unwrap();
+        let o = a.runtime.options(Some(100));
+        assert_eq!(
+            (o.batch_tokens, o.max_rows, o.threads),
+            (Some(64), 2, Some(1))
+        );
+        assert_eq!(o.max_length, Some(100));
+        let a = parse(&["--max-batch-tokens", "64"]).unwrap();
+        assert_eq!(a.runtime.batch_tokens, Some(64));
+    }
+
+    #[test]
+    fn no_prefix_cache_needs_queries_in_embed() {
+        let err = parse(&["--no-prefix-cache"]).err().expect("refused");
+        assert!(err.to_string().contains("--queries"), "{err}");
+        assert!(parse(&["--no-prefix-cache", "--queries"]).is_ok());
+    }
+}

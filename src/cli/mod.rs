@@ -50,3 +50,45 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Serve(args) => crate::server::run(args),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[cfg(feature = "serve")]
+    #[test]
+    fn serve_takes_the_shared_runtime_flags_and_its_old_names() {
+        let parse = |extra: &[&str]| {
+            let args = [&["icl-embed", "serve", "--model", "m"][..], extra].concat();
+            match Cli::try_parse_from(args).map(|c| c.command) {
+                Ok(Command::Serve(a)) => a.runtime,
+                Ok(_) => panic!("not serve"),
+                Err(e) => panic!("{e}"),
+            }
+        };
+        let old = parse(&["--max-batch-tokens", "100", "--max-batch-rows", "3"]);
+        let new = parse(&["--batch-tokens", "100", "--max-batch", "3"]);
+        for r in [&old, &new] {
+            assert_eq!((r.batch_tokens, r.max_batch), (Some(100), 3));
+        }
+        let r = parse(&[
+            "--device",
+            "cuda:1",
+            "--variant",
+            "w8a8",
+            "--no-prefix-cache",
+        ]);
+        assert_eq!(r.device, icl_embed::Device::Cuda(1));
+        assert_eq!(r.variant, icl_embed::Variant::Other("w8a8".into()));
+        let options = r.options(None);
+        assert!(!options.prefix_cache && options.max_rows == 64);
+        let bad = ["icl-embed", "serve", "--model", "m", "--device", "gpu"];
+        assert!(Cli::try_parse_from(bad).is_err());
+    }
+}
