@@ -13,7 +13,7 @@
 //! alone, so the batches of a resumed run are exactly those of an uninterrupted one. The run is a
 //! loop over chunks ([`reader::Chunks`](crate::corpus::reader::Chunks)); each chunk goes through
 //! the batch driver ([`crate::Embedder::batches`]) and is committed to the run's journal
-//! ([`journal`](crate::corpus::journal)).
+//! (`journal.rs`).
 //!
 //! Ids (`--id-field`) are checked for duplicates exactly: every id seen is kept, so memory grows
 //! with the ids, about their length plus 60 bytes each (some 100 MB for 1.5 million 10-byte ids).
