@@ -1,11 +1,14 @@
-//! What `icl-embed serve` is told: the command-line options and the task presets of `--tasks`
-//! (read here, validated against the model's prompt when the worker loads it).
+//! What `icl-embed serve` is told: the command-line options (the runtime ones shared with `embed`,
+//! [`RuntimeArgs`]) and the task presets of `--tasks` (read here, validated against the model's
+//! prompt when the worker loads it).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
+
+use crate::cli::runtime::RuntimeArgs;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct ServeArgs {
@@ -26,13 +29,9 @@ pub struct ServeArgs {
     /// Require `Authorization: Bearer KEY` on every route but /health.
     #[arg(long)]
     pub api_key: Option<String>,
-    /// Token budget of one batch, rows x padded length (default 512 on CPU, 16384 on GPU);
-    /// requests are batched together up to it.
-    #[arg(long)]
-    pub max_batch_tokens: Option<usize>,
-    /// Most rows in one batch.
-    #[arg(long, default_value_t = 64)]
-    pub max_batch_rows: usize,
+    // Where and how the model runs, and the batches: the options `embed` has.
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
     /// Requests handled at once; one more is answered 429.
     #[arg(long, default_value_t = 512)]
     pub max_concurrent_requests: usize,
@@ -46,24 +45,6 @@ pub struct ServeArgs {
     /// would not fit is computed with every query instead.
     #[arg(long, default_value_t = 1 << 30)]
     pub prefix_cache_bytes: usize,
-    /// Compute every query in full (for comparison).
-    #[arg(long)]
-    pub no_prefix_cache: bool,
-    /// cpu, cuda[:N], tensorrt[:N] or auto.
-    #[arg(long, default_value = "auto")]
-    pub device: String,
-    /// fp32, fp16, int8, w8a8 or auto (fp16 on GPU, int8 on CPU).
-    #[arg(long, default_value = "auto")]
-    pub variant: String,
-    /// Intra-op threads of the model (default: one per core).
-    #[arg(long)]
-    pub threads: Option<usize>,
-    /// ONNX Runtime library (default: as `embed` finds it).
-    #[arg(long)]
-    pub ort_lib: Option<PathBuf>,
-    /// Cache directory (TensorRT engines); default $XDG_CACHE_HOME/icl-embed.
-    #[arg(long)]
-    pub cache_dir: Option<PathBuf>,
     /// The model name reported in responses (default: the last part of --model).
     #[arg(long)]
     pub served_model_name: Option<String>,

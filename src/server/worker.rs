@@ -17,10 +17,7 @@ use std::time::Instant;
 
 use anyhow::{anyhow, Context, Result};
 use icl_embed::engine::run::{self as driver, plan_cost};
-use icl_embed::{
-    corpus::input, engine::batch, Device, Embedder, EmbedderOptions, Encoder, Example, Prefix,
-    QueryPrompt, Variant,
-};
+use icl_embed::{corpus::input, engine::batch, Embedder, Encoder, Example, Prefix, QueryPrompt};
 use tokio::sync::{mpsc, oneshot};
 
 use super::config::{ExampleText, ExamplesSource, ServeArgs, TaskPreset, TaskText};
@@ -259,19 +256,8 @@ impl<S> PrefixLru<S> {
 /// Loads the package (a directory or a hub id), ONNX Runtime and the model, and checks every preset
 /// of `--tasks` against the package's prompt.
 pub fn load(args: &ServeArgs, presets: &BTreeMap<String, TaskPreset>) -> Result<(Model, Frontend)> {
-    let device: Device = args.device.parse()?;
-    let variant: Variant = args.variant.parse()?;
-    let options = EmbedderOptions {
-        variant,
-        device,
-        threads: args.threads,
-        batch_tokens: args.max_batch_tokens,
-        max_rows: args.max_batch_rows,
-        max_length: None,
-        ort_lib: args.ort_lib.clone(),
-        cache_dir: args.cache_dir.clone(),
-        prefix_cache: !args.no_prefix_cache && args.prefix_cache_bytes > 0,
-    };
+    let mut options = args.runtime.options(None);
+    options.prefix_cache &= args.prefix_cache_bytes > 0;
     let embedder = Embedder::new(&args.model, &options)?;
     // The handlers' own tokenizer (the package is already open and checked).
     let encoder = Encoder::from_package(embedder.encoder().package().clone())?;

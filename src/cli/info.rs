@@ -1,0 +1,119 @@
+//! `icl-embed info`: what a package holds and which execution providers this machine can run.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use clap::Args;
+use icl_embed::backend::runtime;
+use icl_embed::{Device, Package};
+
+#[derive(Args)]
+pub struct InfoArgs {
+    /// Model package directory; without it only the runtime is described.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    #[arg(long)]
+    ort_lib: Option<PathBuf>,
+}
+
+pub fn run(args: InfoArgs) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    if let Some(dir) = &args.model {
+        describe_package(&mut out, dir)?;
+    }
+    describe_runtime(&mut out, args.ort_lib.as_deref())
+}
+
+fn describe_package(out: &mut impl Write, dir: &Path) -> Result<()> {
+    let package = Package::open(icl_embed::locate(dir)?)?;
+    let m = &package.manifest;
+    writeln!(out, "package {}", package.dir.display())?;
+    writeln!(out, "  source: {}", m.source)?;
+    let a = &m.architecture;
+    writeln!(
+        out,
+        "  architecture: {} layers, hidden {}, {} heads / {} kv heads x {}, vocab {}",
+        a.layers, a.hidden, a.heads, a.kv_heads, a.head_dim, a.vocab
+    )?;
+    writeln!(
+        out,
+        "  max length: queries {}, documents {}",
+        m.max_length.query, m.max_length.document
+    )?;
+    for (name, v) in &m.variants {
+        describe_variant(out, &package, name, v)?;
+    }
+    let (choice, why) = icl_embed::auto_cpu_variant(m);
+    writeln!(
+        out,
+        "  --variant auto on the CPU: {} ({why})",
+        choice.as_deref().unwrap_or("none")
+    )?;
+    Ok(())
+}
+
+fn describe_variant(
+    out: &mut impl Write,
+    package: &Package,
+    name: &str,
+    v: &icl_embed::VariantSpec,
+) -> Result<()> {
+    let bytes: u64 = v
+        .files()
+        .iter()
+        .filter_map(|f| std::fs::metadata(package.path(f)).ok())
+        .map(|md| md.len())
+        .sum();
+    let parity = v
+        .parity
+        .get("min_cosine")
+        .map(|c| format!(", min cosine vs PyTorch {c}"))
+        .unwrap_or_default();
+    writeln!(
+        out,
+        "  variant {name}: {} ({:.1} MiB), inputs {}{parity}",
+        v.dtype,
+        bytes as f64 / (1 << 20) as f64,
+        v.inputs.join(", ")
+    )?;
+    if let Some(start) = &v.start_states {
+        writeln!(
+            out,
+            "    start states: inputs beginning with {:?} run on their fp32 states ({})",
+            start.ids, start.file
+        )?;
+    }
+    Ok(())
+}
+
+fn describe_runtime(out: &mut impl Write, ort_lib: Option<&Path>) -> Result<()> {
+    if let Err(e) = runtime::environment(ort_lib) {
+        writeln!(out, "onnx runtime: not found\n  {e}").context("cannot write")?;
+        return Ok(());
+    }
+    let lib = runtime::loaded_library()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
+    writeln!(out, "onnx runtime: {lib}")?;
+    writeln!(out, "  cpu: available")?;
+    let driver = runtime::cuda_driver_present();
+    for device in [Device::Cuda(0), Device::TensorRt(0)] {
+        let status = match (runtime::provider_compiled_in(device)?, driver) {
+            (false, _) => {
+                "unavailable (not built into this ONNX Runtime library; install onnxruntime-gpu)"
+            }
+            (true, false) => "unavailable (built in, but no NVIDIA driver on this machine)",
+            (true, true) => {
+                "built in, NVIDIA driver present (the device is checked when a session starts)"
+            }
+        };
+        let name = if matches!(device, Device::Cuda(_)) {
+            "cuda"
+        } else {
+            "tensorrt"
+        };
+        writeln!(out, "  {name}: {status}")?;
+    }
+    Ok(())
+}

@@ -1,0 +1,58 @@
+//! The runtime options `embed` and `serve` share: where and how the model runs and how inputs are
+//! batched. Declared once, flattened into both commands.
+
+use std::path::PathBuf;
+
+use clap::Args;
+use icl_embed::{Device, EmbedderOptions, Variant};
+
+#[derive(Args, Debug, Clone)]
+pub struct RuntimeArgs {
+    /// cpu, cuda[:N], tensorrt[:N] or auto (TensorRT, CUDA, CPU: the first this machine can run;
+    /// says which it chose).
+    #[arg(long, default_value = "auto")]
+    pub device: Device,
+    /// fp32, fp16, int8 (or another variant the package has, e.g. w8a8) or auto (fp16 on GPU,
+    /// int8 on CPU).
+    #[arg(long, default_value = "auto")]
+    pub variant: Variant,
+    /// Intra-op threads of the model (default: one per core).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Token budget of one batch, rows x padded length (default 512 on CPU, 16384 on GPU);
+    /// `serve` batches requests together up to it.
+    #[arg(long, alias = "max-batch-tokens")]
+    pub batch_tokens: Option<usize>,
+    /// Most rows in one batch.
+    #[arg(long, alias = "max-batch-rows", default_value_t = 64)]
+    pub max_batch: usize,
+    /// ONNX Runtime library (default: ORT_DYLIB_PATH, the project's .venv, python3's onnxruntime,
+    /// the system).
+    #[arg(long)]
+    pub ort_lib: Option<PathBuf>,
+    /// Cache directory (TensorRT engines, stamps of verified files); default
+    /// $XDG_CACHE_HOME/icl-embed.
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
+    /// Compute every query in full instead of computing the few-shot prefix once and the queries
+    /// on top of its key/value states (for comparison; the cache is on by default).
+    #[arg(long)]
+    pub no_prefix_cache: bool,
+}
+
+impl RuntimeArgs {
+    /// The embedder's options; `max_length` overrides the package's maximum lengths.
+    pub fn options(&self, max_length: Option<usize>) -> EmbedderOptions {
+        EmbedderOptions {
+            variant: self.variant.clone(),
+            device: self.device,
+            threads: self.threads,
+            batch_tokens: self.batch_tokens,
+            max_rows: self.max_batch,
+            max_length,
+            ort_lib: self.ort_lib.clone(),
+            cache_dir: self.cache_dir.clone(),
+            prefix_cache: !self.no_prefix_cache,
+        }
+    }
+}
