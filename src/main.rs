@@ -241,17 +241,16 @@ fn embed(args: EmbedArgs) -> Result<()> {
     if args.text.input != "-" && !Path::new(&args.text.input).is_file() {
         bail!("input {}: no such file", args.text.input);
     }
-    let options = EmbedderOptions {
-        variant: args.variant.clone(),
-        device: args.device,
-        threads: args.threads,
-        batch_tokens: args.batch_tokens,
-        max_rows: args.max_batch,
-        max_length: args.text.max_length,
-        ort_lib: args.ort_lib.clone(),
-        cache_dir: args.cache_dir.clone(),
-        prefix_cache: !args.no_prefix_cache,
-    };
+    let options = EmbedderOptions::default()
+        .variant(args.variant.clone())
+        .device(args.device)
+        .threads(args.threads)
+        .batch_tokens(args.batch_tokens)
+        .max_rows(args.max_batch)
+        .max_length(args.text.max_length)
+        .ort_lib(args.ort_lib.clone())
+        .cache_dir(args.cache_dir.clone())
+        .prefix_cache(!args.no_prefix_cache);
     let examples = match &args.text.examples {
         Some(path) => input::read_examples(path)?,
         None => Vec::new(),

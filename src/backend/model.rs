@@ -19,6 +19,7 @@ use crate::package::{Manifest, Package, Stamps, StartStatesSpec, VariantSpec};
 
 /// Which graph of a package to run.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
 pub enum Variant {
     /// The device's preference among those the package has: fp16 then fp32 on a GPU, int8 then
     /// fp32 on the CPU.
@@ -152,8 +153,10 @@ impl FromStr for Variant {
     }
 }
 
-/// How to load a [`Model`].
+/// How to load a [`Model`]: [`ModelOptions::default`] with the setters
+/// (`ModelOptions::default().variant(Variant::Fp32).threads(Some(2))`) or fields assigned.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct ModelOptions {
     pub variant: Variant,
     pub device: Device,
@@ -182,6 +185,23 @@ impl Default for ModelOptions {
         }
     }
 }
+
+setters!(ModelOptions {
+    /// Sets the variant.
+    variant: Variant,
+    /// Sets the device.
+    device: Device,
+    /// Sets the intra-op threads.
+    threads: Option<usize>,
+    /// Sets the ONNX Runtime library.
+    ort_lib: Option<PathBuf>,
+    /// Sets the cache directory.
+    cache_dir: Option<PathBuf>,
+    /// Sets the most rows the TensorRT profile covers.
+    max_rows: usize,
+    /// Sets the most tokens (rows x padded length) the TensorRT profile covers.
+    batch_tokens: usize,
+});
 
 /// `$XDG_CACHE_HOME/icl-embed`, else `~/.cache/icl-embed`.
 pub fn default_cache_dir() -> PathBuf {

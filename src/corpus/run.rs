@@ -491,7 +491,6 @@ fn run_inner(embedder: &mut Embedder, options: RunOptions<'_>, paths: &Paths) ->
         let mut rows = Array2::<f32>::zeros((chunk.len(), hidden));
         let (mut finished_rows, mut chunk_tokens) = (0, 0);
         let mut batches = embedder.batches(&ids, prefix.as_deref())?.resume(done);
-        let mut counted = Vec::new();
         for finished in batches.by_ref() {
             let f = finished?;
             for (&r, v) in f.rows.iter().zip(f.vectors.rows()) {
@@ -511,14 +510,8 @@ fn run_inner(embedder: &mut Embedder, options: RunOptions<'_>, paths: &Paths) ->
                 items: state.committed.rows + finished_rows,
                 tokens: state.committed.tokens + chunk_tokens,
             });
-            counted.push((f.rows.len(), f.on_prefix));
         }
         drop(batches);
-        if prefix.is_some() {
-            for (rows, on_prefix) in counted {
-                embedder.count_rows(rows, on_prefix);
-            }
-        }
         if finished_rows != chunk.len() {
             return Err(Error::internal("a batch of the chunk was not embedded"));
         }

@@ -25,9 +25,9 @@ use serde_json::{json, Map, Value};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use super::config::{ExampleText, TaskText};
+use super::frontend::{Frontend, Prompt, Refusal};
 use super::metrics::Metrics;
 use super::queue::Entry;
-use super::worker::{Frontend, Prompt, Refusal};
 
 /// Limits from the command line that the handlers enforce.
 #[derive(Debug, Clone, Copy)]
@@ -123,6 +123,20 @@ impl ApiError {
         ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", message)
     }
 
+    /// A request the model could not embed: the caller's input (422) or the server's fault (500),
+    /// by the error's kind.
+    fn failed(error: &icl_embed::Error) -> ApiError {
+        let message = format!("inference failed: {}", chain(error));
+        match error.is_input() {
+            true => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_request_error",
+                message,
+            ),
+            false => ApiError::internal(message),
+        }
+    }
+
     /// "input[3]: why", or the message alone.
     fn text(&self) -> String {
         match (&self.field, self.index) {
@@ -187,7 +201,7 @@ async fn count(State(s): State<Shared>, req: Request, next: Next) -> Response {
 }
 
 /// A handler that panics answers 500 in JSON instead of dropping the connection; the server goes
-/// on (the worker has its own guard, see `worker::embed_rows`).
+/// on (a panicking batch is the engine's to catch: it fails that batch's rows only).
 async fn catch_panic(req: Request, next: Next) -> Response {
     let path = req.uri().path().to_string();
     match tokio::spawn(next.run(req)).await {
@@ -240,6 +254,17 @@ async fn concurrency(State(s): State<Shared>, req: Request, next: Next) -> Respo
     let response = next.run(req).await;
     drop(permit);
     response
+}
+
+/// An error and its sources, "a: b: c".
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(s) = source {
+        text.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    text
 }
 
 // --- request parsing -----------------------------------------------------------------------------
@@ -579,7 +604,7 @@ async fn embed(
     s.queue.send(entry).map_err(|_| unavailable())?;
     match rx.await {
         Ok(Ok(rows)) => Ok(rows),
-        Ok(Err(why)) => Err(ApiError::internal(why)),
+        Ok(Err(error)) => Err(ApiError::failed(&error)),
         Err(_) => Err(unavailable()),
     }
 }
