@@ -441,7 +441,7 @@ impl Model {
     /// Pooled (last token), normalised (when the package says so) rows of one padded batch, one
     /// row of the result per row of the batch. With `prefix`, every row continues it: the batch
     /// holds the rows' ids after the prefix, positions continuing from its length
-    /// ([`Batch::suffixes`]).
+    /// ([`Batch::without_first`], [`Batch::offset_positions`]).
     pub fn forward(&mut self, batch: &Batch, prefix: Option<&Prefix>) -> Result<Array2<f32>> {
         let shifted;
         let (batch, prefix) = match (prefix, &self.start) {
