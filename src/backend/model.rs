@@ -451,31 +451,8 @@ impl Model {
             }
             _ => (batch, prefix),
         };
-        let before = prefix.map_or(0, |p| p.ids.len());
-        for (i, &len) in batch.lengths.iter().enumerate() {
-            if len == 0 {
-                return Err(Error::input(
-                    format!("row {i} of the batch"),
-                    "has no tokens to pool (an empty text in a package whose tokenizer adds no special tokens)",
-                ));
-            }
-            self.check_tokens(before + len, &format!("row {i} of the batch"))?;
-        }
-        let no_names = Vec::new();
-        let (names, states): (&Vec<(String, String)>, &[DynValue]) = match (&self.past, prefix) {
-            (Some(layout), Some(p)) => (&layout.names, &p.states),
-            (Some(layout), None) => (&layout.names, &layout.empty),
-            (None, Some(_)) => {
-                return Err(Error::input(
-                    "prefix cache",
-                    format!(
-                        "the {} variant's graph takes no prefix states",
-                        self.variant
-                    ),
-                ))
-            }
-            (None, None) => (&no_names, &[]),
-        };
+        self.check_rows(batch, prefix)?;
+        let (names, states) = past_inputs(self.past.as_ref(), prefix, &self.variant)?;
         let (rows, seq) = (batch.rows.len(), batch.seq);
         let feed = feed_inputs(&self.inputs, batch, names, states)?;
         let outputs = self
@@ -485,39 +462,7 @@ impl Model {
                 "inference failed on a batch of {rows} x {seq}"
             )))?;
         let value = &outputs[self.output.as_str()];
-        let expect = [rows as i64, seq as i64, self.hidden as i64];
-        let bad_shape = |got: &[i64]| {
-            Error::graph(
-                &self.variant,
-                format!("output shape {got:?}, expected {expect:?}"),
-            )
-        };
-        let mut pooled = match value.dtype().tensor_type() {
-            Some(TensorElementType::Float32) => {
-                let (s, data) = value
-                    .try_extract_tensor::<f32>()
-                    .map_err(Error::runtime("cannot read the output"))?;
-                if s[..] != expect {
-                    return Err(bad_shape(&s[..]));
-                }
-                pooling::last_token(data, seq, self.hidden, &batch.lengths)
-            }
-            Some(TensorElementType::Float16) => {
-                let (s, data) = value
-                    .try_extract_tensor::<half::f16>()
-                    .map_err(Error::runtime("cannot read the output"))?;
-                if s[..] != expect {
-                    return Err(bad_shape(&s[..]));
-                }
-                pooling::last_token(data, seq, self.hidden, &batch.lengths)
-            }
-            other => {
-                return Err(Error::graph(
-                    &self.variant,
-                    format!("unsupported output element type {other:?}"),
-                ))
-            }
-        };
+        let mut pooled = pool(value, batch, self.hidden, &self.variant)?;
         if pooled.iter().any(|x| !x.is_finite()) {
             return Err(Error::graph(
                 &self.variant,
@@ -528,6 +473,22 @@ impl Model {
             pooling::normalize_rows(&mut pooled);
         }
         Ok(pooled)
+    }
+
+    /// Refuses a batch with a row that has no tokens to pool, or one longer (with the prefix's
+    /// `before` tokens) than the attention window.
+    fn check_rows(&self, batch: &Batch, prefix: Option<&Prefix>) -> Result<()> {
+        let before = prefix.map_or(0, |p| p.ids.len());
+        for (i, &len) in batch.lengths.iter().enumerate() {
+            if len == 0 {
+                return Err(Error::input(
+                    format!("row {i} of the batch"),
+                    "has no tokens to pool (an empty text in a package whose tokenizer adds no special tokens)",
+                ));
+            }
+            self.check_tokens(before + len, &format!("row {i} of the batch"))?;
+        }
+        Ok(())
     }
 
     /// An input error naming `what` when a row of `tokens` tokens (prefix included) is longer
@@ -581,6 +542,60 @@ fn start_states(
         states,
         bytes,
     })
+}
+
+/// `past.*` input names (with their `present.*` outputs) and the states fed to them.
+type PastInputs<'a> = (&'a [(String, String)], &'a [DynValue]);
+
+/// The `past.*` input names and the states fed to them: the prefix's, the empty states when there
+/// is none, nothing for a graph without prefix states.
+fn past_inputs<'a>(
+    past: Option<&'a PastLayout>,
+    prefix: Option<&'a Prefix>,
+    variant: &str,
+) -> Result<PastInputs<'a>> {
+    match (past, prefix) {
+        (Some(layout), Some(p)) => Ok((&layout.names, &p.states)),
+        (Some(layout), None) => Ok((&layout.names, &layout.empty)),
+        (None, Some(_)) => Err(Error::input(
+            "prefix cache",
+            format!("the {variant} variant's graph takes no prefix states"),
+        )),
+        (None, None) => Ok((&[], &[])),
+    }
+}
+
+/// The last real token's hidden state of each row of the graph's output `value`, checked against
+/// the contract (`[rows, seq, hidden]`, fp32 or fp16).
+fn pool(value: &DynValue, batch: &Batch, hidden: usize, variant: &str) -> Result<Array2<f32>> {
+    let expect = [batch.rows.len() as i64, batch.seq as i64, hidden as i64];
+    let check = |got: &[i64]| match got == expect {
+        true => Ok(()),
+        false => Err(Error::graph(
+            variant,
+            format!("output shape {got:?}, expected {expect:?}"),
+        )),
+    };
+    match value.dtype().tensor_type() {
+        Some(TensorElementType::Float32) => {
+            let (s, data) = value
+                .try_extract_tensor::<f32>()
+                .map_err(Error::runtime("cannot read the output"))?;
+            check(&s[..])?;
+            Ok(pooling::last_token(data, batch.seq, hidden, &batch.lengths))
+        }
+        Some(TensorElementType::Float16) => {
+            let (s, data) = value
+                .try_extract_tensor::<half::f16>()
+                .map_err(Error::runtime("cannot read the output"))?;
+            check(&s[..])?;
+            Ok(pooling::last_token(data, batch.seq, hidden, &batch.lengths))
+        }
+        other => Err(Error::graph(
+            variant,
+            format!("unsupported output element type {other:?}"),
+        )),
+    }
 }
 
 /// The session feed: the int64 inputs of `batch`, then each prefix-state input with its value.
