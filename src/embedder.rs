@@ -343,6 +343,11 @@ impl Embedder {
         prefix: Option<&[u32]>,
         each: &mut dyn FnMut(&Finished),
     ) -> Result<Array2<f32>> {
+        // One call, one answer: a text over the window is named before any batch runs.
+        for (i, row) in ids.iter().enumerate() {
+            self.model
+                .check_tokens(row.len(), &format!("text {}", i + 1))?;
+        }
         self.batches(ids, prefix)?.collect_rows(each)
     }
 
@@ -354,12 +359,9 @@ impl Embedder {
         ids: &'a [Vec<u32>],
         prefix: Option<&[u32]>,
     ) -> Result<Batches<'a>> {
-        for (i, row) in ids.iter().enumerate() {
-            self.model
-                .check_tokens(row.len(), &format!("text {}", i + 1))?;
-        }
-        // Rows are counted only where the cache is in use, so that `--no-prefix-cache` reports
-        // nothing.
+        // A row over the attention window fails its batch only (`Model::forward` checks it): a
+        // server's turn holds several requests. Rows are counted only where the cache is in use,
+        // so that `--no-prefix-cache` reports nothing.
         let cache = self.use_prefix_cache && self.model.supports_prefix();
         let counted = prefix.is_some() && cache;
         let used = prefix.filter(|p| cache && ids.iter().any(|r| plan::continues(r, p)));
