@@ -137,7 +137,7 @@ impl ApiError {
         }
     }
 
-    /// "input[3]: why", or the message alone.
+    /// `input[3]: why`, or the message alone.
     fn text(&self) -> String {
         match (&self.field, self.index) {
             (Some(f), Some(i)) => format!("{f}[{i}]: {}", self.message),
