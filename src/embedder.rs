@@ -1,14 +1,16 @@
 //! The front door: [`Encoder`] (a package's tokenizer and prompt procedure, no ONNX Runtime needed)
-//! and [`Embedder`] (an encoder, a [`Model`] and a [`PrefixCache`]), which embeds documents and
-//! few-shot queries through the batch driver ([`crate::engine::run`]).
+//! and [`Embedder`] (an encoder, a [`Model`] and a [`PrefixStore`]), which embeds documents and
+//! few-shot queries through the engine loop ([`crate::engine::run`]).
 
 use std::path::{Path, PathBuf};
 
 use ndarray::Array2;
 
 use crate::backend::runtime::Device;
-use crate::backend::{Model, ModelOptions, Prefix, Variant};
-use crate::engine::run::{BatchLimits, Batches, Finished};
+use crate::backend::{Model, ModelOptions, Variant};
+use crate::engine::plan::{self, BatchLimits};
+use crate::engine::prefix::{PrefixStats, PrefixStore};
+use crate::engine::run::{run_rows, Batches, Finished};
 use crate::error::Result;
 use crate::package::hub;
 use crate::package::Package;
@@ -105,8 +107,25 @@ impl Encoder {
     }
 }
 
-/// How to build an [`Embedder`].
+/// Bytes of prefix states an [`Embedder`] keeps by default: one prefix as long as bge-en-icl's
+/// 4096-token attention window in fp32 (32 layers x 2 x 8 kv heads x 128 x 4 bytes = 256 KiB a
+/// token), so a run's one prompt is always kept, and a few shorter ones beside it.
+pub const DEFAULT_PREFIX_CACHE_BYTES: usize = 1 << 30;
+
+/// How to build an [`Embedder`]. Start from [`EmbedderOptions::default`] and set what differs,
+/// with the setters or by assigning fields:
+///
+/// ```
+/// use icl_embed::{Device, EmbedderOptions, Variant};
+///
+/// let options = EmbedderOptions::default().variant(Variant::Fp32).device(Device::Cpu).threads(Some(2));
+/// let mut same = EmbedderOptions::default();
+/// same.variant = Variant::Fp32;
+/// same.threads = Some(2);
+/// assert_eq!(format!("{options:?}"), format!("{same:?}"));
+/// ```
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct EmbedderOptions {
     /// A variant the package has, or `auto`: fp16 on GPU providers, int8 on the CPU, fp32 when the
     /// preferred one is absent.
@@ -129,6 +148,11 @@ pub struct EmbedderOptions {
     /// Compute a few-shot prefix once and embed queries on top of its key/value states, when the
     /// variant's graph supports it (on by default).
     pub prefix_cache: bool,
+    /// Bytes of prefix states kept between calls ([`DEFAULT_PREFIX_CACHE_BYTES`]); a prefix
+    /// larger than this is computed for its call and not kept.
+    pub prefix_cache_bytes: usize,
+    /// Most prefixes kept, besides the byte bound (`None`: only the byte bound).
+    pub prefix_cache_entries: Option<usize>,
 }
 
 impl Default for EmbedderOptions {
@@ -143,83 +167,36 @@ impl Default for EmbedderOptions {
             ort_lib: None,
             cache_dir: None,
             prefix_cache: true,
+            prefix_cache_bytes: DEFAULT_PREFIX_CACHE_BYTES,
+            prefix_cache_entries: None,
         }
     }
 }
 
-/// What the prefix cache did so far.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct PrefixStats {
-    /// Length of the last prefix computed (tokens), and the size of its key/value states.
-    pub prefix_tokens: usize,
-    pub state_bytes: usize,
-    /// Prefixes computed.
-    pub prefixes: usize,
-    /// Queries embedded on top of a cached prefix.
-    pub cached: usize,
-    /// Queries computed in full because their ids do not start with the prefix's (a tokenizer
-    /// merged tokens across the boundary).
-    pub fallback: usize,
-}
-
-/// Prefix states kept for reuse, least recently used out first. The [`Embedder`] keeps one (the
-/// prefix of the last query prompt); a server may keep several, one per (task, examples) pair.
-pub struct PrefixCache {
-    entries: Vec<Prefix>,
-    capacity: usize,
-    stats: PrefixStats,
-}
-
-impl PrefixCache {
-    /// A cache holding at most `capacity` prefixes (at least one).
-    pub fn new(capacity: usize) -> PrefixCache {
-        PrefixCache {
-            entries: Vec::new(),
-            capacity: capacity.max(1),
-            stats: PrefixStats::default(),
-        }
-    }
-
-    /// The states of `ids`, computed on `model` unless kept. When the cache is full the least
-    /// recently used entry goes before the new states are computed.
-    pub fn get(&mut self, model: &mut Model, ids: &[u32]) -> Result<&Prefix> {
-        if let Some(at) = self.entries.iter().position(|p| p.ids() == ids) {
-            let hit = self.entries.remove(at);
-            self.entries.push(hit);
-        } else {
-            if self.entries.len() >= self.capacity {
-                self.entries.remove(0);
-            }
-            let prefix = model.prefix(ids)?;
-            self.stats.prefixes += 1;
-            self.stats.prefix_tokens = ids.len();
-            self.stats.state_bytes = prefix.bytes();
-            self.entries.push(prefix);
-        }
-        Ok(self.entries.last().expect("just pushed"))
-    }
-
-    /// Bytes of key/value states held.
-    pub fn bytes(&self) -> usize {
-        self.entries.iter().map(Prefix::bytes).sum()
-    }
-
-    /// What the cache did so far.
-    pub fn stats(&self) -> &PrefixStats {
-        &self.stats
-    }
-
-    /// Counts the rows of a finished batch (on the prefix, or in full).
-    pub fn count(&mut self, finished: &Finished) {
-        self.count_rows(finished.rows.len(), finished.on_prefix);
-    }
-
-    /// Counts `rows` rows of which `on_prefix` ran on a prefix (the others in full).
-    pub fn count_rows(&mut self, rows: usize, on_prefix: usize) {
-        self.stats.cached += on_prefix;
-        self.stats.fallback += rows - on_prefix;
-    }
-}
+setters!(EmbedderOptions {
+    /// Sets the variant.
+    variant: Variant,
+    /// Sets the device.
+    device: Device,
+    /// Sets the intra-op threads.
+    threads: Option<usize>,
+    /// Sets the token budget of one batch.
+    batch_tokens: Option<usize>,
+    /// Sets the most rows in one batch.
+    max_rows: usize,
+    /// Sets the maximum length overriding the manifest's.
+    max_length: Option<usize>,
+    /// Sets the ONNX Runtime library.
+    ort_lib: Option<PathBuf>,
+    /// Sets the cache directory.
+    cache_dir: Option<PathBuf>,
+    /// Turns the prefix cache on or off.
+    prefix_cache: bool,
+    /// Sets the bytes of prefix states kept.
+    prefix_cache_bytes: usize,
+    /// Sets the most prefixes kept.
+    prefix_cache_entries: Option<usize>,
+});
 
 /// Makes a variant's files present (the hub client for a hub package; nothing for a directory).
 type FetchVariant = dyn FnMut(&str) -> Result<()>;
@@ -250,7 +227,7 @@ pub struct Embedder {
     limits: BatchLimits,
     max_length: Option<usize>,
     use_prefix_cache: bool,
-    prefixes: PrefixCache,
+    prefixes: PrefixStore,
 }
 
 impl Embedder {
@@ -275,15 +252,14 @@ impl Embedder {
             };
         let encoder = Encoder::from_package(package)?;
         let limits = BatchLimits::default_for(options.device);
-        let model_options = ModelOptions {
-            variant: options.variant.clone(),
-            device: options.device,
-            threads: options.threads,
-            ort_lib: options.ort_lib.clone(),
-            cache_dir: options.cache_dir.clone(),
-            max_rows: options.max_rows.max(1),
-            batch_tokens: options.batch_tokens.unwrap_or(limits.tokens),
-        };
+        let model_options = ModelOptions::default()
+            .variant(options.variant.clone())
+            .device(options.device)
+            .threads(options.threads)
+            .ort_lib(options.ort_lib.clone())
+            .cache_dir(options.cache_dir.clone())
+            .max_rows(options.max_rows.max(1))
+            .batch_tokens(options.batch_tokens.unwrap_or(limits.tokens));
         let model = Model::load(encoder.package(), &model_options, &mut fetch)?;
         Ok(Embedder::from_parts(encoder, model, options))
     }
@@ -294,13 +270,13 @@ impl Embedder {
         Embedder {
             encoder,
             model,
-            limits: BatchLimits {
-                tokens: options.batch_tokens.unwrap_or(default.tokens),
-                rows: options.max_rows.max(1),
-            },
+            limits: BatchLimits::new(
+                options.batch_tokens.unwrap_or(default.tokens),
+                options.max_rows,
+            ),
             max_length: options.max_length,
             use_prefix_cache: options.prefix_cache,
-            prefixes: PrefixCache::new(1),
+            prefixes: PrefixStore::new(options.prefix_cache_bytes, options.prefix_cache_entries),
         }
     }
 
@@ -367,54 +343,55 @@ impl Embedder {
         prefix: Option<&[u32]>,
         each: &mut dyn FnMut(&Finished),
     ) -> Result<Array2<f32>> {
-        let mut counted = Vec::new();
-        let rows = self.batches(ids, prefix)?.collect_rows(&mut |f| {
-            counted.push((f.rows.len(), f.on_prefix));
-            each(f)
-        })?;
-        if prefix.is_some() {
-            for (rows, on_prefix) in counted {
-                self.prefixes.count_rows(rows, on_prefix);
-            }
+        // One call, one answer: a text over the window is named before any batch runs.
+        for (i, row) in ids.iter().enumerate() {
+            self.model
+                .check_tokens(row.len(), &format!("text {}", i + 1))?;
         }
-        Ok(rows)
+        self.batches(ids, prefix)?.collect_rows(each)
     }
 
-    /// The batch driver over `ids` (see [`Batches`]), with `prefix`'s states computed (or taken
-    /// from the cache) first when the cache applies. Count finished batches with
-    /// [`Embedder::count_rows`] to keep [`Embedder::prefix_stats`] right.
+    /// The engine loop over `ids` (see [`Batches`]), with `prefix`'s states computed (or taken
+    /// from the prefix store) first when the cache applies. Its rows are counted in
+    /// [`Embedder::prefix_stats`] as its batches finish.
     pub fn batches<'a>(
         &'a mut self,
         ids: &'a [Vec<u32>],
         prefix: Option<&[u32]>,
     ) -> Result<Batches<'a>> {
-        for (i, row) in ids.iter().enumerate() {
-            self.model
-                .check_tokens(row.len(), &format!("text {}", i + 1))?;
-        }
-        let pad_id = self.encoder.pad_id();
-        let use_prefix = prefix.filter(|p| {
-            self.use_prefix_cache
-                && self.model.supports_prefix()
-                && ids.iter().any(|r| crate::engine::run::continues(r, p))
-        });
-        let states = match use_prefix {
-            Some(p) => Some(self.prefixes.get(&mut self.model, p)?),
+        // A row over the attention window fails its batch only (`Model::forward` checks it): a
+        // server's turn holds several requests. Rows are counted only where the cache is in use,
+        // so that `--no-prefix-cache` reports nothing.
+        let cache = self.use_prefix_cache && self.model.supports_prefix();
+        let counted = prefix.is_some() && cache;
+        let used = prefix.filter(|p| cache && ids.iter().any(|r| plan::continues(r, p)));
+        let Embedder {
+            encoder,
+            model,
+            limits,
+            prefixes,
+            ..
+        } = self;
+        let held = match used {
+            Some(p) => Some(prefixes.get(p, |ids| model.prefix(ids))?),
             None => None,
         };
-        Ok(Batches::new(
-            &mut self.model,
+        let (pad_id, hidden) = (encoder.pad_id(), model.hidden());
+        let run = move |rows: &[usize]| {
+            let states = held.as_ref().map(|h| prefixes.states(h));
+            let (vectors, on_prefix) = run_rows(model, ids, rows, states, pad_id)?;
+            if counted {
+                prefixes.count_rows(rows.len(), on_prefix);
+            }
+            Ok((vectors, on_prefix))
+        };
+        Ok(Batches::with_runner(
             ids,
-            states,
-            pad_id,
-            self.limits,
+            used,
+            *limits,
+            hidden,
+            Box::new(run),
         ))
-    }
-
-    /// Counts a finished batch's rows in [`Embedder::prefix_stats`]: `on_prefix` of `rows` ran on
-    /// the prefix.
-    pub fn count_rows(&mut self, rows: usize, on_prefix: usize) {
-        self.prefixes.count_rows(rows, on_prefix);
     }
 
     /// What the prefix cache did so far.

@@ -12,7 +12,7 @@
 //! # };
 //! use icl_embed::{Device, Embedder, EmbedderOptions, Variant};
 //!
-//! let options = EmbedderOptions { variant: Variant::Fp32, device: Device::Cpu, ..Default::default() };
+//! let options = EmbedderOptions::default().variant(Variant::Fp32).device(Device::Cpu);
 //! let mut embedder = Embedder::new(pkg, &options)?;
 //! let vectors = embedder.embed_documents(&["a passage", "another passage"])?;
 //! assert_eq!(vectors.nrows(), 2);
@@ -20,10 +20,31 @@
 //! ```
 //!
 //! How a batch goes through, for callers that batch themselves (a server): token ids from the
-//! [`Encoder`] ([`Encoder::documents`], [`Encoder::queries`] under a [`QueryPrompt`]) -> a plan
-//! under a token budget ([`engine::run::plan`]) -> a padded [`Batch`] ([`engine::batch::pad`]) ->
-//! [`Model::forward`] (on top of a [`Prefix`] for few-shot queries) -> pooled, normalised rows.
-//! [`engine::Batches`] runs that loop; [`Embedder`] and the corpus runner ([`corpus::run`]) use it.
+//! [`Encoder`] ([`Encoder::documents`], [`Encoder::queries`] under a [`QueryPrompt`]) -> the engine
+//! ([`engine`]): each row costed ([`engine::plan::cost`]: its length, or on a few-shot prefix its new
+//! tokens weighted by the keys they attend to) and the rows grouped under a token budget
+//! ([`engine::plan::plan`]) -> the prefix's states, computed once and kept in a byte-bounded
+//! [`PrefixStore`] -> each batch padded ([`engine::batch::pad`]) and run by [`Model::forward`] on
+//! top of the prefix ([`engine::run::run_rows`]) -> pooled, normalised rows. [`Batches`] is that
+//! loop: it yields every batch as it finishes, a failing or panicking batch failing its own rows
+//! only, and counts the rows in the store's [`PrefixStats`]. [`Embedder::batches`] starts it;
+//! [`Embedder`]'s methods, the corpus runner ([`corpus::run`]) and the server all go through it.
+
+/// A builder-style setter per field of an option struct (`Options::default().variant(..)`): the
+/// structs are `#[non_exhaustive]`, so outside the crate they are built from their default.
+macro_rules! setters {
+    ($ty:ty { $($(#[$doc:meta])* $field:ident: $t:ty),* $(,)? }) => {
+        impl $ty {
+            $(
+                $(#[$doc])*
+                pub fn $field(mut self, $field: $t) -> Self {
+                    self.$field = $field;
+                    self
+                }
+            )*
+        }
+    };
+}
 
 pub mod backend;
 pub mod corpus;
@@ -37,8 +58,8 @@ pub use backend::{
     auto_cpu_variant, default_cache_dir, Device, Model, ModelOptions, Prefix, Variant,
 };
 pub use corpus::input::read_examples;
-pub use embedder::{Embedder, EmbedderOptions, Encoder, PrefixCache, PrefixStats};
-pub use engine::{Batch, BatchLimits, Batches, Finished};
+pub use embedder::{Embedder, EmbedderOptions, Encoder, DEFAULT_PREFIX_CACHE_BYTES};
+pub use engine::{Batch, BatchLimits, Batches, Failed, Finished, PrefixStats, PrefixStore};
 pub use error::{Error, Result};
 pub use package::{
     is_repo_id, locate, Architecture, Manifest, Package, Stamps, VariantSpec, MANIFEST_FILE,

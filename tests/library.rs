@@ -9,17 +9,15 @@ use std::path::Path;
 
 use common::*;
 use icl_embed::{
-    engine::batch, engine::run as driver, Device, Embedder, EmbedderOptions, Encoder, Error, Model,
-    ModelOptions, Package, Variant,
+    engine::batch, engine::plan, BatchLimits, Device, Embedder, EmbedderOptions, Encoder, Error,
+    Model, ModelOptions, Package, Variant,
 };
 
 fn options(variant: Variant) -> EmbedderOptions {
-    EmbedderOptions {
-        variant,
-        device: Device::Cpu,
-        threads: Some(2),
-        ..EmbedderOptions::default()
-    }
+    EmbedderOptions::default()
+        .variant(variant)
+        .device(Device::Cpu)
+        .threads(Some(2))
 }
 
 fn copy_dir(src: &Path, dst: &Path) {
@@ -69,11 +67,9 @@ fn a_batch_run_by_hand_on_a_prefix_equals_embed_queries() {
     let package = encoder.package().clone();
     let mut model = Model::load(
         &package,
-        &ModelOptions {
-            variant: Variant::Fp32,
-            threads: Some(2),
-            ..ModelOptions::default()
-        },
+        &ModelOptions::default()
+            .variant(Variant::Fp32)
+            .threads(Some(2)),
         &mut |_| Ok(()),
     )
     .unwrap();
@@ -89,11 +85,8 @@ fn a_batch_run_by_hand_on_a_prefix_equals_embed_queries() {
         a.layers * 2 * a.kv_heads * shared.len() * a.head_dim * 4,
         "fp32 states: layers x (key, value) x kv_heads x tokens x head_dim x 4 bytes"
     );
-    let limits = driver::BatchLimits {
-        tokens: 64,
-        rows: 2,
-    };
-    let plan = driver::plan(&ids, Some(shared), limits);
+    let limits = BatchLimits::new(64, 2);
+    let plan = plan::plan(&ids, Some(shared), limits);
     assert!(plan.len() >= 2, "the budget splits three rows: {plan:?}");
     let mut got = ndarray::Array2::<f32>::zeros((texts.len(), model.hidden()));
     for rows in plan {
@@ -209,12 +202,10 @@ fn auto_runs_int8_on_this_cpu_when_only_int8_is_present() {
         .embed_documents(&["hello world"])
         .unwrap();
     for pkg in [&fetched_only, &int8_only] {
-        let auto = EmbedderOptions {
-            variant: Variant::Auto,
-            device: Device::Auto,
-            threads: Some(2),
-            ..EmbedderOptions::default()
-        };
+        let auto = EmbedderOptions::default()
+            .variant(Variant::Auto)
+            .device(Device::Auto)
+            .threads(Some(2));
         let mut embedder = Embedder::new(pkg, &auto).unwrap();
         assert_eq!(embedder.model().device(), Device::Cpu);
         assert_eq!(embedder.model().variant(), "int8");
@@ -235,7 +226,7 @@ fn the_types_a_server_shares_are_send_and_sync_where_it_needs() {
     sync::<icl_embed::QueryPrompt>();
     send::<Model>();
     send::<icl_embed::Prefix>();
-    send::<icl_embed::PrefixCache>();
+    send::<icl_embed::PrefixStore>();
     send::<Embedder>();
     send::<Error>();
     sync::<Error>();

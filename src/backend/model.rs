@@ -1,24 +1,27 @@
-//! One variant of a package on one device: the ONNX Runtime session, the graph contract it was
-//! checked against (inputs, output, prefix states), and [`Model::forward`], which turns a padded
-//! [`Batch`] (optionally continuing a [`Prefix`]) into pooled, normalised rows.
+//! One variant of a package on one device: the variant chosen, the model's construction (the ONNX
+//! Runtime session, checked against the graph contract in `contract.rs`), and the forward pass
+//! (`forward.rs`): [`Model::forward`] turns a padded [`crate::Batch`] (optionally continuing a
+//! [`Prefix`]) into pooled, normalised rows.
 
-use std::borrow::Cow;
 use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
 
-use ndarray::Array2;
-use ort::session::{HasSelectedOutputs, OutputSelector, RunOptions, Session, SessionInputValue};
-use ort::value::{DynValue, Tensor, TensorElementType, ValueType};
+use ort::session::{HasSelectedOutputs, OutputSelector, RunOptions, Session};
+use ort::value::DynValue;
 
-use crate::backend::pooling;
-use crate::backend::runtime::{self, Device, GraphShape, SessionSettings, TensorRtSettings};
-use crate::engine::batch::{self, Batch};
+use crate::backend::runtime::{self, Device, SessionSettings, TensorRtSettings};
 use crate::error::{Error, Result};
-use crate::package::{Manifest, Package, Stamps, StartStatesSpec, VariantSpec};
+use crate::package::{Manifest, Package, Stamps, VariantSpec};
+
+mod contract;
+mod forward;
+
+use contract::{check_graph, graph_shape, past_layout, start_states};
 
 /// Which graph of a package to run.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
 pub enum Variant {
     /// The device's preference among those the package has: fp16 then fp32 on a GPU, int8 then
     /// fp32 on the CPU.
@@ -152,8 +155,10 @@ impl FromStr for Variant {
     }
 }
 
-/// How to load a [`Model`].
+/// How to load a [`Model`]: [`ModelOptions::default`] with the setters
+/// (`ModelOptions::default().variant(Variant::Fp32).threads(Some(2))`) or fields assigned.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct ModelOptions {
     pub variant: Variant,
     pub device: Device,
@@ -182,6 +187,23 @@ impl Default for ModelOptions {
         }
     }
 }
+
+setters!(ModelOptions {
+    /// Sets the variant.
+    variant: Variant,
+    /// Sets the device.
+    device: Device,
+    /// Sets the intra-op threads.
+    threads: Option<usize>,
+    /// Sets the ONNX Runtime library.
+    ort_lib: Option<PathBuf>,
+    /// Sets the cache directory.
+    cache_dir: Option<PathBuf>,
+    /// Sets the most rows the TensorRT profile covers.
+    max_rows: usize,
+    /// Sets the most tokens (rows x padded length) the TensorRT profile covers.
+    batch_tokens: usize,
+});
 
 /// `$XDG_CACHE_HOME/icl-embed`, else `~/.cache/icl-embed`.
 pub fn default_cache_dir() -> PathBuf {
@@ -377,367 +399,6 @@ impl Model {
     pub fn max_tokens(&self) -> Option<usize> {
         self.sliding_window
     }
-
-    /// Computes the key/value states of `ids` as a prefix for later batches.
-    pub fn prefix(&mut self, ids: &[u32]) -> Result<Prefix> {
-        let layout = self.past.as_ref().ok_or_else(|| {
-            Error::input(
-                "prefix cache",
-                format!(
-                    "the {} variant's graph takes no prefix states",
-                    self.variant
-                ),
-            )
-        })?;
-        self.check_tokens(ids.len(), "the few-shot prefix")?;
-        let single = batch::pad(&[ids.to_vec()], &[0], 0);
-        let (single, states) = match &self.start {
-            Some(start) if single.begins_with(&start.ids) => {
-                (single.without_first(start.ids.len()), &start.states[..])
-            }
-            _ => (single, &layout.empty[..]),
-        };
-        let feed = feed_inputs(&self.inputs, &single, &layout.names, states)?;
-        let mut outputs = self.session.run(feed).map_err(Error::runtime(format!(
-            "inference failed on the {}-token prefix",
-            ids.len()
-        )))?;
-        let mut states = Vec::with_capacity(layout.names.len());
-        let mut bytes = 0;
-        for (_, present) in &layout.names {
-            let value = outputs
-                .remove(present.as_str())
-                .ok_or_else(|| Error::graph(&self.variant, format!("no output {present:?}")))?;
-            bytes += value_bytes(&value);
-            states.push(value);
-        }
-        Ok(Prefix {
-            ids: ids.to_vec(),
-            states,
-            bytes,
-        })
-    }
-
-    /// Pooled (last token), normalised (when the package says so) rows of one padded batch, one
-    /// row of the result per row of the batch. With `prefix`, every row continues it: the batch
-    /// holds the rows' ids after the prefix, positions continuing from its length
-    /// ([`Batch::suffixes`]).
-    pub fn forward(&mut self, batch: &Batch, prefix: Option<&Prefix>) -> Result<Array2<f32>> {
-        let shifted;
-        let (batch, prefix) = match (prefix, &self.start) {
-            (None, Some(start)) if batch.begins_with(&start.ids) => {
-                shifted = batch.without_first(start.ids.len());
-                (&shifted, Some(start))
-            }
-            _ => (batch, prefix),
-        };
-        let before = prefix.map_or(0, |p| p.ids.len());
-        for (i, &len) in batch.lengths.iter().enumerate() {
-            if len == 0 {
-                return Err(Error::input(
-                    format!("row {i} of the batch"),
-                    "has no tokens to pool (an empty text in a package whose tokenizer adds no special tokens)",
-                ));
-            }
-            self.check_tokens(before + len, &format!("row {i} of the batch"))?;
-        }
-        let no_names = Vec::new();
-        let (names, states): (&Vec<(String, String)>, &[DynValue]) = match (&self.past, prefix) {
-            (Some(layout), Some(p)) => (&layout.names, &p.states),
-            (Some(layout), None) => (&layout.names, &layout.empty),
-            (None, Some(_)) => {
-                return Err(Error::input(
-                    "prefix cache",
-                    format!(
-                        "the {} variant's graph takes no prefix states",
-                        self.variant
-                    ),
-                ))
-            }
-            (None, None) => (&no_names, &[]),
-        };
-        let (rows, seq) = (batch.rows.len(), batch.seq);
-        let feed = feed_inputs(&self.inputs, batch, names, states)?;
-        let outputs = self
-            .session
-            .run_with_options(feed, &self.pooled_only)
-            .map_err(Error::runtime(format!(
-                "inference failed on a batch of {rows} x {seq}"
-            )))?;
-        let value = &outputs[self.output.as_str()];
-        let expect = [rows as i64, seq as i64, self.hidden as i64];
-        let bad_shape = |got: &[i64]| {
-            Error::graph(
-                &self.variant,
-                format!("output shape {got:?}, expected {expect:?}"),
-            )
-        };
-        let mut pooled = match value.dtype().tensor_type() {
-            Some(TensorElementType::Float32) => {
-                let (s, data) = value
-                    .try_extract_tensor::<f32>()
-                    .map_err(Error::runtime("cannot read the output"))?;
-                if s[..] != expect {
-                    return Err(bad_shape(&s[..]));
-                }
-                pooling::last_token(data, seq, self.hidden, &batch.lengths)
-            }
-            Some(TensorElementType::Float16) => {
-                let (s, data) = value
-                    .try_extract_tensor::<half::f16>()
-                    .map_err(Error::runtime("cannot read the output"))?;
-                if s[..] != expect {
-                    return Err(bad_shape(&s[..]));
-                }
-                pooling::last_token(data, seq, self.hidden, &batch.lengths)
-            }
-            other => {
-                return Err(Error::graph(
-                    &self.variant,
-                    format!("unsupported output element type {other:?}"),
-                ))
-            }
-        };
-        if pooled.iter().any(|x| !x.is_finite()) {
-            return Err(Error::graph(
-                &self.variant,
-                "non-finite values in the embeddings",
-            ));
-        }
-        if self.normalize {
-            pooling::normalize_rows(&mut pooled);
-        }
-        Ok(pooled)
-    }
-
-    /// An input error naming `what` when a row of `tokens` tokens (prefix included) is longer
-    /// than the model's attention window ([`Model::max_tokens`]).
-    pub fn check_tokens(&self, tokens: usize, what: &str) -> Result<()> {
-        match self.sliding_window {
-            Some(w) if tokens > w => Err(Error::input(
-                what,
-                format!(
-                    "is {tokens} tokens, longer than the model's {w}-token attention window \
-                     (architecture.sliding_window in {}): the exported graphs attend to every \
-                     earlier token, so it would not be embedded as the reference embeds it; \
-                     shorten it or lower --max-length",
-                    self.dir.join(crate::package::MANIFEST_FILE).display()
-                ),
-            )),
-            _ => Ok(()),
-        }
-    }
-}
-
-/// Runs the start-state graph of `spec` (no inputs) once: its outputs, in the order of the model's
-/// `past.*` inputs, as the prefix of the ids every input begins with.
-fn start_states(
-    package: &Package,
-    variant: &str,
-    spec: &StartStatesSpec,
-    layout: &PastLayout,
-) -> Result<Prefix> {
-    let path = package.path(&spec.file);
-    let context = format!("cannot read the start states {}", path.display());
-    let env = runtime::environment(None)?;
-    let mut session = Session::builder(env)
-        .map_err(Error::runtime(context.clone()))?
-        .commit_from_file(&path)
-        .map_err(Error::runtime(context.clone()))?;
-    let mut outputs = session
-        .run(Vec::<(Cow<'static, str>, SessionInputValue<'_>)>::new())
-        .map_err(Error::runtime(context))?;
-    let mut states = Vec::with_capacity(layout.names.len());
-    let mut bytes = 0;
-    for (past, _) in &layout.names {
-        let value = outputs.remove(past.as_str()).ok_or_else(|| {
-            Error::graph(variant, format!("{} has no output {past:?}", spec.file))
-        })?;
-        bytes += value_bytes(&value);
-        states.push(value);
-    }
-    Ok(Prefix {
-        ids: spec.ids.clone(),
-        states,
-        bytes,
-    })
-}
-
-/// The session feed: the int64 inputs of `batch`, then each prefix-state input with its value.
-fn feed_inputs<'v>(
-    inputs: &[String],
-    batch: &Batch,
-    past: &[(String, String)],
-    states: &'v [DynValue],
-) -> Result<Vec<(Cow<'static, str>, SessionInputValue<'v>)>> {
-    let shape = [batch.rows.len(), batch.seq];
-    let mut feed: Vec<(Cow<'static, str>, SessionInputValue<'v>)> =
-        Vec::with_capacity(inputs.len() + past.len());
-    for name in inputs {
-        let data = match name.as_str() {
-            "input_ids" => &batch.input_ids,
-            "attention_mask" => &batch.attention_mask,
-            _ => &batch.position_ids,
-        };
-        let tensor = Tensor::from_array((shape, data.clone()))
-            .map_err(Error::runtime(format!("cannot build input {name}")))?;
-        feed.push((Cow::Owned(name.clone()), tensor.into()));
-    }
-    for ((name, _), value) in past.iter().zip(states) {
-        feed.push((Cow::Owned(name.clone()), SessionInputValue::from(value)));
-    }
-    Ok(feed)
-}
-
-/// Bytes held by a tensor value.
-fn value_bytes(value: &DynValue) -> usize {
-    match value.dtype() {
-        ValueType::Tensor { ty, shape, .. } => {
-            let n: i64 = shape.iter().product();
-            n.max(0) as usize * ty.byte_size(1).unwrap_or(4)
-        }
-        _ => 0,
-    }
-}
-
-fn graph_shape(package: &Package, spec: &VariantSpec) -> GraphShape {
-    let a = &package.manifest.architecture;
-    GraphShape {
-        inputs: spec.inputs.clone(),
-        past: spec
-            .prefix_cache
-            .as_ref()
-            .map(|p| p.names(a.layers).into_iter().map(|(i, _)| i).collect())
-            .unwrap_or_default(),
-        kv_heads: a.kv_heads,
-        head_dim: a.head_dim,
-        fp16: spec.dtype == "float16",
-    }
-}
-
-/// Checks the session's inputs and outputs against the manifest; returns the token input names in
-/// graph order and the output name.
-fn check_graph(
-    package: &Package,
-    name: &str,
-    variant: &VariantSpec,
-    session: &Session,
-) -> Result<(Vec<String>, String)> {
-    let past: Vec<String> = match &variant.prefix_cache {
-        Some(spec) => spec
-            .names(package.manifest.architecture.layers)
-            .into_iter()
-            .map(|(input, _)| input)
-            .collect(),
-        None => Vec::new(),
-    };
-    let graph_inputs: Vec<String> = session
-        .inputs()
-        .iter()
-        .map(|i| i.name().to_string())
-        .filter(|n| !past.contains(n))
-        .collect();
-    let mut a: Vec<String> = session
-        .inputs()
-        .iter()
-        .map(|i| i.name().to_string())
-        .collect();
-    let mut b: Vec<String> = variant.inputs.iter().chain(&past).cloned().collect();
-    a.sort();
-    b.sort();
-    if a != b {
-        return Err(Error::package(
-            &package.dir,
-            format!("variant {name}: the graph takes inputs {a:?}, the manifest says {b:?}"),
-        ));
-    }
-    for input in session
-        .inputs()
-        .iter()
-        .filter(|i| !past.iter().any(|p| p == i.name()))
-    {
-        if let ValueType::Tensor { ty, .. } = input.dtype() {
-            if *ty != TensorElementType::Int64 {
-                return Err(Error::package(
-                    &package.dir,
-                    format!(
-                        "variant {name}: input {} is {ty:?}, expected int64",
-                        input.name()
-                    ),
-                ));
-            }
-        }
-    }
-    if !session.outputs().iter().any(|o| o.name() == variant.output) {
-        let have: Vec<&str> = session.outputs().iter().map(|o| o.name()).collect();
-        return Err(Error::package(
-            &package.dir,
-            format!(
-                "variant {name}: the graph has no output {:?} (it has {have:?})",
-                variant.output
-            ),
-        ));
-    }
-    Ok((graph_inputs, variant.output.clone()))
-}
-
-/// The prefix-state layout of a variant whose manifest declares one: checks that the graph has
-/// every `past.*` input and `present.*` output in the declared dtype, and builds the zero-length
-/// states fed to runs without a prefix.
-fn past_layout(
-    package: &Package,
-    name: &str,
-    variant: &VariantSpec,
-    session: &Session,
-) -> Result<Option<PastLayout>> {
-    let Some(spec) = &variant.prefix_cache else {
-        return Ok(None);
-    };
-    let arch = &package.manifest.architecture;
-    let want = match spec.dtype.as_str() {
-        "float32" => TensorElementType::Float32,
-        "float16" => TensorElementType::Float16,
-        other => {
-            return Err(Error::package(
-                &package.dir,
-                format!("variant {name}: prefix_cache dtype {other:?} is not float32 or float16"),
-            ))
-        }
-    };
-    let names = spec.names(arch.layers);
-    let bad = |what: String| Error::package(&package.dir, format!("variant {name}: {what}"));
-    for (input, output) in &names {
-        let i = session
-            .inputs()
-            .iter()
-            .find(|i| i.name() == input)
-            .ok_or_else(|| bad(format!("the graph has no prefix-state input {input:?}")))?;
-        if !matches!(i.dtype(), ValueType::Tensor { ty, .. } if *ty == want) {
-            return Err(bad(format!(
-                "prefix-state input {input:?} is not {}",
-                spec.dtype
-            )));
-        }
-        if !session.outputs().iter().any(|o| o.name() == output) {
-            return Err(bad(format!(
-                "the graph has no prefix-state output {output:?}"
-            )));
-        }
-    }
-    let shape = [1usize, arch.kv_heads, 0, arch.head_dim];
-    let empty = names
-        .iter()
-        .map(|(input, _)| -> Result<DynValue> {
-            let value = match want {
-                TensorElementType::Float16 => {
-                    Tensor::from_array((shape, Vec::<half::f16>::new())).map(|t| t.into_dyn())
-                }
-                _ => Tensor::from_array((shape, Vec::<f32>::new())).map(|t| t.into_dyn()),
-            };
-            value.map_err(Error::runtime(format!("cannot build input {input}")))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    Ok(Some(PastLayout { names, empty }))
 }
 
 #[cfg(test)]

@@ -16,6 +16,7 @@ use crate::error::{Error, Result};
 
 /// Where to run: `cpu`, `cuda[:N]`, `tensorrt[:N]` or `auto`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Device {
     Cpu,
     Cuda(i32),
@@ -105,6 +106,7 @@ impl Device {
 /// engines and timing data (building an engine takes minutes; the cache makes it once per shape
 /// range and machine).
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct TensorRtSettings {
     pub max_batch: usize,
     pub opt_batch: usize,
@@ -115,6 +117,7 @@ pub struct TensorRtSettings {
 
 /// What the TensorRT profile and precision need to know about a graph.
 #[derive(Debug, Clone, Default)]
+#[non_exhaustive]
 pub struct GraphShape {
     /// The int64 `[batch, seq]` inputs.
     pub inputs: Vec<String>,
@@ -142,6 +145,7 @@ impl TensorRtSettings {
 
 /// Everything the session needs besides the graph file.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct SessionSettings {
     pub threads: Option<usize>,
     pub tensorrt: TensorRtSettings,

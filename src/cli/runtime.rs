@@ -43,16 +43,15 @@ pub struct RuntimeArgs {
 impl RuntimeArgs {
     /// The embedder's options; `max_length` overrides the package's maximum lengths.
     pub fn options(&self, max_length: Option<usize>) -> EmbedderOptions {
-        EmbedderOptions {
-            variant: self.variant.clone(),
-            device: self.device,
-            threads: self.threads,
-            batch_tokens: self.batch_tokens,
-            max_rows: self.max_batch,
-            max_length,
-            ort_lib: self.ort_lib.clone(),
-            cache_dir: self.cache_dir.clone(),
-            prefix_cache: !self.no_prefix_cache,
-        }
+        EmbedderOptions::default()
+            .variant(self.variant.clone())
+            .device(self.device)
+            .threads(self.threads)
+            .batch_tokens(self.batch_tokens)
+            .max_rows(self.max_batch)
+            .max_length(max_length)
+            .ort_lib(self.ort_lib.clone())
+            .cache_dir(self.cache_dir.clone())
+            .prefix_cache(!self.no_prefix_cache)
     }
 }

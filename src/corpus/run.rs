@@ -267,7 +267,6 @@ fn embed_chunk(
 ) -> Result<Array2<f32>> {
     let mut rows = Array2::<f32>::zeros((ids.len(), embedder.model().hidden()));
     let mut finished_rows = 0;
-    let mut counted = Vec::new();
     let mut batches = embedder.batches(ids, prefix)?.resume(done);
     for finished in batches.by_ref() {
         let f = finished?;
@@ -279,14 +278,8 @@ fn embed_chunk(
             continue;
         }
         on_batch(&f, finished_rows)?;
-        counted.push((f.rows.len(), f.on_prefix));
     }
     drop(batches);
-    if prefix.is_some() {
-        for (rows, on_prefix) in counted {
-            embedder.count_rows(rows, on_prefix);
-        }
-    }
     if finished_rows != ids.len() {
         return Err(Error::internal("a batch of the chunk was not embedded"));
     }

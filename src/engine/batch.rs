@@ -1,7 +1,5 @@
-//! Batching: inputs are sorted longest first so that rows of similar length share a batch, batches
-//! are cut within a token budget (rows x padded length) where padding plus a per-batch overhead is
-//! least, padded on the right, and every row remembers its input index so results go back in input
-//! order.
+//! Padding: the rows of a planned batch ([`crate::engine::plan`]) right-padded into the graph's
+//! inputs, every row remembering its input index so results go back in input order.
 
 /// One padded batch, ready for the graph.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,46 +66,6 @@ impl Batch {
     }
 }
 
-/// What one more batch costs beyond its padded tokens, in tokens: every run reads all the weights
-/// once and pays the graph's fixed overhead, so a batch is split only where that saves more padding.
-pub const BATCH_OVERHEAD: usize = 64;
-
-/// Groups input indices into batches: longest first (ties keep input order), each batch at most
-/// `max_rows` rows and `rows x longest <= budget` tokens (a single longer row gets a batch alone).
-/// Within those limits the cut points minimise padded tokens plus [`BATCH_OVERHEAD`] per batch, so
-/// a few long rows do not pad a batch of short ones (few-shot queries on a cached prefix vary
-/// several-fold in their new tokens).
-pub fn plan(lengths: &[usize], budget: usize, max_rows: usize) -> Vec<Vec<usize>> {
-    let mut order: Vec<usize> = (0..lengths.len()).collect();
-    order.sort_by(|&a, &b| lengths[b].cmp(&lengths[a]));
-    let n = order.len();
-    // best[i]: least cost of batching order[i..]; end[i]: where the first of those batches ends.
-    let mut best = vec![usize::MAX; n + 1];
-    let mut end = vec![n; n + 1];
-    best[n] = 0;
-    for i in (0..n).rev() {
-        let longest = lengths[order[i]].max(1);
-        for j in i + 1..=n {
-            let rows = j - i;
-            if rows > max_rows.max(1) || (rows > 1 && rows * longest > budget) {
-                break;
-            }
-            let cost = rows * longest + BATCH_OVERHEAD + best[j];
-            if cost <= best[i] {
-                best[i] = cost;
-                end[i] = j;
-            }
-        }
-    }
-    let mut batches = Vec::new();
-    let mut i = 0;
-    while i < n {
-        batches.push(order[i..end[i]].to_vec());
-        i = end[i];
-    }
-    batches
-}
-
 /// Right-pads the rows `rows` of `ids` into one batch.
 pub fn pad(ids: &[Vec<u32>], rows: &[usize], pad_id: u32) -> Batch {
     let lengths: Vec<usize> = rows.iter().map(|&r| ids[r].len()).collect();
@@ -138,36 +96,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn plan_sorts_longest_first_and_respects_budget() {
-        let lengths = [3, 10, 5, 10, 1];
-        let batches = plan(&lengths, 20, 8);
-        assert_eq!(batches, vec![vec![1, 3], vec![2, 0, 4]]);
-        for b in &batches {
-            assert!(b.len() * lengths[b[0]] <= 20);
-        }
-    }
-
-    #[test]
-    fn plan_covers_every_input_once_and_caps_rows() {
-        let lengths: Vec<usize> = (0..50).map(|i| (i * 7) % 13 + 1).collect();
-        let batches = plan(&lengths, 1000, 4);
-        let mut seen: Vec<usize> = batches.iter().flatten().copied().collect();
-        assert!(batches.iter().all(|b| b.len() <= 4));
-        seen.sort();
-        assert_eq!(seen, (0..50).collect::<Vec<_>>());
-    }
-
-    #[test]
-    fn plan_splits_off_long_rows_when_padding_costs_more_than_a_batch() {
-        let mut lengths = vec![200];
-        lengths.extend([10; 20]);
-        let batches = plan(&lengths, 8192, 64);
-        assert_eq!(batches, vec![vec![0], (1..21).collect::<Vec<_>>()]);
-        // A few tokens of padding are cheaper than another batch.
-        assert_eq!(plan(&[12, 10, 10, 9], 8192, 64), vec![vec![0, 1, 2, 3]]);
-    }
-
-    #[test]
     fn without_first_drops_the_shared_start_and_keeps_positions() {
         let ids = vec![vec![1, 5, 6, 7], vec![1, 8]];
         let b = pad(&ids, &[0, 1], 0);
@@ -179,11 +107,6 @@ mod tests {
         assert_eq!(c.input_ids, vec![5, 6, 7, 8, 0, 0]);
         assert_eq!(c.attention_mask, vec![1, 1, 1, 1, 0, 0]);
         assert_eq!(c.position_ids, vec![1, 2, 3, 1, 0, 0]);
-    }
-
-    #[test]
-    fn a_row_over_budget_gets_its_own_batch() {
-        assert_eq!(plan(&[100, 2, 2], 10, 8), vec![vec![0], vec![1, 2]]);
     }
 
     #[test]

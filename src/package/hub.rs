@@ -51,43 +51,67 @@ pub fn resolve(spec: &str, variants: &[String]) -> Result<PathBuf> {
         Some((id, rev)) => (id.to_string(), rev.to_string()),
         None => (spec.to_string(), "main".to_string()),
     };
-    let fail = |reason: String| Error::Hub {
+    let repo = Repo::with_revision(id, RepoType::Model, revision.clone());
+    if let Some(dir) = from_cache(spec, &repo, &revision, variants)? {
+        return Ok(dir);
+    }
+    fetch(spec, repo, &revision, variants)
+}
+
+/// An error of the hub for `spec`, without an underlying client error.
+fn hub_error(spec: &str, reason: String) -> Error {
+    Error::Hub {
         spec: spec.to_string(),
         reason,
         source: None,
-    };
-    let repo = Repo::with_revision(id.clone(), RepoType::Model, revision.clone());
+    }
+}
+
+/// The files a run needs besides the manifest in the package `dir`: the tokenizer and the files
+/// of `variants`.
+fn needed(dir: &Path, variants: &[String]) -> Result<Vec<String>> {
+    let manifest = read_manifest(&dir.join(MANIFEST_FILE))?;
+    let mut files = vec![manifest.tokenizer.file.clone()];
+    for name in variants {
+        if let Some(v) = manifest.variants.get(name) {
+            files.extend(v.files());
+        }
+    }
+    Ok(files)
+}
+
+/// The snapshot directory when the hub cache already holds every needed file; `None` when some
+/// must be fetched; an error when they must but `HF_HUB_OFFLINE` forbids it.
+fn from_cache(
+    spec: &str,
+    repo: &Repo,
+    revision: &str,
+    variants: &[String],
+) -> Result<Option<PathBuf>> {
     let cache = Cache::from_env();
     let cached = cache.repo(repo.clone());
-    let needed = |dir: &Path| -> Result<Vec<String>> {
-        let manifest = read_manifest(&dir.join(MANIFEST_FILE))?;
-        let mut files = vec![manifest.tokenizer.file.clone()];
-        for name in variants {
-            if let Some(v) = manifest.variants.get(name) {
-                files.extend(v.files());
-            }
-        }
-        Ok(files)
-    };
     if let Some(manifest_path) = cached.get(MANIFEST_FILE) {
         let dir = manifest_path
             .parent()
             .map(Path::to_path_buf)
             .unwrap_or_default();
-        let files = needed(&dir)?;
+        let files = needed(&dir, variants)?;
         let missing: Vec<&String> = files.iter().filter(|f| cached.get(f).is_none()).collect();
         if missing.is_empty() {
-            return Ok(dir);
+            return Ok(Some(dir));
         }
         if offline() {
-            return Err(fail(format!(
-                "the cached snapshot in {} lacks {missing:?} and HF_HUB_OFFLINE is set",
-                dir.display()
-            )));
+            return Err(hub_error(
+                spec,
+                format!(
+                    "the cached snapshot in {} lacks {missing:?} and HF_HUB_OFFLINE is set",
+                    dir.display()
+                ),
+            ));
         }
     } else if offline() {
         let snapshot = cache.path().join(repo.folder_name());
-        let reason = if snapshot.join("refs").join(&revision).exists() {
+        let reason = if snapshot.join("refs").join(revision).exists() {
             format!(
                 "the cached snapshot in {} holds no icl-embed package (no {MANIFEST_FILE})",
                 snapshot.display()
@@ -98,17 +122,25 @@ pub fn resolve(spec: &str, variants: &[String]) -> Result<PathBuf> {
                 cache.path().display()
             )
         };
-        return Err(fail(reason));
+        return Err(hub_error(spec, reason));
     }
+    Ok(None)
+}
 
+/// Fetches the manifest, then the needed files, into the hub cache; returns the snapshot
+/// directory.
+fn fetch(spec: &str, repo: Repo, revision: &str, variants: &[String]) -> Result<PathBuf> {
+    let failed = |reason: String| {
+        move |e| Error::Hub {
+            spec: spec.to_string(),
+            reason,
+            source: Some(e),
+        }
+    };
     let api = hf_hub::api::sync::ApiBuilder::from_env()
         .with_progress(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .build()
-        .map_err(|e| Error::Hub {
-            spec: spec.to_string(),
-            reason: "cannot start the Hugging Face Hub client".into(),
-            source: Some(e),
-        })?;
+        .map_err(failed("cannot start the Hugging Face Hub client".into()))?;
     let remote = api.repo(repo);
     let manifest_path = remote.get(MANIFEST_FILE).map_err(|e| {
         let reason = if e.to_string().contains("404") {
@@ -116,22 +148,16 @@ pub fn resolve(spec: &str, variants: &[String]) -> Result<PathBuf> {
         } else {
             format!("cannot fetch {MANIFEST_FILE} from the Hugging Face Hub (files already in the cache are used without the network)")
         };
-        Error::Hub {
-            spec: spec.to_string(),
-            reason,
-            source: Some(e),
-        }
+        failed(reason)(e)
     })?;
     let dir = manifest_path
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_default();
-    for file in needed(&dir)? {
-        remote.get(&file).map_err(|e| Error::Hub {
-            spec: spec.to_string(),
-            reason: format!("cannot fetch {file}"),
-            source: Some(e),
-        })?;
+    for file in needed(&dir, variants)? {
+        remote
+            .get(&file)
+            .map_err(failed(format!("cannot fetch {file}")))?;
     }
     Ok(dir)
 }

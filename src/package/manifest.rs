@@ -248,7 +248,7 @@ pub struct Package {
 
 impl Package {
     /// Reads `dir/embedder.json` and checks the manifest's own consistency and the tokenizer file.
-    /// Variant files are checked by [`Package::variant`], when one is chosen.
+    /// Variant files are checked by [`Package::check_variant`], when one is chosen.
     pub fn open(dir: impl AsRef<Path>) -> Result<Package> {
         let dir = dir.as_ref().to_path_buf();
         if !dir.is_dir() {

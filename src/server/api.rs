@@ -25,9 +25,9 @@ use serde_json::{json, Map, Value};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use super::config::{ExampleText, TaskText};
+use super::frontend::{Frontend, Prompt, Refusal};
 use super::metrics::Metrics;
 use super::queue::Entry;
-use super::worker::{Frontend, Prompt, Refusal};
 
 /// Limits from the command line that the handlers enforce.
 #[derive(Debug, Clone, Copy)]
@@ -123,7 +123,21 @@ impl ApiError {
         ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", message)
     }
 
-    /// "input[3]: why", or the message alone.
+    /// A request the model could not embed: the caller's input (422) or the server's fault (500),
+    /// by the error's kind.
+    fn failed(error: &icl_embed::Error) -> ApiError {
+        let message = format!("inference failed: {}", chain(error));
+        match error.is_input() {
+            true => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_request_error",
+                message,
+            ),
+            false => ApiError::internal(message),
+        }
+    }
+
+    /// `input[3]: why`, or the message alone.
     fn text(&self) -> String {
         match (&self.field, self.index) {
             (Some(f), Some(i)) => format!("{f}[{i}]: {}", self.message),
@@ -187,7 +201,7 @@ async fn count(State(s): State<Shared>, req: Request, next: Next) -> Response {
 }
 
 /// A handler that panics answers 500 in JSON instead of dropping the connection; the server goes
-/// on (the worker has its own guard, see `worker::embed_rows`).
+/// on (a panicking batch is the engine's to catch: it fails that batch's rows only).
 async fn catch_panic(req: Request, next: Next) -> Response {
     let path = req.uri().path().to_string();
     match tokio::spawn(next.run(req)).await {
@@ -240,6 +254,17 @@ async fn concurrency(State(s): State<Shared>, req: Request, next: Next) -> Respo
     let response = next.run(req).await;
     drop(permit);
     response
+}
+
+/// An error and its sources, "a: b: c".
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(s) = source {
+        text.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    text
 }
 
 // --- request parsing -----------------------------------------------------------------------------
@@ -336,28 +361,21 @@ fn parse_inputs(
     frontend: &Frontend,
     ids_allowed: bool,
 ) -> Result<Inputs, ApiError> {
-    let vocab = frontend.info.vocab;
-    let max_ids = frontend.info.max_document_tokens;
+    let ids = IdRules {
+        field,
+        vocab: frontend.info.vocab,
+        max_ids: frontend.info.max_document_tokens,
+    };
     let expected = match ids_allowed {
         true => "a string, a list of strings, a list of token ids or a list of lists of token ids",
         false => "a string or a list of strings",
     };
-    let bad_id = |i: usize, j: Option<usize>, v: &Value| {
-        let at = j.map(|j| format!(" (position {j})")).unwrap_or_default();
+    let unexpected = |index: Option<usize>, v: &Value| {
         ApiError::field(
             field,
-            Some(i),
-            format!("{v} is not a token id{at}: expected a whole number below the vocabulary size {vocab}"),
+            index,
+            format!("expected {expected}, found {}", kind_of(v)),
         )
-    };
-    let check_len = |i: usize, row: &[u32]| match row.len() {
-        0 => Err(empty(field, Some(i), "an empty list of token ids")),
-        n if n > max_ids => Err(ApiError::field(
-            field,
-            Some(i),
-            format!("{n} token ids, more than the model's {max_ids}"),
-        )),
-        _ => Ok(()),
     };
     match v {
         None | Some(Value::Null) => Err(ApiError::field(
@@ -371,69 +389,99 @@ fn parse_inputs(
             Err(empty(field, None, "an empty list of inputs"))
         }
         Some(Value::Array(items)) => match &items[0] {
-            Value::String(_) => {
-                let mut texts = Vec::with_capacity(items.len());
-                for (i, item) in items.iter().enumerate() {
-                    match item {
-                        Value::String(s) if s.is_empty() => {
-                            return Err(empty(field, Some(i), "an empty string"))
-                        }
-                        Value::String(s) => texts.push(s.clone()),
-                        other => {
-                            return Err(ApiError::field(
-                                field,
-                                Some(i),
-                                format!(
-                                    "expected a string like the first input, found {}",
-                                    kind_of(other)
-                                ),
-                            ))
-                        }
-                    }
-                }
-                Ok(Inputs::Texts(texts))
-            }
-            Value::Number(_) if ids_allowed => {
-                let mut row = Vec::with_capacity(items.len());
-                for (j, item) in items.iter().enumerate() {
-                    row.push(token_id(item, vocab).ok_or_else(|| bad_id(j, None, item))?);
-                }
-                check_len(0, &row)?;
-                Ok(Inputs::Ids(vec![row]))
-            }
-            Value::Array(_) if ids_allowed => {
-                let mut rows = Vec::with_capacity(items.len());
-                for (i, item) in items.iter().enumerate() {
-                    let Value::Array(ids) = item else {
-                        return Err(ApiError::field(
-                            field,
-                            Some(i),
-                            format!(
-                                "expected a list of token ids like the first input, found {}",
-                                kind_of(item)
-                            ),
-                        ));
-                    };
-                    let mut row = Vec::with_capacity(ids.len());
-                    for (j, id) in ids.iter().enumerate() {
-                        row.push(token_id(id, vocab).ok_or_else(|| bad_id(i, Some(j), id))?);
-                    }
-                    check_len(i, &row)?;
-                    rows.push(row);
-                }
-                Ok(Inputs::Ids(rows))
-            }
-            other => Err(ApiError::field(
-                field,
-                Some(0),
-                format!("expected {expected}, found {}", kind_of(other)),
-            )),
+            Value::String(_) => texts(items, field).map(Inputs::Texts),
+            Value::Number(_) if ids_allowed => Ok(Inputs::Ids(vec![ids.row(0, items, false)?])),
+            Value::Array(_) if ids_allowed => ids.rows(items).map(Inputs::Ids),
+            other => Err(unexpected(Some(0), other)),
         },
-        Some(other) => Err(ApiError::field(
-            field,
-            None,
-            format!("expected {expected}, found {}", kind_of(other)),
-        )),
+        Some(other) => Err(unexpected(None, other)),
+    }
+}
+
+/// A list of strings, none empty.
+fn texts(items: &[Value], field: &str) -> Result<Vec<String>, ApiError> {
+    let mut texts = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        match item {
+            Value::String(s) if s.is_empty() => {
+                return Err(empty(field, Some(i), "an empty string"))
+            }
+            Value::String(s) => texts.push(s.clone()),
+            other => {
+                return Err(ApiError::field(
+                    field,
+                    Some(i),
+                    format!(
+                        "expected a string like the first input, found {}",
+                        kind_of(other)
+                    ),
+                ))
+            }
+        }
+    }
+    Ok(texts)
+}
+
+/// What token ids given as input must be: ids of the vocabulary, at least one and at most the
+/// model's document length a row.
+struct IdRules<'a> {
+    field: &'a str,
+    vocab: usize,
+    max_ids: usize,
+}
+
+impl IdRules<'_> {
+    /// A list of lists of token ids.
+    fn rows(&self, items: &[Value]) -> Result<Vec<Vec<u32>>, ApiError> {
+        let mut rows = Vec::with_capacity(items.len());
+        for (i, item) in items.iter().enumerate() {
+            let Value::Array(ids) = item else {
+                return Err(ApiError::field(
+                    self.field,
+                    Some(i),
+                    format!(
+                        "expected a list of token ids like the first input, found {}",
+                        kind_of(item)
+                    ),
+                ));
+            };
+            rows.push(self.row(i, ids, true)?);
+        }
+        Ok(rows)
+    }
+
+    /// Row `i`, a list of token ids; `nested`: the row is one of a list of rows (a bad id then
+    /// names its position in the row).
+    fn row(&self, i: usize, ids: &[Value], nested: bool) -> Result<Vec<u32>, ApiError> {
+        let mut row = Vec::with_capacity(ids.len());
+        for (j, id) in ids.iter().enumerate() {
+            let bad = || match nested {
+                true => self.bad_id(i, Some(j), id),
+                false => self.bad_id(j, None, id),
+            };
+            row.push(token_id(id, self.vocab).ok_or_else(bad)?);
+        }
+        match row.len() {
+            0 => Err(empty(self.field, Some(i), "an empty list of token ids")),
+            n if n > self.max_ids => Err(ApiError::field(
+                self.field,
+                Some(i),
+                format!("{n} token ids, more than the model's {}", self.max_ids),
+            )),
+            _ => Ok(row),
+        }
+    }
+
+    fn bad_id(&self, i: usize, j: Option<usize>, v: &Value) -> ApiError {
+        let at = j.map(|j| format!(" (position {j})")).unwrap_or_default();
+        ApiError::field(
+            self.field,
+            Some(i),
+            format!(
+                "{v} is not a token id{at}: expected a whole number below the vocabulary size {}",
+                self.vocab
+            ),
+        )
     }
 }
 
@@ -579,7 +627,7 @@ async fn embed(
     s.queue.send(entry).map_err(|_| unavailable())?;
     match rx.await {
         Ok(Ok(rows)) => Ok(rows),
-        Ok(Err(why)) => Err(ApiError::internal(why)),
+        Ok(Err(error)) => Err(ApiError::failed(&error)),
         Err(_) => Err(unavailable()),
     }
 }

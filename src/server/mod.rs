@@ -1,13 +1,14 @@
 //! `icl-embed serve`: an embedding server with OpenAI's (`/v1/embeddings`) and
 //! text-embeddings-inference's (`/embed`) APIs, few-shot task presets, batching across requests
 //! and the prefix cache, in text-embeddings-inference's shape: the handlers ([`api`]) validate and
-//! tokenize, a semaphore bounds the requests in flight, requests wait in a queue ([`queue`]) from
+//! tokenize (with the [`frontend`]), a semaphore bounds the requests in flight, requests wait in a queue ([`queue`]) from
 //! which one batching task hands batches to the one thread that owns the model ([`worker`]), and
 //! results return on one-shot channels. SIGTERM or SIGINT stops accepting connections, finishes
 //! the requests in flight, and returns.
 
 mod api;
 mod config;
+mod frontend;
 mod metrics;
 mod queue;
 mod worker;
@@ -43,7 +44,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     runtime.block_on(serve(args, model, frontend))
 }
 
-async fn serve(args: ServeArgs, model: worker::Model, frontend: worker::Frontend) -> Result<()> {
+async fn serve(args: ServeArgs, model: worker::Model, frontend: frontend::Frontend) -> Result<()> {
     let listener = TcpListener::bind((args.host.as_str(), args.port))
         .await
         .with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;

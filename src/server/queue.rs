@@ -10,11 +10,15 @@ use std::time::Instant;
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::metrics::Metrics;
-use super::worker::Prompt;
+use icl_embed::engine::plan;
+use icl_embed::Error;
 
-/// Embeddings of one request's rows, in order, or why its batch failed.
-pub type Reply = Result<Vec<Vec<f32>>, String>;
+use super::frontend::Prompt;
+use super::metrics::Metrics;
+
+/// Embeddings of one request's rows, in order, or why its batch failed (one error, shared by
+/// every row and request of the batch, keeping its kind for the status the handler answers).
+pub type Reply = Result<Vec<Vec<f32>>, Arc<Error>>;
 
 /// One request's rows waiting for the model.
 pub struct Entry {
@@ -35,14 +39,18 @@ impl Entry {
             .map(|p| p.key.as_str())
     }
 
-    /// Tokens the rows cost in a batch: on a few-shot prompt, what follows the prefix.
+    /// What the rows cost in a batch, as the engine's planner costs them ([`plan::cost`]): on a
+    /// prompt whose prefix the model keeps, what follows the prefix weighted by the keys it
+    /// attends to.
     fn cost(&self) -> usize {
-        let skip = self.prompt.as_ref().map_or(0, |p| p.shared_len);
-        self.ids
-            .iter()
-            .map(|r| r.len().saturating_sub(skip).max(1))
-            .sum()
+        let prefix = self.prompt.as_deref().and_then(Prompt::cached_prefix);
+        rows_cost(&self.ids, prefix)
     }
+}
+
+/// The cost of `rows` on top of `prefix`: the sum of the planner's row costs.
+fn rows_cost(rows: &[Vec<u32>], prefix: Option<&[u32]>) -> usize {
+    rows.iter().map(|r| plan::cost(r, prefix)).sum()
 }
 
 /// Requests of one prefix group, for one turn of the worker.
@@ -132,13 +140,14 @@ pub async fn batcher(
                 Some(w) => waiting = Some(w),
                 None => {
                     healthy.store(false, Ordering::SeqCst);
+                    let stopped = Arc::new(Error::Internal("the inference worker stopped".into()));
                     for e in queue.drain(..) {
-                        let _ = e.reply.send(Err("the inference worker stopped".into()));
+                        let _ = e.reply.send(Err(stopped.clone()));
                     }
                     metrics.queue_size(0);
                     // Keep answering whatever still arrives until the handlers are gone.
                     while let Some(e) = requests.recv().await {
-                        let _ = e.reply.send(Err("the inference worker stopped".into()));
+                        let _ = e.reply.send(Err(stopped.clone()));
                     }
                     return;
                 }
@@ -166,6 +175,28 @@ mod tests {
         assert_eq!(pick(&queue, 60), vec![0, 2]);
         assert_eq!(pick(&queue[1..], 60), vec![0, 3]);
         assert_eq!(pick(&[], 60), Vec::<usize>::new());
+    }
+
+    /// The queue sizes a turn with the planner's own cost function, so a turn the queue fills is
+    /// what the planner fits in one batch.
+    #[test]
+    fn the_queue_costs_rows_as_the_planner_does() {
+        let prefix: Vec<u32> = (0..590).collect();
+        let mut query = prefix.clone();
+        query.extend(1000..1010);
+        let rows = vec![query.clone(), query, vec![5; 30]];
+        let want: usize = rows.iter().map(|r| plan::cost(r, Some(&prefix))).sum();
+        assert_eq!(rows_cost(&rows, Some(&prefix)), want);
+        assert_eq!(
+            want,
+            11 + 11 + 30,
+            "new tokens weighted by keys attended; others whole"
+        );
+        assert_eq!(rows_cost(&rows, None), 600 + 600 + 30);
+        // Two such queries fill a turn of 22 and one batch of the planner under the same budget.
+        let pair = &rows[..2];
+        let limits = icl_embed::BatchLimits::new(rows_cost(pair, Some(&prefix)), 8);
+        assert_eq!(plan::plan(pair, Some(&prefix), limits), vec![vec![0, 1]]);
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Text to token ids, exactly as the reference does it: the prompt text of few-shot queries
-//! ([`prompt`]) and the tokenizer with its truncation and decode/re-encode step ([`tokenize`]).
+//! ([`Example`], and the templates in `prompt.rs`) and the tokenizer with its truncation and
+//! decode/re-encode step ([`TextTokenizer`], [`QueryPrompt`]).
 
 pub(crate) mod prompt;
 pub(crate) mod tokenize;

@@ -283,13 +283,11 @@ use std::collections::BTreeMap;
 
 /// A CPU embedder with 2 threads.
 pub fn embedder(pkg: &Path, variant: &str, prefix_cache: bool) -> Embedder {
-    let options = EmbedderOptions {
-        variant: variant.parse().unwrap(),
-        device: Device::Cpu,
-        threads: Some(2),
-        prefix_cache,
-        ..EmbedderOptions::default()
-    };
+    let options = EmbedderOptions::default()
+        .variant(variant.parse().unwrap())
+        .device(Device::Cpu)
+        .threads(Some(2))
+        .prefix_cache(prefix_cache);
     Embedder::new(pkg, &options).unwrap()
 }
 

@@ -1,0 +1,230 @@
+//! The tokenizer front end of the server: the package's tokenizer and prompts for the handlers
+//! ([`Frontend`]; no ONNX Runtime), the `--tasks` presets, and what `/info` reports
+//! ([`ModelInfo`]). The handlers tokenize here, off the model's thread, and the queue sizes its
+//! turns from the [`Prompt`]s made here.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use anyhow::{anyhow, Context, Result};
+use icl_embed::{corpus::input, Encoder, Example, QueryPrompt};
+
+use super::config::{ExampleText, ExamplesSource, TaskPreset, TaskText};
+
+/// A few-shot query prompt (task instruction and examples), prepared once.
+pub struct Prompt {
+    /// Equal for equal (instruction, examples): the batching task groups requests by it.
+    pub key: String,
+    /// About how many leading tokens every query of the prompt shares (0 without examples: then
+    /// there is no prefix to share and the queries batch with documents).
+    pub shared_len: usize,
+    task: Option<String>,
+    query: QueryPrompt,
+    /// The server keeps prefix states (`--prefix-cache-bytes`, and a graph that takes them).
+    cached: bool,
+}
+
+impl Prompt {
+    /// The leading ids the model computes once for every query of the prompt, or `None` when the
+    /// prefix cache is off or the prompt has no examples. The queue costs rows on them as the
+    /// engine will run them.
+    pub fn cached_prefix(&self) -> Option<&[u32]> {
+        self.query.shared_prefix().filter(|_| self.cached)
+    }
+}
+
+/// A request refused for its content: the field, the input's index, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub field: String,
+    pub index: Option<usize>,
+    pub message: String,
+}
+
+impl Refusal {
+    fn new(field: impl Into<String>, index: Option<usize>, message: impl Into<String>) -> Refusal {
+        Refusal {
+            field: field.into(),
+            index,
+            message: message.into(),
+        }
+    }
+}
+
+/// What `/info` reports and the handlers check against.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ModelInfo {
+    pub package: String,
+    pub variant: String,
+    pub device: String,
+    pub hidden: usize,
+    pub vocab: usize,
+    pub max_document_tokens: usize,
+    pub max_query_tokens: usize,
+    pub max_batch_tokens: usize,
+    pub max_batch_rows: usize,
+    pub prefix_cache: bool,
+    pub prefix_cache_bytes: usize,
+    /// Longest row the model takes (its attention window), prefix included.
+    pub max_tokens: Option<usize>,
+}
+
+/// Tokenization for the handlers: the package's tokenizer and prompts, and the `--tasks` presets.
+pub struct Frontend {
+    encoder: Encoder,
+    presets: BTreeMap<String, Arc<Prompt>>,
+    pub info: ModelInfo,
+}
+
+impl Frontend {
+    /// The front end of `encoder` reporting `info`, with the `--tasks` presets checked against
+    /// the package's prompt.
+    pub fn new(
+        encoder: Encoder,
+        info: ModelInfo,
+        presets: &BTreeMap<String, TaskPreset>,
+    ) -> Result<Frontend> {
+        let mut frontend = Frontend {
+            encoder,
+            presets: BTreeMap::new(),
+            info,
+        };
+        for (name, preset) in presets {
+            let prompt = frontend.preset_prompt(name, preset)?;
+            frontend.presets.insert(name.clone(), prompt);
+        }
+        Ok(frontend)
+    }
+
+    /// The prompt of a `--tasks` preset, its examples read from their file where they are in one.
+    fn preset_prompt(&self, name: &str, preset: &TaskPreset) -> Result<Arc<Prompt>> {
+        let examples = match &preset.examples {
+            ExamplesSource::Inline(list) => list.clone(),
+            ExamplesSource::File(path) => input::read_examples(path)
+                .with_context(|| format!("task {name:?}"))?
+                .into_iter()
+                .map(|e| ExampleText {
+                    instruct: e.instruct,
+                    query: e.query,
+                    response: e.response,
+                })
+                .collect(),
+        };
+        let task = TaskText {
+            instruction: preset.instruction.clone(),
+            examples,
+        };
+        self.prompt(&task, "")
+            .map_err(|r| anyhow!("tasks: task {name:?}: {}: {}", r.field, r.message))?
+            .ok_or_else(|| anyhow!("tasks: task {name:?} has neither instruction nor examples"))
+    }
+
+    pub fn preset(&self, name: &str) -> Option<Arc<Prompt>> {
+        self.presets.get(name).cloned()
+    }
+
+    pub fn preset_names(&self) -> Vec<String> {
+        self.presets.keys().cloned().collect()
+    }
+
+    /// The prompt of an inline task (`field` names it in refusals), or `None` when it has neither
+    /// instruction nor examples (the inputs are documents).
+    pub fn prompt(&self, task: &TaskText, field: &str) -> Result<Option<Arc<Prompt>>, Refusal> {
+        if task.instruction.is_none() && task.examples.is_empty() {
+            return Ok(None);
+        }
+        for (i, e) in task.examples.iter().enumerate() {
+            if e.instruct.is_none() && task.instruction.is_none() {
+                return Err(Refusal::new(
+                    format!("{field}examples[{i}].instruct"),
+                    None,
+                    "the example has no \"instruct\" and no instruction was given",
+                ));
+            }
+        }
+        let examples: Vec<Example> = task.examples.iter().map(example).collect();
+        let query = self
+            .encoder
+            .query_prompt(task.instruction.as_deref(), &examples, None)
+            .map_err(|e| Refusal::new(format!("{field}examples"), None, e.to_string()))?;
+        let key = serde_json::to_string(&(&task.instruction, &task.examples))
+            .map_err(|e| Refusal::new(format!("{field}examples"), None, e.to_string()))?;
+        let shared_len = query.shared_prefix().map_or(0, <[u32]>::len);
+        Ok(Some(Arc::new(Prompt {
+            key,
+            shared_len,
+            task: task.instruction.clone(),
+            query,
+            cached: self.info.prefix_cache,
+        })))
+    }
+
+    /// Final token ids of `texts`: queries under `prompt`, else documents, exactly as `icl-embed
+    /// tokenize` writes them. Without `truncate` a text longer than the model's limit is refused
+    /// (`field`, index) instead of cut as the reference cuts it.
+    pub fn token_ids(
+        &self,
+        prompt: Option<&Prompt>,
+        texts: &[&str],
+        truncate: bool,
+        field: &str,
+    ) -> Result<Vec<Vec<u32>>, Refusal> {
+        let tokenizer = self.encoder.tokenizer();
+        let failed = |e: icl_embed::Error| Refusal::new(field, None, e.to_string());
+        if !truncate {
+            let (plain, limit) = match prompt {
+                Some(p) => {
+                    let template = &self.encoder.package().manifest.prompt;
+                    let wrapped: Vec<String> = texts
+                        .iter()
+                        .map(|t| template.query_text(p.task.as_deref(), t))
+                        .collect();
+                    let refs: Vec<&str> = wrapped.iter().map(String::as_str).collect();
+                    (tokenizer.encode_plain_batch(&refs), p.query.text_max)
+                }
+                None => (
+                    tokenizer.encode_plain_batch(texts),
+                    self.info
+                        .max_document_tokens
+                        .saturating_sub(tokenizer.special_count()),
+                ),
+            };
+            for (i, ids) in plain.map_err(failed)?.iter().enumerate() {
+                if ids.len() > limit {
+                    return Err(Refusal::new(
+                        field,
+                        Some(i),
+                        format!(
+                            "{} tokens, over the limit of {limit} (set \"truncate\": true to cut it as the reference does)",
+                            ids.len()
+                        ),
+                    ));
+                }
+            }
+        }
+        let ids = match prompt {
+            Some(p) => self.encoder.queries(&p.query, texts),
+            None => self.encoder.documents(texts, None),
+        }
+        .map_err(failed)?;
+        if let Some(max) = self.info.max_tokens {
+            if let Some(i) = ids.iter().position(|r| r.len() > max) {
+                return Err(Refusal::new(
+                    field,
+                    Some(i),
+                    format!(
+                        "{} tokens with the prompt, over the model's attention window of {max}",
+                        ids[i].len()
+                    ),
+                ));
+            }
+        }
+        Ok(ids)
+    }
+}
+
+fn example(e: &ExampleText) -> Example {
+    let mut example = Example::new(&e.query, &e.response);
+    example.instruct = e.instruct.clone();
+    example
+}
