@@ -28,44 +28,13 @@ log = logging.getLogger(__name__)
 CALIBRATION = Path(__file__).parents[1] / "calibration.txt"
 # One- and two-token inputs (with the tokenizer's own special tokens added): the inputs whose last
 # token sits next to position 0's huge activations. Not taken from the shared test data.
-SHORT_TEXTS = [
-    "",
-    "ok",
-    "No",
-    "cat",
-    "Why?",
-    "blue sky",
-    "It works.",
-    # one-word labels, the kind classification passages are made of (not the shared data's)
-    "sports",
-    "happy",
-    "angry",
-    "finance",
-    "python",
-    "rain",
-    "dog",
-    "yes",
-    "false",
-    "news",
-    "travel",
-    "health",
-    "kitchen",
-    "red",
-    "seven",
-    "Monday",
-    "science",
-    "art",
-    "food",
-    "sad",
-    "spam",
-    "business",
-    "question",
-    "fear",
-    "surprise",
-    "politics",
-    "alarm",
-    "joke",
-]
+# fmt: off
+SHORT_TEXTS = ["", "ok", "No", "cat", "Why?", "blue sky", "It works.",
+               # one-word labels, the kind classification passages are made of (not the shared data's)
+               "sports", "happy", "angry", "finance", "python", "rain", "dog", "yes", "false", "news",
+               "travel", "health", "kitchen", "red", "seven", "Monday", "science", "art", "food",
+               "sad", "spam", "business", "question", "fear", "surprise", "politics", "alarm", "joke"]
+# fmt: on
 
 
 def calibration_rows(tokenizer, max_length: int = 512) -> list[list[int]]:
