@@ -8,11 +8,12 @@ every variant passed.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
 import sys
 from pathlib import Path
 
-from . import quantize
+from .int8.recipes import RECIPES
 from .package import DEFAULT_VARIANTS, VARIANTS, ExportError, Options, build_package
 from .verify import THRESHOLDS
 
@@ -33,17 +34,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="model directory or Hugging Face hub id")
     parser.add_argument("--out", type=Path, required=True, help="package directory to create")
-    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
-                        help=f"comma-separated subset of {','.join(VARIANTS)} (int8: the fastest faithful 8-bit "
-                             "recipe for this model, export/README.md)")
+    parser.add_argument(
+        "--variants",
+        default=",".join(DEFAULT_VARIANTS),
+        help=f"comma-separated subset of {','.join(VARIANTS)} (int8: the fastest faithful 8-bit "
+        "recipe for this model, export/README.md)",
+    )
     parser.add_argument("--revision", default=None, help="hub revision (recorded in the manifest)")
     parser.add_argument("--force", action="store_true", help="replace an existing package")
     parser.add_argument("--max-length", type=int, default=512, help="max tokens of a query and of a document")
     parser.add_argument("--source-id", default=None, help="model id to record (default: --model as given)")
     parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads for verification")
-    parser.add_argument("--int8-recipes", default=None,
-                        help="comma-separated int8 recipes to choose from, fastest first (default: every recipe "
-                             "of export/quantize.py; e.g. nbits8-acc1 for the weight-only one)")
+    parser.add_argument(
+        "--int8-recipes",
+        default=None,
+        help="comma-separated int8 recipes to choose from, fastest first (default: every recipe "
+        "of export/int8/recipes.py; e.g. nbits8-acc1 for the weight-only one)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true")
     # Tests use this to force a verification failure.
     parser.add_argument("--threshold", action="append", default=[], help=argparse.SUPPRESS)
@@ -57,8 +64,6 @@ def return_freed_memory() -> None:
     that size (a layer's weights on smaller models) come from heaps that rarely shrink, so the
     layer-by-layer reference and verification kept each layer's freed memory. Full-size weights are
     larger than 32 MiB and were always mapped. No effect outside glibc."""
-    import ctypes
-
     try:
         ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):
@@ -68,14 +73,17 @@ def return_freed_memory() -> None:
 def main(argv: list[str] | None = None) -> int:
     return_freed_memory()
     args = parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
     for noisy in ("onnxscript", "onnx_ir", "onnxruntime", "torch", "transformers", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     recipes = [r for r in args.int8_recipes.split(",") if r] if args.int8_recipes else None
-    unknown = [r for r in recipes or [] if r not in quantize.RECIPES]
+    unknown = [r for r in recipes or [] if r not in RECIPES]
     if unknown:
-        log.error("--int8-recipes: unknown recipe(s) %s; known: %s", ", ".join(unknown), ", ".join(quantize.RECIPES))
+        log.error("--int8-recipes: unknown recipe(s) %s; known: %s", ", ".join(unknown), ", ".join(RECIPES))
         return 2
     try:
         opts = Options(

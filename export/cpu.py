@@ -15,6 +15,8 @@ import functools
 import mmap
 import platform
 
+import onnxruntime as ort
+
 X64_QUANT_PRECISION = "session.x64quantprecision"
 
 # cpuid(leaf, subleaf, out[4]) in x86-64 System V machine code: push rbx; mov r8, rdx; mov eax, edi;
@@ -22,7 +24,7 @@ X64_QUANT_PRECISION = "session.x64quantprecision"
 _CPUID_CODE = bytes.fromhex("53 4989d0 89f8 89f1 0fa2 418900 41895804 41894808 4189500c 5b c3")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cpuid_function():
     buf = mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
     buf.write(_CPUID_CODE)
@@ -43,7 +45,7 @@ def _x86_64() -> bool:
     return platform.machine().lower() in ("x86_64", "amd64")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def features() -> frozenset[str]:
     """{"avx2", "avx512vnni", "avxvnni"} as far as this CPU has them (empty off x86-64)."""
     if not _x86_64():
@@ -88,8 +90,6 @@ def cpu_class() -> str:
 def session_options(threads: int = 2):
     """ONNX Runtime CPU session options as the runtime sets them: threads, and exact int8 on CPUs
     without VNNI."""
-    import onnxruntime as ort
-
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1

@@ -69,8 +69,12 @@ class _Layer(nn.Module):
         self.scaling = float(attn.scaling)
         self.input_norm = _RMSNorm(layer.input_layernorm)
         self.post_norm = _RMSNorm(layer.post_attention_layernorm)
-        self.q, self.k, self.v, self.o = (_Linear(attn.q_proj), _Linear(attn.k_proj),
-                                          _Linear(attn.v_proj), _Linear(attn.o_proj))
+        self.q, self.k, self.v, self.o = (
+            _Linear(attn.q_proj),
+            _Linear(attn.k_proj),
+            _Linear(attn.v_proj),
+            _Linear(attn.o_proj),
+        )
         self.gate, self.up, self.down = _Linear(mlp.gate_proj), _Linear(mlp.up_proj), _Linear(mlp.down_proj)
         self.act = mlp.act_fn
 
@@ -88,7 +92,9 @@ class _Layer(nn.Module):
         # against the new tokens [b, kv, g*s, s]; one softmax over both, in float32 as eager does.
         scores_past = torch.matmul(q, past_k.transpose(2, 3)) * self.scaling
         scores_new = torch.matmul(q, k.transpose(2, 3)) * self.scaling
-        scores_new = (scores_new.view(b, self.kv_heads, self.groups, s, s) + mask).view(b, self.kv_heads, self.groups * s, s)
+        scores_new = (scores_new.view(b, self.kv_heads, self.groups, s, s) + mask).view(
+            b, self.kv_heads, self.groups * s, s
+        )
         probs = torch.softmax(torch.cat((scores_past, scores_new), dim=-1), dim=-1, dtype=torch.float32).to(q.dtype)
         past = past_k.shape[2]
         out = torch.matmul(probs[..., :past], past_v) + torch.matmul(probs[..., past:], v)

@@ -77,9 +77,11 @@ def wrapping(tokenizer) -> tuple[list[int], list[int]]:
 
 def pad_token(tokenizer) -> tuple[str, int]:
     """FlagEmbedding pads with the tokenizer's pad token; without one, with unk, else eos."""
-    for token, token_id in ((tokenizer.pad_token, tokenizer.pad_token_id),
-                            (tokenizer.unk_token, tokenizer.unk_token_id),
-                            (tokenizer.eos_token, tokenizer.eos_token_id)):
+    for token, token_id in (
+        (tokenizer.pad_token, tokenizer.pad_token_id),
+        (tokenizer.unk_token, tokenizer.unk_token_id),
+        (tokenizer.eos_token, tokenizer.eos_token_id),
+    ):
         if token is not None and token_id is not None:
             return token, token_id
     raise ValueError("the tokenizer has no pad, unk or eos token to pad with")
@@ -89,9 +91,14 @@ def special_tokens(tokenizer) -> dict:
     prepend, append = wrapping(tokenizer)
     pad, pad_id = pad_token(tokenizer)
     return {
-        "bos": tokenizer.bos_token, "eos": tokenizer.eos_token, "pad": pad,
-        "bos_id": tokenizer.bos_token_id, "eos_id": tokenizer.eos_token_id, "pad_id": pad_id,
-        "prepend": prepend, "append": append,
+        "bos": tokenizer.bos_token,
+        "eos": tokenizer.eos_token,
+        "pad": pad,
+        "bos_id": tokenizer.bos_token_id,
+        "eos_id": tokenizer.eos_token_id,
+        "pad_id": pad_id,
+        "prepend": prepend,
+        "append": append,
         "added": added_ids(tokenizer),
     }
 
@@ -100,8 +107,9 @@ def special_tokens(tokenizer) -> dict:
 START_FILE = "start.onnx"
 
 
-def variant_entry(package: Path, name: str, dtype: str, quantization: dict | None, parity: dict,
-                  start_ids: list[int] | None = None) -> dict:
+def variant_entry(
+    package: Path, name: str, dtype: str, quantization: dict | None, parity: dict, start_ids: list[int] | None = None
+) -> dict:
     """One `variants` entry. `start_ids`: the variant runs every input that begins with those ids on
     top of their states in `{name}/START_FILE` (computed in fp32 by the exporter)."""
     graph = f"{name}/model.onnx"
@@ -118,8 +126,10 @@ def variant_entry(package: Path, name: str, dtype: str, quantization: dict | Non
         "quantization": quantization,
         "parity": parity,
         "prefix_cache": {
-            "past_key": "past.{layer}.key", "past_value": "past.{layer}.value",
-            "present_key": "present.{layer}.key", "present_value": "present.{layer}.value",
+            "past_key": "past.{layer}.key",
+            "past_value": "past.{layer}.value",
+            "present_key": "present.{layer}.key",
+            "present_value": "present.{layer}.value",
             "dtype": "float16" if dtype == "float16" else "float32",
         },
     }

@@ -23,16 +23,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from huggingface_hub import snapshot_download
 from transformers import AutoConfig, AutoTokenizer
 
-from . import export, manifest, quantize, samples, stream, verify
+from . import export, manifest, samples, stream, verify
+from .int8.calibrate import Fp32Model
+from .int8.select import choose
+from .ortrun.batch import last_token, right_padded
 
 log = logging.getLogger(__name__)
 
 VARIANTS = ("fp32", "fp16", "int8")
 DEFAULT_VARIANTS = ("fp32", "fp16", "int8")
 DTYPES = {"fp32": "float32", "fp16": "float16", "int8": "int8"}
-QUANTIZED = ("int8",)  # quantized from the checkpoint, recipe chosen per model (quantize.choose)
+QUANTIZED = ("int8",)  # quantized from the checkpoint, recipe chosen per model (int8.select.choose)
 FP16_LONG_INPUT = 4096
 
 
@@ -49,7 +53,7 @@ class Options:
     source_id: str | None = None
     thresholds: dict[str, float] = field(default_factory=lambda: dict(verify.THRESHOLDS))
     threads: int = 2
-    # int8 recipes to choose from, fastest first (None: quantize.CANDIDATES).
+    # int8 recipes to choose from, fastest first (None: int8.recipes.CANDIDATES).
     int8_recipes: list[str] | None = None
 
 
@@ -60,8 +64,6 @@ def resolve(model: str, revision: str | None) -> tuple[Path, str | None]:
         return path, revision
     if model.startswith(("/", ".", "~")) or path.exists():
         raise ExportError(f"{model} is not a model directory")
-    from huggingface_hub import snapshot_download
-
     local = Path(snapshot_download(model, revision=revision))
     return local, local.name  # the snapshot directory is named after the commit
 
@@ -101,7 +103,7 @@ def _build(model: str, model_dir: Path, revision: str | None, tmp: Path, opts: O
     config = AutoConfig.from_pretrained(model_dir)
     rows = [s.ids for s in samples.samples(tokenizer, opts.max_length)]
     pad_id = manifest.pad_token(tokenizer)[1]
-    batch = verify.right_padded(rows, pad_id)
+    batch = right_padded(rows, pad_id)
     log.info("%d sample texts, %d to %d tokens", len(rows), min(map(len, rows)), max(map(len, rows)))
 
     checkpoint = stream.Checkpoint(model_dir)
@@ -109,9 +111,12 @@ def _build(model: str, model_dir: Path, revision: str | None, tmp: Path, opts: O
     if architecture not in export.SUPPORTED:
         raise ExportError(f"{model_dir} loads as {architecture}; supported: {', '.join(sorted(export.SUPPORTED))}")
     start = time.perf_counter()
-    reference = verify.last_token(stream.reference_hidden(model_dir, config, checkpoint, batch), batch.attention_mask)
-    log.info("PyTorch fp32 reference (one layer at a time) in %.1f s (peak RSS so far %.2f GiB)",
-             time.perf_counter() - start, peak_rss_gib())
+    reference = last_token(stream.reference_hidden(model_dir, config, checkpoint, batch), batch.attention_mask)
+    log.info(
+        "PyTorch fp32 reference (one layer at a time) in %.1f s (peak RSS so far %.2f GiB)",
+        time.perf_counter() - start,
+        peak_rss_gib(),
+    )
     fp32 = _write_graphs(config, checkpoint, tmp, opts)
     cache_rows = samples.prefix_sharing(tokenizer, opts.max_length)
     entries = {}
@@ -119,24 +124,28 @@ def _build(model: str, model_dir: Path, revision: str | None, tmp: Path, opts: O
         entries[name] = _finish_variant(name, tmp, opts, batch, reference, tokenizer, cache_rows, fp32)
 
     _readable(tmp)
-    source = {"model": opts.source_id or model, "revision": revision, "model_type": config.model_type,
-              "architecture": architecture}
+    source = {
+        "model": opts.source_id or model,
+        "revision": revision,
+        "model_type": config.model_type,
+        "architecture": architecture,
+    }
     result = manifest.build(config, tokenizer, tmp, source, opts.max_length, entries)
     manifest.write(tmp, result)
     return result
 
 
-def _write_graphs(config, checkpoint: stream.Checkpoint, tmp: Path, opts: Options) -> quantize.Fp32Model | None:
+def _write_graphs(config, checkpoint: stream.Checkpoint, tmp: Path, opts: Options) -> Fp32Model | None:
     """Trace the weightless decoder once per dtype, then stream the checkpoint's weights into the
     fp32 and fp16 graphs asked for at once: fp32 as read, fp16 cast. Returns, when int8 is asked
-    for, the fp32 model it is chosen against and quantized from (`quantize.choose`): the traced
+    for, the fp32 model it is chosen against and quantized from (`int8.select.choose`): the traced
     fp32 graph with its weights read from the checkpoint, so that int8 never needs the fp32 graph
     written (28.5 GB at bge-en-icl's size)."""
     graphs, fp32 = {}, None
     if "fp32" in opts.variants or any(v in QUANTIZED for v in opts.variants):
         traced = _timed("trace fp32", stream.trace, stream.skeleton(config, torch.float32), torch.float32)
         if any(v in QUANTIZED for v in opts.variants):
-            fp32 = quantize.Fp32Model.from_checkpoint(traced, checkpoint)
+            fp32 = Fp32Model.from_checkpoint(traced, checkpoint)
         if "fp32" in opts.variants:
             graphs["fp32"] = traced
     if "fp16" in opts.variants:
@@ -156,24 +165,43 @@ def _write_graphs(config, checkpoint: stream.Checkpoint, tmp: Path, opts: Option
     return fp32
 
 
-def _finish_variant(name: str, tmp: Path, opts: Options, batch, reference, tokenizer, cache_rows,
-                    fp32: quantize.Fp32Model | None) -> dict:
+def _finish_variant(
+    name: str, tmp: Path, opts: Options, batch, reference, tokenizer, cache_rows, fp32: Fp32Model | None
+) -> dict:
     quantization = None
     if name in QUANTIZED:
-        quantization = _timed(f"quantize {name}", quantize.choose, fp32, tmp / name / "model.onnx", tokenizer,
-                              opts.int8_recipes, opts.threads, opts.max_length)
+        quantization = _timed(
+            f"quantize {name}",
+            choose,
+            fp32,
+            tmp / name / "model.onnx",
+            tokenizer,
+            opts.int8_recipes,
+            opts.threads,
+            opts.max_length,
+        )
     long_input = samples.long_ids(tokenizer, FP16_LONG_INPUT) if name == "fp16" else None
     start_states = verify.start_of(tmp / name / "model.onnx", quantization)
     start = time.perf_counter()
     try:
-        parity = verify.verify_variant(name, tmp / name / "model.onnx", batch, reference,
-                                       opts.thresholds[name], long_input, opts.threads, cache_rows, start_states)
+        parity = verify.verify_variant(
+            name,
+            tmp / name / "model.onnx",
+            batch,
+            reference,
+            opts.thresholds[name],
+            long_input,
+            opts.threads,
+            cache_rows,
+            start_states,
+        )
     except verify.VerificationError as e:
         raise ExportError(str(e)) from e
     log.info("verify %s in %.1f s (peak RSS so far %.2f GiB)", name, time.perf_counter() - start, peak_rss_gib())
     gc.collect()
-    return manifest.variant_entry(tmp, name, DTYPES[name], quantization, parity,
-                                  start_states[0] if start_states else None)
+    return manifest.variant_entry(
+        tmp, name, DTYPES[name], quantization, parity, start_states[0] if start_states else None
+    )
 
 
 def _readable(tmp: Path) -> None:

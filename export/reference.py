@@ -26,13 +26,15 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 from export.io import read_examples, read_texts  # noqa: E402
 
@@ -46,8 +48,9 @@ class ReferenceError(ValueError):
     """The reference cannot run these inputs, or what it fed the model is not what it tokenized."""
 
 
-def check_request(texts: Sequence[str], queries: bool, task: str | None,
-                  examples: Sequence[dict[str, str]] | None) -> None:
+def check_request(
+    texts: Sequence[str], queries: bool, task: str | None, examples: Sequence[dict[str, str]] | None
+) -> None:
     """Refuse what FlagEmbedding would silently turn into something else."""
     if not texts:
         raise ReferenceError("no input texts")
@@ -58,25 +61,33 @@ def check_request(texts: Sequence[str], queries: bool, task: str | None,
     if examples is None:
         return
     if len(examples) == 0:
-        raise ReferenceError("the example list is empty (FlagEmbedding would use a bare \"\\n\\n\" prefix)")
+        raise ReferenceError('the example list is empty (FlagEmbedding would use a bare "\\n\\n" prefix)')
     if task is None:
         missing = [i for i, e in enumerate(examples) if "instruct" not in e]
         if missing:
-            raise ReferenceError(f"examples {missing} have no 'instruct' and no task is given "
-                                 "(FlagEmbedding would write the literal text \"None\")")
+            raise ReferenceError(
+                f"examples {missing} have no 'instruct' and no task is given "
+                '(FlagEmbedding would write the literal text "None")'
+            )
 
 
-def reference_embed(model_dir: str | Path, texts: Sequence[str], queries: bool, task: str | None = None,
-                    examples: Sequence[dict[str, str]] | None = None, max_length: int = DEFAULT_MAX_LENGTH,
-                    batch_size: int = DEFAULT_BATCH_SIZE) -> tuple[np.ndarray, list[list[int]]]:
+def reference_embed(
+    model_dir: str | Path,
+    texts: Sequence[str],
+    queries: bool,
+    task: str | None = None,
+    examples: Sequence[dict[str, str]] | None = None,
+    max_length: int = DEFAULT_MAX_LENGTH,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> tuple[np.ndarray, list[list[int]]]:
     """Embeddings (float32 [N, hidden], input order) and final token ids per input, by FlagEmbedding."""
     check_request(texts, queries, task, examples)
     embedder = load_embedder(model_dir, task, examples, max_length, batch_size)
     recorder = record_tokenizer(embedder.tokenizer)
     batches: list[tuple[Any, Any]] = []
     hook = embedder.model.register_forward_pre_hook(
-        lambda _module, _args, kwargs: batches.append((kwargs["input_ids"], kwargs["attention_mask"])),
-        with_kwargs=True)
+        lambda _module, _args, kwargs: batches.append((kwargs["input_ids"], kwargs["attention_mask"])), with_kwargs=True
+    )
     try:
         if queries:
             embeddings = embedder.encode_queries(list(texts))
@@ -92,10 +103,12 @@ def reference_embed(model_dir: str | Path, texts: Sequence[str], queries: bool, 
     return embeddings, ids
 
 
-def load_embedder(model_dir: str | Path, task: str | None, examples: Sequence[dict[str, str]] | None,
-                  max_length: int, batch_size: int) -> Any:
-    import torch
-    from FlagEmbedding import FlagICLModel
+def load_embedder(
+    model_dir: str | Path, task: str | None, examples: Sequence[dict[str, str]] | None, max_length: int, batch_size: int
+) -> Any:
+    # FlagEmbedding is heavy to import (it brings in its whole training stack) and only the oracle's
+    # runs need it: `export.io` and the tests that import this module do not.
+    from FlagEmbedding import FlagICLModel  # noqa: PLC0415
 
     torch.manual_seed(0)
     return FlagICLModel(
@@ -156,8 +169,10 @@ def write_ids(path: Path, ids: list[list[int]]) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m export.reference",
-                                     description="Embed texts with FlagEmbedding's ICLLLMEmbedder (the parity oracle).")
+    parser = argparse.ArgumentParser(
+        prog="python -m export.reference",
+        description="Embed texts with FlagEmbedding's ICLLLMEmbedder (the parity oracle).",
+    )
     parser.add_argument("--model", type=Path, required=True, help="Hugging Face model directory")
     parser.add_argument("--input", type=Path, required=True, help="text lines, or JSON lines (.jsonl/.ndjson)")
     parser.add_argument("--output", type=Path, required=True, help=".npy file: float32 [N, hidden], input order")
@@ -179,13 +194,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
-                        format="%(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr, format="%(name)s: %(message)s"
+    )
     try:
         texts = read_texts(args.input, args.field)
         examples = read_examples(args.examples) if args.examples is not None else None
-        embeddings, ids = reference_embed(args.model, texts, args.queries, args.task, examples,
-                                          args.max_length, args.batch_size)
+        embeddings, ids = reference_embed(
+            args.model, texts, args.queries, args.task, examples, args.max_length, args.batch_size
+        )
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

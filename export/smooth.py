@@ -34,8 +34,13 @@ import torch
 log = logging.getLogger(__name__)
 
 CALIBRATION = Path(__file__).with_name("calibration.txt")
-DEFAULTS = {"alpha": 0.5, "max_tokens": 4096, "max_length": 512, "skip_first_token": True,
-            "targets": ["qkv", "gate_up", "down", "o"]}
+DEFAULTS = {
+    "alpha": 0.5,
+    "max_tokens": 4096,
+    "max_length": 512,
+    "skip_first_token": True,
+    "targets": ["qkv", "gate_up", "down", "o"],
+}
 
 
 def calibration_texts(path: Path = CALIBRATION) -> list[str]:
@@ -50,8 +55,9 @@ def _layers(model) -> list:
 
 
 @torch.no_grad()
-def collect(model, tokenizer, texts: list[str], max_tokens: int, max_length: int,
-            skip_first_token: bool) -> tuple[dict[str, torch.Tensor], int]:
+def collect(
+    model, tokenizer, texts: list[str], max_tokens: int, max_length: int, skip_first_token: bool
+) -> tuple[dict[str, torch.Tensor], int]:
     """Per-channel max |x| of the inputs of q_proj, gate_proj, down_proj and o_proj of every layer."""
     stats: dict[str, torch.Tensor] = {}
     hooks = []
@@ -63,11 +69,16 @@ def collect(model, tokenizer, texts: list[str], max_tokens: int, max_length: int
                 x = x[..., 1:, :]
             m = x.abs().reshape(-1, x.shape[-1]).amax(dim=0).float()
             stats[name] = m if name not in stats else torch.maximum(stats[name], m)
+
         return fn
 
     for i, layer in enumerate(_layers(model)):
-        for name, module in (("qkv", layer.self_attn.q_proj), ("o", layer.self_attn.o_proj),
-                             ("gate_up", layer.mlp.gate_proj), ("down", layer.mlp.down_proj)):
+        for name, module in (
+            ("qkv", layer.self_attn.q_proj),
+            ("o", layer.self_attn.o_proj),
+            ("gate_up", layer.mlp.gate_proj),
+            ("down", layer.mlp.down_proj),
+        ):
             hooks.append(module.register_forward_pre_hook(hook(f"{i}.{name}")))
     used = _feed(model, tokenizer, texts, hooks, max_tokens, max_length, min_tokens=2)
     return stats, used
@@ -125,15 +136,21 @@ def apply(model, stats: dict[str, torch.Tensor], alpha: float, targets: list[str
                 attn.v_proj.bias.div_(s_kv.reshape(-1).to(attn.v_proj.bias.dtype))
             attn.o_proj.weight.mul_(s_full.to(attn.o_proj.weight.dtype)[None, :])
             summary["o"].append(_spread(stats[f"{i}.o"], s_full))
-    return {t: {"max_channel_ratio_before": max(v[0] for v in vals) if vals else None,
-                "max_channel_ratio_after": max(v[1] for v in vals) if vals else None}
-            for t, vals in summary.items()}
+    return {
+        t: {
+            "max_channel_ratio_before": max(v[0] for v in vals) if vals else None,
+            "max_channel_ratio_after": max(v[1] for v in vals) if vals else None,
+        }
+        for t, vals in summary.items()
+    }
 
 
 def _spread(x_max: torch.Tensor, s: torch.Tensor) -> tuple[float, float]:
     """Peak channel over median channel, before and after smoothing."""
+
     def ratio(v):
         return float(v.max() / v.median().clamp(min=1e-8))
+
     return ratio(x_max), ratio(x_max / s)
 
 
@@ -148,14 +165,25 @@ def prepare(model, tokenizer, alpha: float | None = None, texts: list[str] | Non
     summary = apply(model, stats, opts["alpha"], opts["targets"])
     seconds = time.perf_counter() - start
     log.info("smoothquant alpha %.2f on %d calibration tokens in %.1f s: %s", opts["alpha"], used, seconds, summary)
-    return {"method": "smoothquant", "alpha": opts["alpha"], "targets": list(opts["targets"]),
-            "calibration_tokens": used, "skip_first_token": opts["skip_first_token"],
-            "calibration": CALIBRATION.name}
+    return {
+        "method": "smoothquant",
+        "alpha": opts["alpha"],
+        "targets": list(opts["targets"]),
+        "calibration_tokens": used,
+        "skip_first_token": opts["skip_first_token"],
+        "calibration": CALIBRATION.name,
+    }
 
 
-LINEARS = (("self_attn", "q_proj", "q"), ("self_attn", "k_proj", "k"), ("self_attn", "v_proj", "v"),
-           ("self_attn", "o_proj", "o"), ("mlp", "gate_proj", "gate"), ("mlp", "up_proj", "up"),
-           ("mlp", "down_proj", "down"))
+LINEARS = (
+    ("self_attn", "q_proj", "q"),
+    ("self_attn", "k_proj", "k"),
+    ("self_attn", "v_proj", "v"),
+    ("self_attn", "o_proj", "o"),
+    ("mlp", "gate_proj", "gate"),
+    ("mlp", "up_proj", "up"),
+    ("mlp", "down_proj", "down"),
+)
 
 
 def _fake_w8a8(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -166,8 +194,9 @@ def _fake_w8a8(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sensitivity(model, tokenizer, texts: list[str] | None = None, max_tokens: int = 1024,
-                max_length: int = 512) -> dict[str, float]:
+def sensitivity(
+    model, tokenizer, texts: list[str] | None = None, max_tokens: int = 1024, max_length: int = 512
+) -> dict[str, float]:
     """Relative output error ||y_int8 - y|| / ||y|| of each linear layer under w8a8 per-token, on calibration text.
 
     Keys are `"{layer}.{q|k|v|o|gate|up|down}"`. Run it after `prepare` (on the smoothed weights).
@@ -186,6 +215,7 @@ def sensitivity(model, tokenizer, texts: list[str] | None = None, max_tokens: in
             e = err.setdefault(name, [0.0, 0.0])
             e[0] += float(d.pow(2).sum())
             e[1] += float(y.pow(2).sum())
+
         return fn
 
     for i, layer in enumerate(_layers(model)):
@@ -204,8 +234,9 @@ def _feed(model, tokenizer, texts, hooks, max_tokens: int, max_length: int, min_
         for text in texts:
             if used >= max_tokens:
                 break
-            ids = tokenizer(text, truncation=True, max_length=min(max_length, max_tokens - used),
-                            return_tensors="pt")["input_ids"]
+            ids = tokenizer(text, truncation=True, max_length=min(max_length, max_tokens - used), return_tensors="pt")[
+                "input_ids"
+            ]
             if ids.shape[1] < min_tokens:
                 continue
             model(input_ids=ids, use_cache=False)

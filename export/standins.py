@@ -31,16 +31,20 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import logging
 import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
+from tokenizers import decoders, pre_tokenizers
+from transformers import AutoModel, AutoTokenizer, LlamaTokenizerFast, MistralConfig, MistralModel
 
 LOG = logging.getLogger("export.standins")
 
@@ -63,14 +67,16 @@ SMOLLM2_PAD = "<|endoftext|>"
 EXPECTED_LAYOUT: dict[str, dict[str, Any]] = {
     "converted": {
         "normalizer": None,
-        "pre_tokenizer": {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "first",
-                          "split": False},
+        "pre_tokenizer": {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "first", "split": False},
     },
     "legacy": {
-        "normalizer": {"type": "Sequence", "normalizers": [
-            {"type": "Prepend", "prepend": "\u2581"},
-            {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"},
-        ]},
+        "normalizer": {
+            "type": "Sequence",
+            "normalizers": [
+                {"type": "Prepend", "prepend": "\u2581"},
+                {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"},
+            ],
+        },
         "pre_tokenizer": None,
     },
 }
@@ -87,8 +93,6 @@ class TensorSpec:
 
 def package_file(package: str, relative: str) -> Path:
     """A data file shipped inside an installed Python package, found without importing it fully."""
-    import importlib.util
-
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(f"python package {package!r} is not installed (see export/requirements.txt)")
@@ -149,8 +153,10 @@ def write_sharded(out: Path, specs: Iterable[TensorSpec], max_shard_bytes: int) 
         LOG.info("writing %s (%d tensors)", name, len(shard))
         write_safetensors(out / name, shard)
         weight_map.update({spec.name: name for spec in shard})
-    index = {"metadata": {"total_size": sum(4 * _numel(s.shape) for s in specs)},
-             "weight_map": dict(sorted(weight_map.items()))}
+    index = {
+        "metadata": {"total_size": sum(4 * _numel(s.shape) for s in specs)},
+        "weight_map": dict(sorted(weight_map.items())),
+    }
     write_json(out / "model.safetensors.index.json", index)
     return [out / n for n in names]
 
@@ -171,8 +177,6 @@ def write_json(path: Path, obj: Any) -> None:
 
 def mistral_config(layers: int, hidden: int, intermediate: int, heads: int, kv_heads: int, head_dim: int):
     """bge-en-icl's config with the given shapes (vocabulary, RoPE, norm and context unchanged)."""
-    from transformers import MistralConfig
-
     return MistralConfig(
         architectures=["MistralModel"],
         vocab_size=32003,
@@ -202,8 +206,6 @@ def random_weight_specs(config: Any, seed: int) -> list[TensorSpec]:
     (as the model's own init sets them); everything else is normal(0, initializer_range), drawn
     from one generator in name order, so the bytes depend only on the config and the seed.
     """
-    from transformers import MistralModel
-
     with torch.device("meta"):
         model = MistralModel(config)
     shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
@@ -236,8 +238,6 @@ def write_mistral_tokenizer(out: Path, style: str) -> None:
     legacy, prepend_scheme "first" otherwise); it is dropped from tokenizer_config.json afterwards,
     because transformers re-converts from the (absent) SentencePiece file whenever it is set.
     """
-    from transformers import LlamaTokenizerFast
-
     if style not in STYLES:
         raise ValueError(f"unknown tokenizer style {style!r}; expected one of {', '.join(STYLES)}")
     tokenizer = LlamaTokenizerFast(
@@ -287,8 +287,6 @@ def build_smollm2(out: Path, seed: int) -> None:
     so the state dict and config are written here. The embedding matrix grows by one row per ICL
     token: the mean embedding plus small seeded noise, so the new tokens are distinct but typical.
     """
-    from transformers import AutoModel
-
     gguf = package_file(*SMOLLM2_GGUF)
     tokenizer = smollm2_tokenizer(gguf)
     LOG.info("loading %s (dequantizing, about a minute)", gguf)
@@ -310,8 +308,10 @@ def build_smollm2(out: Path, seed: int) -> None:
         pad_token_id=tokenizer.pad_token_id,
     )
     write_json(out / "config.json", config)
-    write_safetensors(out / "model.safetensors",
-                      [TensorSpec(name, tuple(state[name].shape), (lambda t=state[name]: t)) for name in sorted(state)])
+    write_safetensors(
+        out / "model.safetensors",
+        [TensorSpec(name, tuple(state[name].shape), (lambda t=state[name]: t)) for name in sorted(state)],
+    )
     save_tokenizer(tokenizer, out)
 
 
@@ -337,22 +337,23 @@ def smollm2_tokenizer(gguf: Path) -> Any:
     - Pre-tokenizer and decoder restored to SmolLM2's own (digits split one by one, then byte-level),
       which the GGUF conversion loses; llama.cpp's "smollm" pre-tokenizer splits digits the same way.
     """
-    from tokenizers import decoders, pre_tokenizers
-    from transformers import AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     backend = tokenizer.backend_tokenizer
     backend.normalizer = None
-    backend.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
-    ])
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
+        ]
+    )
     backend.decoder = decoders.ByteLevel()
-    tokenizer.add_special_tokens({
-        "eos_token": SMOLLM2_END,
-        "pad_token": SMOLLM2_PAD,
-        "additional_special_tokens": list(ICL_TOKENS),
-    })
+    tokenizer.add_special_tokens(
+        {
+            "eos_token": SMOLLM2_END,
+            "pad_token": SMOLLM2_PAD,
+            "additional_special_tokens": list(ICL_TOKENS),
+        }
+    )
     tokenizer.add_bos_token = False
     tokenizer.add_eos_token = True
     tokenizer.padding_side = "left"
@@ -365,8 +366,14 @@ def smollm2_tokenizer(gguf: Path) -> Any:
 # --- command line --------------------------------------------------------------------------------
 
 
-def build(name: str, out: Path, style: str = "converted", layers: int | None = None, seed: int = 0,
-          shard_bytes: int | None = None) -> Path:
+def build(
+    name: str,
+    out: Path,
+    style: str = "converted",
+    layers: int | None = None,
+    seed: int = 0,
+    shard_bytes: int | None = None,
+) -> Path:
     """Build stand-in `name` into `out` (created; must be empty or absent). Returns `out`."""
     if name not in NAMES:
         raise ValueError(f"unknown stand-in {name!r}; expected one of {', '.join(NAMES)}")
@@ -382,8 +389,13 @@ def build(name: str, out: Path, style: str = "converted", layers: int | None = N
         elif name == "slice7b":
             build_mistral(staging, mistral_config(layers or 2, 4096, 14336, 32, 8, 128), seed, style)
         elif name == "full7b":
-            build_mistral(staging, mistral_config(layers or 32, 4096, 14336, 32, 8, 128), seed, style,
-                          shard_bytes=shard_bytes or HUB_SHARD_BYTES)
+            build_mistral(
+                staging,
+                mistral_config(layers or 32, 4096, 14336, 32, 8, 128),
+                seed,
+                style,
+                shard_bytes=shard_bytes or HUB_SHARD_BYTES,
+            )
         else:
             if style != "converted" or layers is not None:
                 raise ValueError("smollm2 takes neither --tokenizer-style nor --layers")
@@ -398,12 +410,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m export.standins", description=__doc__.split("\n\n")[0])
     parser.add_argument("name", choices=NAMES)
     parser.add_argument("--out", type=Path, required=True, help="directory to create (must not hold files)")
-    parser.add_argument("--tokenizer-style", choices=STYLES, default="converted",
-                        help="Mistral tokenizer layout (tiny, slice7b)")
-    parser.add_argument("--layers", type=int, default=None,
-                        help="number of layers (tiny, slice7b: default 2; full7b: default 32)")
-    parser.add_argument("--shard-bytes", type=int, default=None,
-                        help=f"full7b: largest shard in bytes (default {HUB_SHARD_BYTES}, the hub's 10GB)")
+    parser.add_argument(
+        "--tokenizer-style", choices=STYLES, default="converted", help="Mistral tokenizer layout (tiny, slice7b)"
+    )
+    parser.add_argument(
+        "--layers", type=int, default=None, help="number of layers (tiny, slice7b: default 2; full7b: default 32)"
+    )
+    parser.add_argument(
+        "--shard-bytes",
+        type=int,
+        default=None,
+        help=f"full7b: largest shard in bytes (default {HUB_SHARD_BYTES}, the hub's 10GB)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser.parse_args(argv)
@@ -411,8 +429,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
-                        format="%(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr, format="%(name)s: %(message)s"
+    )
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     out = build(args.name, args.out, args.tokenizer_style, args.layers, args.seed, args.shard_bytes)
     print(f"wrote {args.name} to {out}")

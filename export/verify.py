@@ -8,12 +8,18 @@ cosine. A variant whose minimum cosine is under its threshold fails the export.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import torch
+from onnx import helper, numpy_helper
+
+from . import manifest
+from .manifest import START_FILE
+from .ortrun.batch import Batch, common_prefix, last_token, right_padded, without_start
+from .ortrun.segmented import Run, SegmentedGraph
 
 log = logging.getLogger(__name__)
 
@@ -22,40 +28,6 @@ THRESHOLDS = {"fp32": 0.99999, "fp16": 0.999, "int8": 0.99}
 
 class VerificationError(RuntimeError):
     pass
-
-
-@dataclass
-class Batch:
-    input_ids: np.ndarray  # int64 [batch, seq]
-    attention_mask: np.ndarray
-    position_ids: np.ndarray
-
-    def feeds(self) -> dict[str, np.ndarray]:
-        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "position_ids": self.position_ids}
-
-    def row(self, i: int) -> Batch:
-        n = int(self.attention_mask[i].sum())
-        return Batch(self.input_ids[i : i + 1, :n], self.attention_mask[i : i + 1, :n], self.position_ids[i : i + 1, :n])
-
-
-def right_padded(rows: list[list[int]], pad_id: int) -> Batch:
-    """The runtime's batch contract: right padding, mask 1 on real tokens, positions 0..len-1 (0 on padding)."""
-    seq = max(len(r) for r in rows)
-    ids = np.full((len(rows), seq), pad_id, dtype=np.int64)
-    mask = np.zeros((len(rows), seq), dtype=np.int64)
-    pos = np.zeros((len(rows), seq), dtype=np.int64)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = r
-        mask[i, : len(r)] = 1
-        pos[i, : len(r)] = np.arange(len(r))
-    return Batch(ids, mask, pos)
-
-
-def last_token(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Pool at sum(mask) - 1 and L2-normalise, in float64."""
-    last = mask.sum(axis=1) - 1
-    emb = hidden[np.arange(hidden.shape[0]), last].astype(np.float64)
-    return emb / np.linalg.norm(emb, axis=1, keepdims=True)
 
 
 def torch_hidden(model: torch.nn.Module, batch: Batch) -> np.ndarray:
@@ -69,51 +41,10 @@ def torch_hidden(model: torch.nn.Module, batch: Batch) -> np.ndarray:
     return out.last_hidden_state.float().numpy()
 
 
-def session(path: Path, threads: int = 2) -> ort.InferenceSession:
-    from .cpu import session_options
-
-    return ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
-
-
-_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
-
-
-def past_inputs(sess: ort.InferenceSession) -> list[ort.NodeArg]:
-    """The graph's prefix-state inputs (`past.{i}.key|value`), in graph order; [] for a graph without."""
-    return [i for i in sess.get_inputs() if i.name.startswith("past.")]
-
-
-def empty_past(sess: ort.InferenceSession) -> dict[str, np.ndarray]:
-    """Zero-length prefix states: the plain forward."""
-    return {i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), _NUMPY[i.type]) for i in past_inputs(sess)}
-
-
-def onnx_hidden(sess: ort.InferenceSession, batch: Batch, past: dict[str, np.ndarray] | None = None) -> np.ndarray:
-    feeds = batch.feeds()
-    feeds.update(empty_past(sess) if past is None else past)
-    (out,) = sess.run(["last_hidden_state"], feeds)
-    return out
-
-
-def prefix_states(sess: ort.InferenceSession, prefix: list[int]) -> dict[str, np.ndarray]:
-    """Run `prefix` alone; its `present.*` outputs renamed as the next run's `past.*` inputs."""
-    names = [i.name.replace("past.", "present.", 1) for i in past_inputs(sess)]
-    outs = sess.run(names, {**right_padded([prefix], 0).feeds(), **empty_past(sess)})
-    return {name.replace("present.", "past.", 1): out for name, out in zip(names, outs)}
-
-
-def without_start(batch: Batch, k: int) -> Batch:
-    """`batch` without its first `k` columns (the start tokens every row begins with), positions kept:
-    the rows as they run on top of the start states (`past.*` of those `k` tokens)."""
-    return Batch(batch.input_ids[:, k:], batch.attention_mask[:, k:], batch.position_ids[:, k:])
-
-
 def start_ids(tokenizer, graph_inputs) -> list[int]:
     """The ids the tokenizer puts before every text (bge-en-icl: `<s>`), when the graph takes prefix
     states; [] otherwise. Their states are the same in every input: an int8 variant runs on top of
     them computed in fp32 (export/FORMAT.md, `start_states`)."""
-    from . import manifest
-
     if not any(str(n).startswith("past.") for n in graph_inputs):
         return []
     return list(manifest.wrapping(tokenizer)[0])
@@ -121,25 +52,21 @@ def start_ids(tokenizer, graph_inputs) -> list[int]:
 
 def write_start_graph(path: Path, states: dict[str, np.ndarray]) -> None:
     """A graph with no inputs whose outputs, named like the model's `past.*` inputs, are `states`."""
-    import onnx
-    from onnx import helper, numpy_helper
-
     nodes, inits, outputs = [], [], []
     for name, value in states.items():
         inits.append(numpy_helper.from_array(value, f"{name}.constant"))
         nodes.append(helper.make_node("Identity", [f"{name}.constant"], [name]))
         elem = onnx.helper.np_dtype_to_tensor_dtype(value.dtype)
         outputs.append(helper.make_tensor_value_info(name, elem, list(value.shape)))
-    model = helper.make_model(helper.make_graph(nodes, "start_states", [], outputs, inits),
-                              opset_imports=[helper.make_opsetid("", 17)])
+    model = helper.make_model(
+        helper.make_graph(nodes, "start_states", [], outputs, inits), opset_imports=[helper.make_opsetid("", 17)]
+    )
     model.ir_version = 8
     onnx.save(model, str(path))
 
 
 def start_of(graph: Path, quantization: dict | None) -> tuple[list[int], dict[str, np.ndarray]] | None:
     """The start states written beside a quantized `graph` (ids, states), or None."""
-    from .manifest import START_FILE
-
     path = graph.with_name(START_FILE)
     ids = ((quantization or {}).get("selection") or {}).get("start_states")
     if not ids or not path.exists():
@@ -147,14 +74,6 @@ def start_of(graph: Path, quantization: dict | None) -> tuple[list[int], dict[st
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     names = [o.name for o in sess.get_outputs()]
     return list(ids), dict(zip(names, sess.run(names, {})))
-
-
-def common_prefix(rows: list[list[int]]) -> int:
-    n = min(len(r) for r in rows)
-    for i in range(n):
-        if any(r[i] != rows[0][i] for r in rows):
-            return i
-    return n
 
 
 def parity(reference: np.ndarray, embeddings: np.ndarray, threshold: float) -> dict:
@@ -187,12 +106,10 @@ def verify_variant(
     `finite_ids` (one long row) must give finite hidden states. `start` (ids every row begins with,
     and their states): rows run without those ids, on top of the states, as the runtime runs them.
 
-    The graph runs under ONNX Runtime one segment at a time (`stream.SegmentedGraph`: embeddings,
-    each decoder layer, final norm; the graph's own nodes), all workloads in lockstep, so at most one
-    layer's weights are loaded whatever the model's depth.
+    The graph runs under ONNX Runtime one segment at a time (`ortrun.segmented.SegmentedGraph`:
+    embeddings, each decoder layer, final norm; the graph's own nodes), all workloads in lockstep,
+    so at most one layer's weights are loaded whatever the model's depth.
     """
-    from .stream import Run, SegmentedGraph
-
     segmented = SegmentedGraph(graph, threads)
     empty = segmented.empty_past()
     presents = {n for n in segmented.graph_outputs if n.startswith("present.")}
@@ -218,7 +135,11 @@ def verify_variant(
     result = parity(reference, embeddings, threshold)
     log.info(
         "%s parity: min cos %.7f, mean cos %.7f, max abs diff %.2e (threshold %s)",
-        name, result["min_cosine"], result["mean_cosine"], result["max_abs_diff"], threshold,
+        name,
+        result["min_cosine"],
+        result["mean_cosine"],
+        result["max_abs_diff"],
+        threshold,
     )
     if finite_ids is not None:
         hidden = results[-1]["last_hidden_state"]

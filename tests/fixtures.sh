@@ -5,6 +5,7 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
+export PYTHONPATH=$root${PYTHONPATH:+:$PYTHONPATH}  # tests/parity/golden.py imports `export` from the root
 source export/cache.sh
 
 standin tiny-converted tiny --tokenizer-style converted

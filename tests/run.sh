@@ -8,12 +8,13 @@ cd "$root"
 stage() { echo "== $1 (${SECONDS}s so far)" >&2; }
 stage "python environment"
 bash export/setup.sh
-# The server's client tests: installed only when the pinned list changed (a stamp beside the venv's).
-server_req=tests/requirements-server.txt
-server_stamp=.venv/.requirements-server.sha256
-if [ "$(cat "$server_stamp" 2>/dev/null)" != "$(sha256sum "$server_req" | cut -d' ' -f1)" ]; then
-  .venv/bin/python -m pip install -q -r "$server_req"
-  sha256sum "$server_req" | cut -d' ' -f1 > "$server_stamp"
+# The tests' own tools (the server's client, ruff): installed only when the pinned list changed (a
+# stamp beside the venv's).
+test_req=tests/requirements.txt
+test_stamp=.venv/.requirements-tests.sha256
+if [ "$(cat "$test_stamp" 2>/dev/null)" != "$(sha256sum "$test_req" | cut -d' ' -f1)" ]; then
+  .venv/bin/python -m pip install -q -r "$test_req"
+  sha256sum "$test_req" | cut -d' ' -f1 > "$test_stamp"
 fi
 stage "rust build"
 cargo build --quiet --all-targets
@@ -29,6 +30,9 @@ stage "fixtures"
 fixtures=$(bash tests/fixtures.sh)  # a failing fixture build stops here (set -e)
 eval "$fixtures"
 export ICL_REQUIRE_FIXTURES=1
+stage "python lint"
+.venv/bin/ruff check .  # two lines: set -e ignores a failure on the left of &&
+.venv/bin/ruff format --check .
 stage "python tests"
 .venv/bin/python -m pytest -q --durations=5 tests/python
 stage "rust tests"

@@ -16,9 +16,10 @@ if [ ! -f "$lib" ] || [ "$root/tests/bench/avx2only.c" -nt "$lib" ]; then
   gcc -O2 -shared -fPIC -Wall -Wextra -Werror -o "$lib" "$root/tests/bench/avx2only.c"
 fi
 # Check that the emulation holds, the way the runtime and ONNX Runtime look (CPUID), before measuring.
-LD_PRELOAD=$lib "$root/.venv/bin/python" - "$root" <<'PY'
+# `export` (here and in a Python COMMAND) is imported from the repository root.
+export PYTHONPATH=$root${PYTHONPATH:+:$PYTHONPATH}
+LD_PRELOAD=$lib "$root/.venv/bin/python" - <<'PY'
 import sys
-sys.path.insert(0, sys.argv[1])
 from export import cpu
 f = cpu.features()
 if f & {"avx512vnni", "avxvnni"} or "avx2" not in f:

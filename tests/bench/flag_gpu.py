@@ -36,8 +36,21 @@ def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 def cli_run(args: argparse.Namespace, input_path: Path, extra: list[str]) -> tuple[int, float, np.ndarray]:
     out = args.work / "timed.npy"
-    cmd = [str(args.binary), "embed", "--model", str(args.package), "--input", str(input_path),
-           "--output", str(out), "--device", args.device, "--variant", args.variant, *extra]
+    cmd = [
+        str(args.binary),
+        "embed",
+        "--model",
+        str(args.package),
+        "--input",
+        str(input_path),
+        "--output",
+        str(out),
+        "--device",
+        args.device,
+        "--variant",
+        args.variant,
+        *extra,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"icl-embed failed ({proc.returncode}): {proc.stderr[-2000:]}")
@@ -67,7 +80,10 @@ def main() -> int:
     examples = json.loads(args.work.joinpath("examples.json").read_text(encoding="utf-8"))
     workloads = {
         "documents": (docs * args.copies, []),
-        "3-shot queries": (queries * max(1, args.copies // 2), ["--queries", "--task", TASK, "--examples", str(args.work / "examples.json")]),
+        "3-shot queries": (
+            queries * max(1, args.copies // 2),
+            ["--queries", "--task", TASK, "--examples", str(args.work / "examples.json")],
+        ),
     }
 
     import torch
@@ -76,9 +92,15 @@ def main() -> int:
     gpu = args.device == "cuda"
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name(0) if gpu else 'cpu'}")
     start = time.perf_counter()
-    model = FlagICLModel(str(args.model), query_instruction_for_retrieval=TASK, examples_for_task=examples,
-                         use_fp16=args.variant != "fp32", devices="cuda:0" if gpu else "cpu",
-                         query_max_length=512, passage_max_length=512)
+    model = FlagICLModel(
+        str(args.model),
+        query_instruction_for_retrieval=TASK,
+        examples_for_task=examples,
+        use_fp16=args.variant != "fp32",
+        devices="cuda:0" if gpu else "cpu",
+        query_max_length=512,
+        passage_max_length=512,
+    )
     print(f"FlagEmbedding load {time.perf_counter() - start:.1f} s")
 
     for name, (texts, extra) in workloads.items():
@@ -98,11 +120,15 @@ def main() -> int:
         tokens, ours = runs[-1][0], runs[-1][2]
         cli_s = statistics.median(r[1] for r in runs)
         fs = statistics.median(flag_s)
-        print(f"{name}: {len(texts)} texts, {tokens} tokens; icl-embed {args.device} {args.variant} {cli_s:.3f} s "
-              f"({tokens / cli_s:,.0f} tokens/s; runs {', '.join(f'{r[1]:.3f}' for r in runs)}); "
-              f"FlagEmbedding {fs:.3f} s ({tokens / fs:,.0f} tokens/s; runs "
-              f"{', '.join(f'{s:.3f}' for s in flag_s)}); icl-embed / FlagEmbedding speed {fs / cli_s:.2f}x")
-        print(f"{name}: min cosine icl-embed {args.device} {args.variant} vs FlagEmbedding {min_cosine(ours, flag):.6f}")
+        print(
+            f"{name}: {len(texts)} texts, {tokens} tokens; icl-embed {args.device} {args.variant} {cli_s:.3f} s "
+            f"({tokens / cli_s:,.0f} tokens/s; runs {', '.join(f'{r[1]:.3f}' for r in runs)}); "
+            f"FlagEmbedding {fs:.3f} s ({tokens / fs:,.0f} tokens/s; runs "
+            f"{', '.join(f'{s:.3f}' for s in flag_s)}); icl-embed / FlagEmbedding speed {fs / cli_s:.2f}x"
+        )
+        print(
+            f"{name}: min cosine icl-embed {args.device} {args.variant} vs FlagEmbedding {min_cosine(ours, flag):.6f}"
+        )
         short = "docs" if not extra else "q"
         n = len(docs) if not extra else len(queries)
         cpu = np.load(args.work / f"cpu_{short}.npy")

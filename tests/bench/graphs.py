@@ -1,6 +1,6 @@
 """Two or more graphs of one model, alternating in one process: are they the same, and which is faster?
 
-    python tests/bench/graphs.py --shape 8x200 --runs 8 OLD/model.onnx NEW/model.onnx [...]
+    PYTHONPATH=. .venv/bin/python tests/bench/graphs.py --shape 8x200 --runs 8 OLD/model.onnx NEW/model.onnx [...]
 
 Every graph gets the same random ids (a leading 1, then ids 100..29999) as one `rows x tokens`
 batch without padding and without a prefix, with the exporter's session options (2 threads by
@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from export import cpu, verify  # noqa: E402
+from export import cpu
+from export.ortrun.batch import right_padded
+from export.ortrun.session import onnx_hidden, session
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,16 +34,16 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     rows, tokens = (int(x) for x in args.shape.split("x"))
     rng = np.random.default_rng(0)
-    batch = verify.right_padded([[1] + rng.integers(100, 30000, tokens - 1).tolist() for _ in range(rows)], 0)
-    sessions = [verify.session(g, args.threads) for g in args.graphs]
-    outs = [verify.onnx_hidden(s, batch) for s in sessions]
+    batch = right_padded([[1] + rng.integers(100, 30000, tokens - 1).tolist() for _ in range(rows)], 0)
+    sessions = [session(g, args.threads) for g in args.graphs]
+    outs = [onnx_hidden(s, batch) for s in sessions]
     for g, o in zip(args.graphs[1:], outs[1:]):
         print(f"{g}: largest difference from {args.graphs[0]}: {np.abs(o - outs[0]).max():.3g}")
     times: list[list[float]] = [[] for _ in sessions]
     for _ in range(args.runs):
         for i, s in enumerate(sessions):
             start = time.perf_counter()
-            verify.onnx_hidden(s, batch)
+            onnx_hidden(s, batch)
             times[i].append(time.perf_counter() - start)
     print(f"{cpu.cpu_class()}, {args.threads} threads, {rows} x {tokens} tokens, {args.runs} runs each")
     for g, t in zip(args.graphs, times):

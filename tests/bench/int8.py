@@ -1,6 +1,7 @@
 """int8 against fp32 from the CLI, alternating, for a shared machine (issue 13). Asserts nothing.
 
-    python tests/bench/int8.py --binary target/release/icl-embed --package PKG [--docs 16] [--runs 3]
+    PYTHONPATH=. .venv/bin/python tests/bench/int8.py --binary target/release/icl-embed --package PKG
+        [--docs 16] [--runs 3]
 
 Uses speed.py's workloads (passages spread over the shared data; MSMARCO's instruction and 3
 examples over 16 AIR-Bench questions). Each repetition runs, in turn, every (workload, variant)
@@ -21,24 +22,22 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import numpy as np
+import speed  # this script's folder, which Python puts first on sys.path
 
-import speed  # noqa: E402
+from export.cpu import cpu_class
+from export.ortrun.batch import right_padded
+from export.ortrun.session import onnx_hidden, session
 
 
 def one_forward(package: Path, variant: str, tokens: int, threads: int) -> float:
-    import numpy as np
-
-    from export import verify
-
-    sess = verify.session(package / variant / "model.onnx", threads)
-    batch = verify.right_padded([list(range(100, 100 + tokens))], pad_id=0)
-    verify.onnx_hidden(sess, batch)
+    sess = session(package / variant / "model.onnx", threads)
+    batch = right_padded([list(range(100, 100 + tokens))], pad_id=0)
+    onnx_hidden(sess, batch)
     times = []
     for _ in range(5):
         start = time.perf_counter()
-        verify.onnx_hidden(sess, batch)
+        onnx_hidden(sess, batch)
         times.append(time.perf_counter() - start)
     del sess
     return float(np.min(times))
@@ -63,8 +62,10 @@ def main(argv: list[str] | None = None) -> int:
         scratch = Path(tmp)
         for work in (docs, queries):
             speed.prepare(work, args.binary, str(args.package), scratch / work.kind)
-        cases = [(docs, [], "documents")] + [(queries, [], "queries, prefix cache"),
-                                             (queries, ["--no-prefix-cache"], "queries, --no-prefix-cache")]
+        cases = [(docs, [], "documents")] + [
+            (queries, [], "queries, prefix cache"),
+            (queries, ["--no-prefix-cache"], "queries, --no-prefix-cache"),
+        ]
         rows = {(label, v): speed.Row("icl-embed", v) for _, _, label in cases for v in variants}
         runs = argparse.Namespace(**{**vars(args), "runs": 1, "warmup": 0})
         for rep in range(args.runs):
@@ -75,14 +76,29 @@ def main(argv: list[str] | None = None) -> int:
         forward = {v: {n: one_forward(args.package, v, n, args.threads) for n in (8, 512)} for v in variants}
     load1 = os.getloadavg()
     tokens = {label: sum(len(i) for part in work.parts for i in part.ids) for work, _, label in cases}
-    result = {"package": str(args.package), "runs": args.runs, "threads": args.threads,
-              "load_average_start": load0[0], "load_average_end": load1[0], "cpu": cpu(), "rows": []}
+    result = {
+        "package": str(args.package),
+        "runs": args.runs,
+        "threads": args.threads,
+        "load_average_start": load0[0],
+        "load_average_end": load1[0],
+        "cpu": cpu(),
+        "rows": [],
+    }
     for (label, v), row in rows.items():
         secs = statistics.median(row.times)
-        result["rows"].append({"workload": label, "variant": v, "tokens": tokens[label], "seconds": secs,
-                               "tokens_per_s": tokens[label] / secs, "all_seconds": row.times,
-                               "peak_rss_mib": row.rss_kb / 1024,
-                               "disk_mib": speed.variant_bytes(args.package, v) / 2**20})
+        result["rows"].append(
+            {
+                "workload": label,
+                "variant": v,
+                "tokens": tokens[label],
+                "seconds": secs,
+                "tokens_per_s": tokens[label] / secs,
+                "all_seconds": row.times,
+                "peak_rss_mib": row.rss_kb / 1024,
+                "disk_mib": speed.variant_bytes(args.package, v) / 2**20,
+            }
+        )
     result["forward_s"] = forward
     print(json.dumps(result, indent=1))
     by = {(r["workload"], r["variant"]): r for r in result["rows"]}
@@ -92,11 +108,15 @@ def main(argv: list[str] | None = None) -> int:
     for (label, v), r in by.items():
         base = by.get((label, "fp32"))
         ratio = r["tokens_per_s"] / base["tokens_per_s"] if base else float("nan")
-        print(f"| {label} | {v} | {r['tokens_per_s']:.1f} | {ratio:.2f}x | {r['peak_rss_mib']:.0f} | {r['disk_mib']:.0f} |")
+        print(
+            f"| {label} | {v} | {r['tokens_per_s']:.1f} | {ratio:.2f}x | {r['peak_rss_mib']:.0f} | {r['disk_mib']:.0f} |"
+        )
     for v in variants:
         a, b = by[("queries, prefix cache", v)], by[("queries, --no-prefix-cache", v)]
-        print(f"{v}: prefix cache / no cache {a['tokens_per_s'] / b['tokens_per_s']:.2f}x; "
-              f"one 1 x 8 forward {forward[v][8] * 1000:.1f} ms, 1 x 512 {forward[v][512] * 1000:.0f} ms")
+        print(
+            f"{v}: prefix cache / no cache {a['tokens_per_s'] / b['tokens_per_s']:.2f}x; "
+            f"one 1 x 8 forward {forward[v][8] * 1000:.1f} ms, 1 x 512 {forward[v][512] * 1000:.0f} ms"
+        )
     return 0
 
 
@@ -109,8 +129,6 @@ def cpu() -> str:
         if line.startswith("model name") and not model:
             model = line.split(":", 1)[1].strip()
     isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
-    from export.cpu import cpu_class
-
     # CPUID as the processes read it: under tests/bench/avx2only.sh it is masked to AVX2.
     masked = " (CPUID masked by tests/bench/avx2only.sh)" if "avx2only" in os.environ.get("LD_PRELOAD", "") else ""
     return f"{model}, {os.cpu_count()} logical cores, {' '.join(isa)}; processes see {cpu_class()}{masked}"

@@ -22,6 +22,7 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$root"
+export PYTHONPATH=$root${PYTHONPATH:+:$PYTHONPATH}  # the scripts here import `export` from the root
 
 runs=3 warmup=1 models=slice7b,smollm2 quick=0 stream=0 output= models_given=0 runs_given=0
 command="bash tests/bench/run.sh"

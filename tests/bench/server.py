@@ -31,9 +31,7 @@ import time
 from pathlib import Path
 
 import aiohttp
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed import DATA, SHOTS, air_bench_queries, document_pool, load_instructions, spaced  # noqa: E402
+from speed import DATA, SHOTS, air_bench_queries, document_pool, load_instructions, spaced  # this script's folder
 
 TASK = "MSMARCO"
 DONE = re.compile(r"done: (\d+) items, (\d+) tokens, ([0-9.]+) s")
@@ -44,8 +42,12 @@ def cli_rate(binary: str, package: str, texts: list[str], scratch: Path, common:
     src, out = scratch / "cli.jsonl", scratch / "cli.npy"
     src.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
     out.unlink(missing_ok=True)
-    r = subprocess.run([binary, "embed", "--model", package, "--input", str(src), "--output", str(out), *common, *extra],
-                       capture_output=True, text=True, check=True)
+    r = subprocess.run(
+        [binary, "embed", "--model", package, "--input", str(src), "--output", str(out), *common, *extra],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     m = DONE.search(r.stderr)
     assert m, r.stderr
     return int(m.group(1)) / float(m.group(3))
@@ -55,8 +57,11 @@ class Server:
     """`icl-embed serve` on a free loopback port."""
 
     def __init__(self, binary: str, package: str, common: list[str], extra: list[str]):
-        self.proc = subprocess.Popen([binary, "serve", "--model", package, "--host", "127.0.0.1", "--port", "0",
-                                      *common, *extra], stderr=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            [binary, "serve", "--model", package, "--host", "127.0.0.1", "--port", "0", *common, *extra],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         self.url = None
         for line in self.proc.stderr:
             if line.startswith("listening on "):
@@ -77,6 +82,7 @@ async def load(url: str, bodies: list[dict], clients: int, max_seconds: float) -
     deadline = time.perf_counter() + max_seconds
     connector = aiohttp.TCPConnector(limit=clients)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600)) as session:
+
         async def client() -> None:
             for body in next_body:
                 if time.perf_counter() > deadline:
@@ -128,8 +134,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         scratch = Path(tmp)
         (scratch / "examples.json").write_text(json.dumps(examples), encoding="utf-8")
-        (scratch / "tasks.json").write_text(json.dumps({"msmarco": {"instruction": instruction,
-                                                                    "examples": "examples.json"}}), encoding="utf-8")
+        (scratch / "tasks.json").write_text(
+            json.dumps({"msmarco": {"instruction": instruction, "examples": "examples.json"}}), encoding="utf-8"
+        )
         query_args = ["--queries", "--task", instruction, "--examples", str(scratch / "examples.json")]
         tasks = ["--tasks", str(scratch / "tasks.json")]
         doc_bodies = [{"input": [t], "model": "bench", "encoding_format": "base64"} for t in docs]
@@ -151,8 +158,10 @@ def main() -> int:
                 for c in clients:
                     add(f"server docs {c}", asyncio.run(load(cached.url, doc_bodies, c, a.max_seconds)))
                 add("cli queries", cli_rate(a.binary, a.model, queries, scratch, common, query_args))
-                add("cli queries full", cli_rate(a.binary, a.model, queries, scratch, common,
-                                                 query_args + ["--no-prefix-cache"]))
+                add(
+                    "cli queries full",
+                    cli_rate(a.binary, a.model, queries, scratch, common, query_args + ["--no-prefix-cache"]),
+                )
                 add("server queries", asyncio.run(load(cached.url, query_bodies, a.query_clients, a.max_seconds)))
                 add("server queries full", asyncio.run(load(full.url, query_bodies, a.query_clients, a.max_seconds)))
                 print(json.dumps({k: v[-1] for k, v in results.items()}), file=sys.stderr)
@@ -163,8 +172,10 @@ def main() -> int:
     def row(label: str, key: str, base: float) -> str:
         rs = results[key]
         rate = med([r["rate"] for r in rs])
-        return (f"| {label} | {med([r['requests'] for r in rs]):.0f} | {rate:.3f} | {med([r['p50'] for r in rs]):,.0f} | "
-                f"{med([r['p99'] for r in rs]):,.0f} | {rate / base:.2f}x |")
+        return (
+            f"| {label} | {med([r['requests'] for r in rs]):.0f} | {rate:.3f} | {med([r['p50'] for r in rs]):,.0f} | "
+            f"{med([r['p99'] for r in rs]):,.0f} | {rate / base:.2f}x |"
+        )
 
     def clients_label(c: int, requests: int) -> str:
         # More clients than requests: at most `requests` are ever in flight.

@@ -98,6 +98,7 @@ def check_instructions() -> list[str]:
 @dataclass
 class Part:
     """One CLI invocation's worth of input: documents, or the queries of one task."""
+
     name: str
     texts: list[str]
     task: str | None = None
@@ -164,8 +165,9 @@ def air_bench_queries() -> list[str]:
     return pool
 
 
-def make_workloads(n_docs: int, tasks: list[str], per_task: int,
-                   query_source: str = "mteb") -> tuple[Workload, Workload]:
+def make_workloads(
+    n_docs: int, tasks: list[str], per_task: int, query_source: str = "mteb"
+) -> tuple[Workload, Workload]:
     docs = Workload("documents", [Part("documents", spaced(document_pool(), n_docs))])
     instructions = load_instructions()
     examples = {}
@@ -184,8 +186,10 @@ def make_workloads(n_docs: int, tasks: list[str], per_task: int,
                 continue
             with open(DATA / "MTEB" / f"{task}.json", encoding="utf-8") as f:
                 pool += [e["query"] for e in json.load(f) if e.get("query")]
-    parts = [Part(task, spaced(pool, per_task, k, len(tasks)), instructions[task], examples[task])
-             for k, task in enumerate(tasks)]
+    parts = [
+        Part(task, spaced(pool, per_task, k, len(tasks)), instructions[task], examples[task])
+        for k, task in enumerate(tasks)
+    ]
     return docs, Workload("queries", parts, query_source)
 
 
@@ -198,8 +202,7 @@ def prepare(work: Workload, binary: str, package: str, directory: Path) -> None:
         with open(part.texts_file, "w", encoding="utf-8") as f:
             for text in part.texts:
                 f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
-        cmd = [binary, "tokenize", "--model", package, "--input", str(part.texts_file),
-               "--max-length", str(MAX_LENGTH)]
+        cmd = [binary, "tokenize", "--model", package, "--input", str(part.texts_file), "--max-length", str(MAX_LENGTH)]
         if part.task is not None:
             part.examples_file = directory / f"{stem}.examples.json"
             with open(part.examples_file, "w", encoding="utf-8") as f:
@@ -237,11 +240,12 @@ class Row:
 
 def timed(cmd: list[str], env: dict[str, str]) -> tuple[subprocess.CompletedProcess, int, float]:
     with tempfile.NamedTemporaryFile("r", suffix=".time") as tf:
-        proc = subprocess.run(["/usr/bin/time", "-f", "%M %e", "-o", tf.name, *cmd],
-                              capture_output=True, text=True, env=env)
+        proc = subprocess.run(
+            ["/usr/bin/time", "-f", "%M %e", "-o", tf.name, *cmd], capture_output=True, text=True, env=env
+        )
         fields = (tf.read().strip().splitlines() or ["0 0"])[-1].split()
     if proc.returncode != 0:
-        lines = [l for l in (proc.stderr or "").splitlines() if l.strip()]
+        lines = [ln for ln in (proc.stderr or "").splitlines() if ln.strip()]
         print(f"    {shlex.join(cmd)}\n" + "\n".join(lines[-20:]), file=sys.stderr)
         raise RuntimeError(f"exit {proc.returncode}: {lines[-1] if lines else 'no output'}")
     try:
@@ -260,9 +264,17 @@ def done_seconds(m: re.Match) -> float:
     return tokens / rate if rate >= 1000 and tokens else secs
 
 
-def run_cli(row: Row, args: argparse.Namespace, env: dict[str, str], package: str, work: Workload,
-            extra: list[str], scratch: Path) -> None:
+def run_cli(
+    row: Row,
+    args: argparse.Namespace,
+    env: dict[str, str],
+    package: str,
+    work: Workload,
+    extra: list[str],
+    scratch: Path,
+) -> None:
     import numpy as np
+
     for rep in range(args.warmup + args.runs):
         compute = wall = 0.0
         loads, outs = [], []
@@ -271,9 +283,25 @@ def run_cli(row: Row, args: argparse.Namespace, env: dict[str, str], package: st
             out.unlink(missing_ok=True)
             for stale in scratch.glob(out.name + ".partial*"):  # left by an interrupted bench
                 stale.unlink()
-            cmd = [args.binary, "embed", "--model", package, "--input", str(part.texts_file),
-                   "--output", str(out), "--device", "cpu", "--threads", str(args.threads),
-                   "--variant", row.variant, "--max-length", str(MAX_LENGTH), *extra]
+            cmd = [
+                args.binary,
+                "embed",
+                "--model",
+                package,
+                "--input",
+                str(part.texts_file),
+                "--output",
+                str(out),
+                "--device",
+                "cpu",
+                "--threads",
+                str(args.threads),
+                "--variant",
+                row.variant,
+                "--max-length",
+                str(MAX_LENGTH),
+                *extra,
+            ]
             if part.task is not None:
                 cmd += ["--queries", "--task", part.task, "--examples", str(part.examples_file)]
             proc, kb, secs = timed(cmd, env)
@@ -295,15 +323,27 @@ def run_cli(row: Row, args: argparse.Namespace, env: dict[str, str], package: st
             row.embeddings = np.concatenate(outs)
 
 
-def run_worker(row: Row, args: argparse.Namespace, env: dict[str, str], worker: list[str],
-               scratch: Path) -> None:
+def run_worker(row: Row, args: argparse.Namespace, env: dict[str, str], worker: list[str], scratch: Path) -> None:
     import numpy as np
+
     result = scratch / "worker.json"
     emb = scratch / "worker.npy"
     result.unlink(missing_ok=True)
-    cmd = [sys.executable, str(Path(__file__).resolve()), *worker, "--threads", str(args.threads),
-           "--runs", str(args.runs), "--warmup", str(args.warmup), "--result", str(result),
-           "--save", str(emb)]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        *worker,
+        "--threads",
+        str(args.threads),
+        "--runs",
+        str(args.runs),
+        "--warmup",
+        str(args.warmup),
+        "--result",
+        str(result),
+        "--save",
+        str(emb),
+    ]
     _, kb, _ = timed(cmd, env)
     data = json.loads(result.read_text())
     row.load_s = [data["load_s"]]
@@ -346,7 +386,6 @@ def worker_ort(argv: list[str]) -> int:
     import numpy as np
     import onnxruntime as ort
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     from export.cpu import session_options
 
     manifest = json.loads((a.package / "embedder.json").read_text())
@@ -354,8 +393,9 @@ def worker_ort(argv: list[str]) -> int:
     pad_id = int(manifest["special_tokens"].get("pad_id") or 0)
     start = time.perf_counter()
     # As the runtime sets them: exact int8 (session.x64quantprecision) on a CPU without VNNI.
-    session = ort.InferenceSession(str(a.package / spec["file"]), session_options(a.threads),
-                                   providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        str(a.package / spec["file"]), session_options(a.threads), providers=["CPUExecutionProvider"]
+    )
     load = time.perf_counter() - start
     names = {i.name for i in session.get_inputs()}
     # Graphs exported with a prefix cache also take past keys/values ([1, kv heads, past, head dim]);
@@ -376,8 +416,8 @@ def worker_ort(argv: list[str]) -> int:
         input_ids = np.full((len(rows), seq), pad_id, dtype=np.int64)
         mask = np.zeros((len(rows), seq), dtype=np.int64)
         for i, r in enumerate(rows):
-            input_ids[i, :lengths[r]] = ids[r]
-            mask[i, :lengths[r]] = 1
+            input_ids[i, : lengths[r]] = ids[r]
+            mask[i, : lengths[r]] = 1
         positions = np.where(mask == 1, np.cumsum(mask, axis=1) - 1, 0).astype(np.int64)
         feed = {"input_ids": input_ids, "attention_mask": mask, "position_ids": positions}
         batches.append((rows, {**{k: v for k, v in feed.items() if k in names}, **empty_past}))
@@ -413,7 +453,7 @@ def plan(lengths: list[int], budget: int, max_rows: int) -> list[list[int]]:
                 best[i], end[i] = cost, j
     batches, i = [], 0
     while i < n:
-        batches.append(order[i:end[i]])
+        batches.append(order[i : end[i]])
         i = end[i]
     return batches
 
@@ -421,21 +461,34 @@ def plan(lengths: list[int], budget: int, max_rows: int) -> list[list[int]]:
 def worker_flag(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="speed.py worker-flag")
     p.add_argument("--model", type=Path, required=True)
-    p.add_argument("--part", type=Path, action="append", required=True,
-                   help="JSON {texts, task, examples} (task null: documents); repeatable")
+    p.add_argument(
+        "--part",
+        type=Path,
+        action="append",
+        required=True,
+        help="JSON {texts, task, examples} (task null: documents); repeatable",
+    )
     worker_common(p)
     a = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     import numpy as np
     import torch
+
     torch.set_num_threads(a.threads)
     from FlagEmbedding import FlagICLModel
+
     parts = [json.loads(path.read_text()) for path in a.part]
     start = time.perf_counter()
-    model = FlagICLModel(str(a.model), query_instruction_for_retrieval=parts[0]["task"],
-                         examples_for_task=parts[0]["examples"], use_fp16=False, devices="cpu",
-                         query_max_length=MAX_LENGTH, passage_max_length=MAX_LENGTH)
+    model = FlagICLModel(
+        str(a.model),
+        query_instruction_for_retrieval=parts[0]["task"],
+        examples_for_task=parts[0]["examples"],
+        use_fp16=False,
+        devices="cpu",
+        query_max_length=MAX_LENGTH,
+        passage_max_length=MAX_LENGTH,
+    )
     load = time.perf_counter() - start
 
     def once() -> np.ndarray:
@@ -479,8 +532,9 @@ def cli_flags(binary: str) -> set[str]:
 
 
 def measure(model: Model, work: Workload, args: argparse.Namespace, scratch: Path, log) -> list[Row]:
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
-               TOKENIZERS_PARALLELISM="false")
+    env = dict(
+        os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false"
+    )
     rows: list[Row] = []
 
     def attempt(row: Row, fn, *a) -> None:
@@ -511,8 +565,14 @@ def measure(model: Model, work: Workload, args: argparse.Namespace, scratch: Pat
         ids += ["--ids", str(part.ids_file)]
     for variant in args.ort_variants:
         row = Row("onnxruntime (Python)", variant, weights=variant_bytes(model.package, variant))
-        attempt(row, run_worker, args, env,
-                ["worker-ort", "--package", str(model.package), "--variant", variant, *ids], scratch)
+        attempt(
+            row,
+            run_worker,
+            args,
+            env,
+            ["worker-ort", "--package", str(model.package), "--variant", variant, *ids],
+            scratch,
+        )
     return rows
 
 
@@ -530,6 +590,7 @@ def mib(n: int) -> str:
 
 def min_cos(a: Any, b: Any) -> float | None:
     import numpy as np
+
     if a is None or b is None or a.shape != b.shape:
         return None
     a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
@@ -545,8 +606,18 @@ def flag_row(rows: list[Row]) -> Row | None:
 def table(model: Model, work: Workload, rows: list[Row]) -> list[str]:
     fe = flag_row(rows)
     fe_rate = work.tokens / med(fe.times) if fe else None
-    head = ["engine", "variant", "tokens/s", "embeddings/s", "vs FlagEmbedding", "load (s)",
-            "whole run (s)", "peak RSS (MiB)", "weights (MiB)", "min cos vs FlagEmbedding"]
+    head = [
+        "engine",
+        "variant",
+        "tokens/s",
+        "embeddings/s",
+        "vs FlagEmbedding",
+        "load (s)",
+        "whole run (s)",
+        "peak RSS (MiB)",
+        "weights (MiB)",
+        "min cos vs FlagEmbedding",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rows:
         if r.error:
@@ -555,29 +626,46 @@ def table(model: Model, work: Workload, rows: list[Row]) -> list[str]:
             continue
         t = med(r.times)
         rate = work.tokens / t if t else None
-        cells = [r.engine, r.variant, fmt(rate), fmt(work.items / t if t else None, 2),
-                 fmt(rate / fe_rate, 2) + "x" if rate and fe_rate else "-",
-                 fmt(med(r.load_s), 2), fmt(med(r.walls), 2) if r.walls else "-",
-                 f"{r.rss_kb / 1024:,.0f}", mib(r.weights),
-                 fmt(min_cos(r.embeddings, fe.embeddings if fe else None), 4) if r is not fe else "(reference)"]
+        cells = [
+            r.engine,
+            r.variant,
+            fmt(rate),
+            fmt(work.items / t if t else None, 2),
+            fmt(rate / fe_rate, 2) + "x" if rate and fe_rate else "-",
+            fmt(med(r.load_s), 2),
+            fmt(med(r.walls), 2) if r.walls else "-",
+            f"{r.rss_kb / 1024:,.0f}",
+            mib(r.weights),
+            fmt(min_cos(r.embeddings, fe.embeddings if fe else None), 4) if r is not fe else "(reference)",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
 def prefix_cache_table(work: Workload, rows: list[Row]) -> list[str]:
     fe = flag_row(rows)
-    lines = ["| variant | queries/s with prefix cache | without (`--no-prefix-cache`) | ratio | "
-             "with cache vs FlagEmbedding | the CLI's `prefix cache:` line |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| variant | queries/s with prefix cache | without (`--no-prefix-cache`) | ratio | "
+        "with cache vs FlagEmbedding | the CLI's `prefix cache:` line |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for with_row in (r for r in rows if r.engine == "icl-embed" and r.times):
-        without = next((r for r in rows if r.engine == "icl-embed --no-prefix-cache"
-                        and r.variant == with_row.variant and r.times), None)
+        without = next(
+            (
+                r
+                for r in rows
+                if r.engine == "icl-embed --no-prefix-cache" and r.variant == with_row.variant and r.times
+            ),
+            None,
+        )
         if without is None:
             continue
         a, b = work.items / med(with_row.times), work.items / med(without.times)
         vs_fe = f"{a / (work.items / med(fe.times)):.2f}x" if fe else "-"
-        lines.append(f"| {with_row.variant} | {a:,.2f} | {b:,.2f} | {a / b:.2f}x | {vs_fe} | "
-                     f"{(with_row.prefix_line or '-').replace('|', '/')} |")
+        lines.append(
+            f"| {with_row.variant} | {a:,.2f} | {b:,.2f} | {a / b:.2f}x | {vs_fe} | "
+            f"{(with_row.prefix_line or '-').replace('|', '/')} |"
+        )
     if len(lines) <= 2:
         return []
     # What the cache can save: per (task, examples), N queries with a P-token shared prefix and q new
@@ -588,11 +676,17 @@ def prefix_cache_table(work: Workload, rows: list[Row]) -> list[str]:
         prefix = len(os.path.commonprefix(part.ids)) if len(part.ids) > 1 else 0
         new = sum(lengths) - prefix * len(lengths)
         if prefix and new:
-            bounds.append(f"{part.name}: {len(lengths)} queries, {prefix}-token shared prefix, {new / len(lengths):.1f} "
-                          f"new tokens per query on average: at most {sum(lengths) / (prefix + new):.1f}x")
+            bounds.append(
+                f"{part.name}: {len(lengths)} queries, {prefix}-token shared prefix, {new / len(lengths):.1f} "
+                f"new tokens per query on average: at most {sum(lengths) / (prefix + new):.1f}x"
+            )
     if bounds:
-        lines += ["", "Token arithmetic (the ratio's ceiling if every token cost the same): " + "; ".join(bounds)
-                  + ". The ceiling grows with the queries per (task, examples), toward (P + q) / q."]
+        lines += [
+            "",
+            "Token arithmetic (the ratio's ceiling if every token cost the same): "
+            + "; ".join(bounds)
+            + ". The ceiling grows with the queries per (task, examples), toward (P + q) / q.",
+        ]
     return lines
 
 
@@ -604,24 +698,34 @@ def sh(cmd: list[str]) -> str:
 
 
 def machine() -> list[str]:
-    cpu = next((l.split(":", 1)[1].strip() for l in sh(["lscpu"]).splitlines() if l.startswith("Model name")),
-               platform.processor() or "unknown CPU")
-    mem = next((int(l.split()[1]) for l in open("/proc/meminfo") if l.startswith("MemTotal")), 0)
+    cpu = next(
+        (ln.split(":", 1)[1].strip() for ln in sh(["lscpu"]).splitlines() if ln.startswith("Model name")),
+        platform.processor() or "unknown CPU",
+    )
+    mem = next((int(ln.split()[1]) for ln in open("/proc/meminfo") if ln.startswith("MemTotal")), 0)
     flags = open("/proc/cpuinfo").read()
-    isa = [name for name, flag in (("AVX2", "avx2"), ("AVX-512", "avx512f"), ("AVX-512 VNNI", "avx512_vnni"),
-                                           ("AVX-VNNI", "avx_vnni"), ("AMX", "amx_int8"))
-           if re.search(rf"\b{flag}\b", flags)]
+    isa = [
+        name
+        for name, flag in (
+            ("AVX2", "avx2"),
+            ("AVX-512", "avx512f"),
+            ("AVX-512 VNNI", "avx512_vnni"),
+            ("AVX-VNNI", "avx_vnni"),
+            ("AMX", "amx_int8"),
+        )
+        if re.search(rf"\b{flag}\b", flags)
+    ]
     versions = {}
     for mod in ("onnxruntime", "torch", "transformers", "FlagEmbedding", "numpy"):
         try:
             from importlib.metadata import version
+
             versions[mod] = version(mod.lower() if mod != "FlagEmbedding" else "FlagEmbedding")
         except Exception:
             versions[mod] = "?"
     commit = sh(["git", "rev-parse", "--short", "HEAD"]) or "?"
     dirty = " with uncommitted changes" if sh(["git", "status", "--porcelain", "--untracked-files=no"]) else ""
     load = os.getloadavg()[0]
-    sys.path.insert(0, str(ROOT))
     from export.cpu import cpu_class
 
     seen = cpu_class()  # CPUID as this process reads it: differs from /proc/cpuinfo under avx2only.sh
@@ -630,7 +734,7 @@ def machine() -> list[str]:
     return [
         f"- CPU: {cpu}{' (' + ', '.join(isa) + ')' if isa else ''}; {os.cpu_count()} logical cores visible "
         f"(`nproc`: {sh(['nproc']) or '?'}); {mem / 2**20:.1f} GiB RAM; no GPU used (`--device cpu`)",
-        f"- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}; "
+        f"- date: {datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M UTC')}; "
         f"load average when the run started: {load:.2f}",
         f"- software: onnxruntime {versions['onnxruntime']}, torch {versions['torch']}, transformers "
         f"{versions['transformers']}, FlagEmbedding {versions['FlagEmbedding']}, numpy {versions['numpy']}, "
@@ -641,23 +745,28 @@ def machine() -> list[str]:
 
 def stream_section(args: argparse.Namespace) -> list[str]:
     if args.stream_table:
-        table_lines = [l for l in Path(args.stream_table).read_text().splitlines() if l.startswith("|")]
+        table_lines = [ln for ln in Path(args.stream_table).read_text().splitlines() if ln.startswith("|")]
         rss = {}
-        for l in table_lines[2:]:
-            cells = [c.strip() for c in l.strip("|").split("|")]
+        for ln in table_lines[2:]:
+            cells = [c.strip() for c in ln.strip("|").split("|")]
             rss.setdefault(cells[0], []).append(int(cells[2]))
         growth = ""
         if "10000" in rss and "1000000" in rss:
-            growth = (f"From 10 000 to 1 000 000 lines the peak grows by "
-                      f"{max(rss['1000000']) - max(rss['10000'])} MiB (the goal: under 50 MB). ")
+            growth = (
+                f"From 10 000 to 1 000 000 lines the peak grows by "
+                f"{max(rss['1000000']) - max(rss['10000'])} MiB (the goal: under 50 MB). "
+            )
         return [
-            "## Streaming memory (issue 6)", "",
+            "## Streaming memory (issue 6)",
+            "",
             "`bash tests/bench/stream_memory.sh` (rerun by `bash tests/bench/run.sh --stream-memory`): peak RSS",
             "(`/usr/bin/time -f %M`) of one whole `icl-embed embed` run (release build, `--device cpu --variant fp32",
             "--threads 2`, default `--chunk-records 1024`) over 10 000 and 1 000 000 short lines (3 to 11 words), on",
             "the `tiny` stand-in so that the run measures reading, tokenizing, batching and writing rather than the",
-            "model. Machine: as in the header.", "",
-            *table_lines, "",
+            "model. Machine: as in the header.",
+            "",
+            *table_lines,
+            "",
             growth + "What stays resident is one chunk of texts, ids and embeddings, the tokenizer and the ONNX",
             "Runtime session; with `--id-field` a set of 64-bit id hashes is added for the duplicate check (about",
             "16-32 bytes per record).",
@@ -674,27 +783,39 @@ def stream_section(args: argparse.Namespace) -> list[str]:
             lines.append(line)
     while lines and not lines[-1].strip():
         lines.pop()
-    return lines or ["## Streaming memory (issue 6)", "",
-                     "Not measured: run `bash tests/bench/run.sh --stream-memory`."]
+    return lines or [
+        "## Streaming memory (issue 6)",
+        "",
+        "Not measured: run `bash tests/bench/run.sh --stream-memory`.",
+    ]
 
 
 def run(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="speed.py run")
     p.add_argument("--binary", required=True)
-    p.add_argument("--model", action="append", required=True,
-                   help="NAME=MODEL_DIR,PACKAGE_DIR[,N_DOCS[,VARIANTS]]; VARIANTS joined by '+' override --variants")
+    p.add_argument(
+        "--model",
+        action="append",
+        required=True,
+        help="NAME=MODEL_DIR,PACKAGE_DIR[,N_DOCS[,VARIANTS]]; VARIANTS joined by '+' override --variants",
+    )
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--tasks", default="SciFact,Banking77Classification")
     p.add_argument("--queries-per-task", type=int, default=4)
-    p.add_argument("--query-source", choices=("mteb", "air-bench"), default="mteb",
-                   help="query texts: other MTEB tasks' example queries, or the AIR-Bench questions")
+    p.add_argument(
+        "--query-source",
+        choices=("mteb", "air-bench"),
+        default="mteb",
+        help="query texts: other MTEB tasks' example queries, or the AIR-Bench questions",
+    )
     p.add_argument("--variants", default="fp32,fp16,int8")
     p.add_argument("--ort-variants", default="fp32,int8")
     p.add_argument("--output", type=Path, required=True)
-    p.add_argument("--previous", default=str(ROOT / "BENCHMARKS.md"),
-                   help="file whose streaming-memory section is carried over")
+    p.add_argument(
+        "--previous", default=str(ROOT / "BENCHMARKS.md"), help="file whose streaming-memory section is carried over"
+    )
     p.add_argument("--stream-table", default=None, help="fresh output of tests/bench/stream_memory.sh")
     p.add_argument("--command", default="bash tests/bench/run.sh", help="the command to print above tables")
     p.add_argument("--quick", action="store_true")
@@ -734,17 +855,34 @@ def run(argv: list[str]) -> int:
             prepare(work, args.binary, str(model.package), scratch)
             rows = measure(model, work, args, scratch, log)
             memory_rows += [(name, work.kind, r) for r in rows if r.engine == "icl-embed" and not r.error]
-            sections += [f"#### {name}: {work_title(work)}", "", workload_blurb(work, model), "",
-                         f"`{args.command}`", "", *table(model, work, rows), ""]
+            sections += [
+                f"#### {name}: {work_title(work)}",
+                "",
+                workload_blurb(work, model),
+                "",
+                f"`{args.command}`",
+                "",
+                *table(model, work, rows),
+                "",
+            ]
             if work.kind == "queries":
                 cache = prefix_cache_table(work, rows)
                 if cache:
-                    sections += ["Prefix cache: the `icl-embed` rows above with and without `--no-prefix-cache` "
-                                 "(tokens/s counts every prompt token, whether its prefix was computed or reused).",
-                                 "", f"`{args.command}`", "", *cache, ""]
+                    sections += [
+                        "Prefix cache: the `icl-embed` rows above with and without `--no-prefix-cache` "
+                        "(tokens/s counts every prompt token, whether its prefix was computed or reused).",
+                        "",
+                        f"`{args.command}`",
+                        "",
+                        *cache,
+                        "",
+                    ]
                 elif "--no-prefix-cache" not in args.flags:
-                    sections += ["`icl-embed embed --help` lists no `--no-prefix-cache` in this build, so there "
-                                 "is no with/without prefix-cache comparison.", ""]
+                    sections += [
+                        "`icl-embed embed --help` lists no `--no-prefix-cache` in this build, so there "
+                        "is no with/without prefix-cache comparison.",
+                        "",
+                    ]
     doc = render(args, header, sections, memory_rows, time.time() - started)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(doc)
@@ -753,15 +891,19 @@ def run(argv: list[str]) -> int:
 
 
 def model_blurb(name: str, config: dict[str, Any], model: Model) -> str:
-    shape = (f"{config.get('num_hidden_layers')} layers, hidden {config.get('hidden_size')}, MLP "
-             f"{config.get('intermediate_size')}, {config.get('num_attention_heads')}/"
-             f"{config.get('num_key_value_heads')} heads, vocabulary {config.get('vocab_size')}")
+    shape = (
+        f"{config.get('num_hidden_layers')} layers, hidden {config.get('hidden_size')}, MLP "
+        f"{config.get('intermediate_size')}, {config.get('num_attention_heads')}/"
+        f"{config.get('num_key_value_heads')} heads, vocabulary {config.get('vocab_size')}"
+    )
     if name.startswith("slice7b"):
         layers = int(config.get("num_hidden_layers") or 2)
-        return (f"`slice7b`: bge-en-icl's exact layer shapes with {layers} of its {REAL_LAYERS} layers ({shape}), "
-                f"random weights: the per-layer speed of the real model's shapes. What the real model does at "
-                f"all {REAL_LAYERS} layers is measured, not extrapolated, in the section \"bge-en-icl at full "
-                f"size\" below (a full-depth stand-in).")
+        return (
+            f"`slice7b`: bge-en-icl's exact layer shapes with {layers} of its {REAL_LAYERS} layers ({shape}), "
+            f"random weights: the per-layer speed of the real model's shapes. What the real model does at "
+            f'all {REAL_LAYERS} layers is measured, not extrapolated, in the section "bge-en-icl at full '
+            f'size" below (a full-depth stand-in).'
+        )
     if name.startswith("smollm2"):
         return f"`smollm2`: SmolLM2-135M-Instruct with its real weights ({shape}), the stand-in with real activations."
     return f"`{name}` ({shape})."
@@ -769,7 +911,7 @@ def model_blurb(name: str, config: dict[str, Any], model: Model) -> str:
 
 QUERY_SOURCES = {
     "air-bench": "the AIR-Bench `query` fields of `tests/data/flagembedding-icl-examples` (qa, then long-doc; "
-                 "real retrieval questions)",
+    "real retrieval questions)",
     "mteb": "MTEB example queries of the other tasks",
 }
 
@@ -780,55 +922,91 @@ def work_title(work: Workload) -> str:
 
 def workload_blurb(work: Workload, model: Model) -> str:
     lengths = [len(r) for p in work.parts for r in p.ids]
-    stats = (f"{work.items} text{'' if work.items == 1 else 's'}, {work.tokens:,} tokens (min {min(lengths)}, median "
-             f"{statistics.median(lengths):.0f}, max {max(lengths)} per text), max length {MAX_LENGTH}")
+    stats = (
+        f"{work.items} text{'' if work.items == 1 else 's'}, {work.tokens:,} tokens (min {min(lengths)}, median "
+        f"{statistics.median(lengths):.0f}, max {max(lengths)} per text), max length {MAX_LENGTH}"
+    )
     if work.kind == "documents":
-        return (f"{stats}: passages spread evenly over the MTEB example `response` fields and the AIR-Bench `pos` "
-                f"fields of `tests/data/flagembedding-icl-examples` of at least {MIN_PASSAGE_CHARS} characters "
-                f"(the shorter `response` fields are class labels and titles).")
-    tasks = "; ".join(f"{p.name} ({len(p.texts)} quer{'y' if len(p.texts) == 1 else 'ies'}, {SHOTS}-shot prefix of "
-                      f"{len(p.examples or [])} examples, instruction from tests/data/mteb_instructions.json)"
-                      for p in work.parts)
-    return (f"{stats}, counted over the whole prompts (prefix + instruction + query + suffix), what each engine "
-            f"embeds: {tasks}. Query texts: {QUERY_SOURCES[work.source]}, spread evenly. `icl-embed` "
-            f"runs once per task (`--queries --task T --examples E`); its load time is counted once per run.")
+        return (
+            f"{stats}: passages spread evenly over the MTEB example `response` fields and the AIR-Bench `pos` "
+            f"fields of `tests/data/flagembedding-icl-examples` of at least {MIN_PASSAGE_CHARS} characters "
+            f"(the shorter `response` fields are class labels and titles)."
+        )
+    tasks = "; ".join(
+        f"{p.name} ({len(p.texts)} quer{'y' if len(p.texts) == 1 else 'ies'}, {SHOTS}-shot prefix of "
+        f"{len(p.examples or [])} examples, instruction from tests/data/mteb_instructions.json)"
+        for p in work.parts
+    )
+    return (
+        f"{stats}, counted over the whole prompts (prefix + instruction + query + suffix), what each engine "
+        f"embeds: {tasks}. Query texts: {QUERY_SOURCES[work.source]}, spread evenly. `icl-embed` "
+        f"runs once per task (`--queries --task T --examples E`); its load time is counted once per run."
+    )
 
 
-def render(args: argparse.Namespace, header: list[str], sections: list[str],
-           memory_rows: list[tuple[str, str, Row]], elapsed: float) -> str:
-    out = ["# Benchmarks", "",
-           f"Generated by `{args.command}` ({elapsed / 60:.0f} min); edit tests/bench/speed.py, not this file. "
-           "Every table says the command that regenerates it. Speeds are never asserted in tests.", ""]
+def render(
+    args: argparse.Namespace,
+    header: list[str],
+    sections: list[str],
+    memory_rows: list[tuple[str, str, Row]],
+    elapsed: float,
+) -> str:
+    out = [
+        "# Benchmarks",
+        "",
+        f"Generated by `{args.command}` ({elapsed / 60:.0f} min); edit tests/bench/speed.py, not this file. "
+        "Every table says the command that regenerates it. Speeds are never asserted in tests.",
+        "",
+    ]
     if args.quick:
         out += ["**Smoke run (`--quick`): tiny inputs and one repetition; these numbers mean nothing.**", ""]
-    out += ["## Machine", "", *header, "", STREAM_BEGIN, *stream_section(args), STREAM_END, "",
-            "## Speed against FlagEmbedding and Python ONNX Runtime (issue 4)", "",
-            f"{args.threads} threads everywhere, CPU. Each figure is the median of {args.runs} measured "
-            f"repetition(s) after {args.warmup} warm-up(s); every row is its own process(es). tokens/s and "
-            "embeddings/s exclude loading; \"load\" is the time to load the package or model; \"whole run\" is "
-            "the wall time of the `icl-embed` process(es) of one repetition, load included; \"vs FlagEmbedding\" "
-            "is the tokens/s ratio against the FlagEmbedding row of the same table; peak RSS is the largest "
-            "`/usr/bin/time -f %M` of the row's processes; weights are the files the row loads (graph and "
-            "external data, or safetensors); the cosine is the minimum over the inputs of each embedding against "
-            "FlagEmbedding's. What each engine's time covers:", "",
-            "- `icl-embed embed --device cpu --threads N --variant V` (release build): the CLI's own `done:` "
-            "figure, everything after loading (reading, tokenizing, batching, forward runs, writing `.npy`);",
-            "- Python `onnxruntime` on the same graphs: the forward runs and pooling only, on the ids "
-            "`icl-embed tokenize` prints, right-padded in the batches the CLI makes (src/batch.rs: longest first, "
-            f"rows x padded length <= {BATCH_TOKENS}, at most {MAX_ROWS} rows);",
-            "- FlagEmbedding `FlagICLModel(use_fp16=False, devices=\"cpu\")`, `encode_corpus` / `encode_queries` "
-            "with its default batching, as a user runs it (it probes the batch size with one extra forward of "
-            "its first batch on every call).", "",
-            *sections]
-    out += ["## Peak memory against the weights (issue 4)", "",
-            "Goal: peak RSS <= weights + 1 GiB (1024 MiB) for `icl-embed`. From the tables above.", "",
-            f"`{args.command}`", "",
-            "| model | input | variant | weights (MiB) | peak RSS (MiB) | RSS - weights (MiB) | <= weights + 1 GiB |",
-            "| --- | --- | --- | --- | --- | --- | --- |"]
+    out += [
+        "## Machine",
+        "",
+        *header,
+        "",
+        STREAM_BEGIN,
+        *stream_section(args),
+        STREAM_END,
+        "",
+        "## Speed against FlagEmbedding and Python ONNX Runtime (issue 4)",
+        "",
+        f"{args.threads} threads everywhere, CPU. Each figure is the median of {args.runs} measured "
+        f"repetition(s) after {args.warmup} warm-up(s); every row is its own process(es). tokens/s and "
+        'embeddings/s exclude loading; "load" is the time to load the package or model; "whole run" is '
+        'the wall time of the `icl-embed` process(es) of one repetition, load included; "vs FlagEmbedding" '
+        "is the tokens/s ratio against the FlagEmbedding row of the same table; peak RSS is the largest "
+        "`/usr/bin/time -f %M` of the row's processes; weights are the files the row loads (graph and "
+        "external data, or safetensors); the cosine is the minimum over the inputs of each embedding against "
+        "FlagEmbedding's. What each engine's time covers:",
+        "",
+        "- `icl-embed embed --device cpu --threads N --variant V` (release build): the CLI's own `done:` "
+        "figure, everything after loading (reading, tokenizing, batching, forward runs, writing `.npy`);",
+        "- Python `onnxruntime` on the same graphs: the forward runs and pooling only, on the ids "
+        "`icl-embed tokenize` prints, right-padded in the batches the CLI makes (src/batch.rs: longest first, "
+        f"rows x padded length <= {BATCH_TOKENS}, at most {MAX_ROWS} rows);",
+        '- FlagEmbedding `FlagICLModel(use_fp16=False, devices="cpu")`, `encode_corpus` / `encode_queries` '
+        "with its default batching, as a user runs it (it probes the batch size with one extra forward of "
+        "its first batch on every call).",
+        "",
+        *sections,
+    ]
+    out += [
+        "## Peak memory against the weights (issue 4)",
+        "",
+        "Goal: peak RSS <= weights + 1 GiB (1024 MiB) for `icl-embed`. From the tables above.",
+        "",
+        f"`{args.command}`",
+        "",
+        "| model | input | variant | weights (MiB) | peak RSS (MiB) | RSS - weights (MiB) | <= weights + 1 GiB |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for name, kind, r in memory_rows:
         over = r.rss_kb / 1024 - r.weights / 2**20
-        out.append(f"| {name} | {kind} | {r.variant} | {mib(r.weights)} | {r.rss_kb / 1024:,.0f} | "
-                   f"{over:,.0f} | {'yes' if over <= GIB_MIB else '**no**'} |")
+        out.append(
+            f"| {name} | {kind} | {r.variant} | {mib(r.weights)} | {r.rss_kb / 1024:,.0f} | "
+            f"{over:,.0f} | {'yes' if over <= GIB_MIB else '**no**'} |"
+        )
     for block in carried_blocks(args):
         out += ["", *block]
     return "\n".join(out).rstrip() + "\n"

@@ -59,14 +59,29 @@ def cases() -> list[dict]:
     return [
         {"name": "docs_edge", "texts": edge, "queries": False},
         {"name": "docs_passages", "texts": passages + long, "queries": False},
-        {"name": "q_task_examples", "texts": queries + edge + long[:1], "queries": True,
-         "task": SCIFACT_TASK, "examples": examples("SciFact.json")},
+        {
+            "name": "q_task_examples",
+            "texts": queries + edge + long[:1],
+            "queries": True,
+            "task": SCIFACT_TASK,
+            "examples": examples("SciFact.json"),
+        },
         {"name": "q_task", "texts": queries + edge, "queries": True, "task": ARGUANA_TASK},
         {"name": "q_plain", "texts": queries + edge, "queries": True},
-        {"name": "q_examples_own_instruct", "texts": queries[:8], "queries": True,
-         "examples": examples("ArguAna.json", with_instruct=ARGUANA_TASK)},
-        {"name": "q_truncated", "texts": queries[:6] + long + edge[4:12], "queries": True,
-         "task": SCIFACT_TASK, "examples": examples("SciFact.json"), "max_length": 40},
+        {
+            "name": "q_examples_own_instruct",
+            "texts": queries[:8],
+            "queries": True,
+            "examples": examples("ArguAna.json", with_instruct=ARGUANA_TASK),
+        },
+        {
+            "name": "q_truncated",
+            "texts": queries[:6] + long + edge[4:12],
+            "queries": True,
+            "task": SCIFACT_TASK,
+            "examples": examples("SciFact.json"),
+            "max_length": 40,
+        },
         {"name": "docs_truncated", "texts": passages[:6] + edge[4:12], "queries": False, "max_length": 24},
     ]
 
@@ -95,9 +110,15 @@ def write_cases(out: Path, only: set[str] | None = None, max_texts: dict[str, in
         with open(out / f"{name}.jsonl", "w", encoding="utf-8") as f:
             for text in case["texts"]:
                 f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
-        entry = {"name": name, "input": f"{name}.jsonl", "queries": case["queries"],
-                 "task": case.get("task"), "examples": None, "max_length": case.get("max_length"),
-                 "count": len(case["texts"])}
+        entry = {
+            "name": name,
+            "input": f"{name}.jsonl",
+            "queries": case["queries"],
+            "task": case.get("task"),
+            "examples": None,
+            "max_length": case.get("max_length"),
+            "count": len(case["texts"]),
+        }
         if case.get("examples") is not None:
             entry["examples"] = f"{name}.examples.json"
             (out / entry["examples"]).write_text(json.dumps(case["examples"], ensure_ascii=False), encoding="utf-8")

@@ -2,7 +2,8 @@
 `<out>/<case>.npy` (FlagEmbedding's embeddings) and `<out>/<case>.ids.jsonl` (the token ids it fed
 the model), computed by `export.reference` (FlagEmbedding itself, fp32, CPU).
 
-    python tests/parity/golden.py --model MODEL_DIR --out DIR [--only CASES] [--max-texts CASE=N ...]
+    PYTHONPATH=. .venv/bin/python tests/parity/golden.py --model MODEL_DIR --out DIR [--only CASES]
+        [--max-texts CASE=N ...]
 """
 
 from __future__ import annotations
@@ -14,12 +15,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from cases import write_cases  # this script's folder, which Python puts first on sys.path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from cases import write_cases  # noqa: E402
-from export.reference import reference_embed, write_ids  # noqa: E402
+from export.reference import reference_embed, write_ids  # the repository root on PYTHONPATH (tests/fixtures.sh)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,8 +25,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--only", default=None, help="comma-separated case names (default: all)")
-    parser.add_argument("--max-texts", action="append", default=[], metavar="CASE=N",
-                        help="cut CASE to N of its texts, spread over it (repeatable)")
+    parser.add_argument(
+        "--max-texts",
+        action="append",
+        default=[],
+        metavar="CASE=N",
+        help="cut CASE to N of its texts, spread over it (repeatable)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     only = set(args.only.split(",")) if args.only else None
@@ -37,10 +40,18 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         parser.error(f"--max-texts takes CASE=N, got {args.max_texts}")
     for case in write_cases(args.out, only, max_texts):
-        texts = [json.loads(line)["text"] for line in (args.out / case["input"]).read_text(encoding="utf-8").splitlines()]
+        texts = [
+            json.loads(line)["text"] for line in (args.out / case["input"]).read_text(encoding="utf-8").splitlines()
+        ]
         examples = json.loads((args.out / case["examples"]).read_text(encoding="utf-8")) if case["examples"] else None
-        embeddings, ids = reference_embed(args.model, texts, case["queries"], task=case["task"], examples=examples,
-                                          max_length=case["max_length"] or 512)
+        embeddings, ids = reference_embed(
+            args.model,
+            texts,
+            case["queries"],
+            task=case["task"],
+            examples=examples,
+            max_length=case["max_length"] or 512,
+        )
         np.save(args.out / f"{case['name']}.npy", embeddings)
         write_ids(args.out / f"{case['name']}.ids.jsonl", ids)
         print(f"{case['name']}: {len(texts)} texts", file=sys.stderr)

@@ -16,11 +16,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from export import standins
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-
-from export import standins  # noqa: E402
 
 WIDTH, MLP, HEADS, KV_HEADS, HEAD_DIM = 1024, 4096, 16, 4, 64
 LAYER_BYTES = 4 * (2 * WIDTH * HEADS * HEAD_DIM + 2 * WIDTH * KV_HEADS * HEAD_DIM + 3 * WIDTH * MLP + 2 * WIDTH)
@@ -43,8 +41,12 @@ def build(out: Path, layers: int) -> Path:
 
 
 def peak_export_kib(model: Path, out: Path) -> int:
-    result = subprocess.run([sys.executable, "-c", MEASURE, "--model", str(model), "--out", str(out),
-                             "--variants", "fp32,int8"], cwd=ROOT, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-c", MEASURE, "--model", str(model), "--out", str(out), "--variants", "fp32,int8"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     assert (out / "embedder.json").is_file()
     return int(result.stdout.strip().splitlines()[-1])
@@ -60,4 +62,5 @@ def test_peak_rss_does_not_grow_with_depth(tmp_path):
     grew = peaks[8] - peaks[2]
     assert grew < 2 * LAYER_BYTES, (
         f"peak RSS {peaks[2] / 2**20:.0f} MiB at 2 layers, {peaks[8] / 2**20:.0f} MiB at 8: grew by "
-        f"{grew / 2**20:.0f} MiB, two layers' weights are {2 * LAYER_BYTES / 2**20:.0f} MiB")
+        f"{grew / 2**20:.0f} MiB, two layers' weights are {2 * LAYER_BYTES / 2**20:.0f} MiB"
+    )

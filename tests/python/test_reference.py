@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from transformers import AutoTokenizer
+
+from export import io, reference, standins
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-
-from export import io, reference, standins  # noqa: E402
 
 EXAMPLES_FILE = ROOT / "tests" / "data" / "flagembedding-icl-examples" / "MTEB" / "ArguAna.json"
 TASK = "Given a claim, find documents that refute the claim."
@@ -36,10 +36,9 @@ QUERIES = ["what is a cat?", "hello world", "<query>nested markers\n<response>",
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    cached = os.environ.get("ICL_TINY_DIR")
-    if cached:
-        return Path(cached)
+def tiny(tmp_path_factory: pytest.TempPathFactory, cached) -> Path:
+    if (built := cached("ICL_TINY_DIR")) is not None:
+        return built
     return standins.build("tiny", tmp_path_factory.mktemp("tiny") / "model")
 
 
@@ -50,27 +49,40 @@ def examples() -> list[dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny: Path):
-    from transformers import AutoTokenizer
-
     return AutoTokenizer.from_pretrained(tiny)
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "export.reference", *args], cwd=ROOT, capture_output=True,
-                          text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return subprocess.run(
+        [sys.executable, "-m", "export.reference", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
 
 
 def test_cli_documents(tiny, tmp_path):
     (tmp_path / "docs.txt").write_text("\n".join(DOCS) + "\n", encoding="utf-8")
-    result = run_cli("--model", str(tiny), "--input", str(tmp_path / "docs.txt"),
-                     "--output", str(tmp_path / "out.npy"), "--ids", str(tmp_path / "ids.jsonl"), "--batch-size", "3")
+    result = run_cli(
+        "--model",
+        str(tiny),
+        "--input",
+        str(tmp_path / "docs.txt"),
+        "--output",
+        str(tmp_path / "out.npy"),
+        "--ids",
+        str(tmp_path / "ids.jsonl"),
+        "--batch-size",
+        "3",
+    )
     assert result.returncode == 0, result.stderr
     embeddings = np.load(tmp_path / "out.npy")
     assert embeddings.shape == (len(DOCS), 64) and embeddings.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, atol=1e-5)
     rows = [json.loads(line) for line in (tmp_path / "ids.jsonl").read_text().splitlines()]
     assert [r["index"] for r in rows] == list(range(len(DOCS)))
-    for row, doc in zip(rows, DOCS):
+    for row in rows:
         assert row["ids"][0] == 1 and row["ids"][-1] == 2
         assert row["ids"].count(2) == 1
     assert rows[1]["ids"] == [1, 2]
@@ -105,9 +117,9 @@ def test_query_ids_hold_prefix_and_suffix(tiny, tokenizer, examples):
     tail = [13, 32002, 2]
     for query, row in zip(QUERIES, ids):
         assert row[0] == 1
-        assert row[1:1 + len(prefix_ids)] == prefix_ids
+        assert row[1 : 1 + len(prefix_ids)] == prefix_ids
         assert row[-3:] == tail
-        middle = tokenizer.decode(row[1 + len(prefix_ids):-3])
+        middle = tokenizer.decode(row[1 + len(prefix_ids) : -3])
         assert middle == f"<instruct>{TASK}\n<query>{query}"
 
 
@@ -140,17 +152,29 @@ def test_refuses_examples_without_instruct_and_no_task(tiny, tmp_path):
     with pytest.raises(reference.ReferenceError, match="None"):
         reference.reference_embed(tiny, ["q"], queries=True, examples=bare)
     (tmp_path / "q.txt").write_text("q\n")
-    result = run_cli("--model", str(tiny), "--input", str(tmp_path / "q.txt"), "--output", str(tmp_path / "o.npy"),
-                     "--queries", "--examples", str(EXAMPLES_FILE))
+    result = run_cli(
+        "--model",
+        str(tiny),
+        "--input",
+        str(tmp_path / "q.txt"),
+        "--output",
+        str(tmp_path / "o.npy"),
+        "--queries",
+        "--examples",
+        str(EXAMPLES_FILE),
+    )
     assert result.returncode == 2 and "instruct" in result.stderr
     assert not (tmp_path / "o.npy").exists()
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"texts": [], "queries": False}, "no input"),
-    ({"texts": ["x"], "queries": False, "task": "t"}, "queries only"),
-    ({"texts": ["x"], "queries": True, "task": "t", "examples": []}, "empty"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"texts": [], "queries": False}, "no input"),
+        ({"texts": ["x"], "queries": False, "task": "t"}, "queries only"),
+        ({"texts": ["x"], "queries": True, "task": "t", "examples": []}, "empty"),
+    ],
+)
 def test_refused_requests(kwargs, match):
     with pytest.raises(reference.ReferenceError, match=match):
         reference.check_request(kwargs["texts"], kwargs["queries"], kwargs.get("task"), kwargs.get("examples"))
@@ -158,8 +182,9 @@ def test_refused_requests(kwargs, match):
 
 def test_cli_refuses_task_for_documents(tiny, tmp_path):
     (tmp_path / "d.txt").write_text("x\n")
-    result = run_cli("--model", str(tiny), "--input", str(tmp_path / "d.txt"), "--output", str(tmp_path / "o.npy"),
-                     "--task", "t")
+    result = run_cli(
+        "--model", str(tiny), "--input", str(tmp_path / "d.txt"), "--output", str(tmp_path / "o.npy"), "--task", "t"
+    )
     assert result.returncode == 2 and "--queries" in result.stderr
 
 
@@ -184,7 +209,7 @@ def test_read_texts_plain_lines(tmp_path):
     assert io.read_texts(path) == ["no final newline"]
     path.write_bytes(b"")
     assert io.read_texts(path) == []
-    path.write_bytes('{"text": "a json line in a .txt file stays text"}\n'.encode())
+    path.write_bytes(b'{"text": "a json line in a .txt file stays text"}\n')
     assert io.read_texts(path) == ['{"text": "a json line in a .txt file stays text"}']
 
 

@@ -32,15 +32,8 @@ QUERIES = ["what is the capital of france", "how do cells make energy"]
 KEY = "test-key"
 
 
-def require(ok: bool, why: str) -> None:
-    if not ok:
-        if os.environ.get("ICL_REQUIRE_FIXTURES"):
-            pytest.fail(why)
-        pytest.skip(why)
-
-
 @pytest.fixture(scope="module")
-def package() -> Path:
+def package(require) -> Path:
     require(bool(os.environ.get("ICL_TINY_PKG")), "ICL_TINY_PKG is not set (tests/run.sh builds the fixtures)")
     require(BIN.exists(), f"{BIN} is not built (cargo build)")
     return Path(os.environ["ICL_TINY_PKG"])
@@ -57,9 +50,26 @@ def examples(tmp_path_factory) -> Path:
 def server(package):
     """The server on a free loopback port; stopped with SIGTERM, which must exit 0."""
     proc = subprocess.Popen(
-        [BIN, "serve", "--model", package, "--host", "127.0.0.1", "--port", "0", "--variant", "fp32",
-         "--device", "cpu", "--threads", "1", "--api-key", KEY],
-        stderr=subprocess.PIPE, text=True,
+        [
+            BIN,
+            "serve",
+            "--model",
+            package,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--variant",
+            "fp32",
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+            "--api-key",
+            KEY,
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
     )
     url = None
     for line in proc.stderr:
@@ -75,8 +85,25 @@ def server(package):
 def cli_embed(package: Path, tmp_path: Path, texts: list[str], *extra: str) -> np.ndarray:
     src, out = tmp_path / "in.txt", tmp_path / "out.npy"
     src.write_text("\n".join(texts), encoding="utf-8")
-    subprocess.run([BIN, "embed", "--model", package, "--input", src, "--output", out, "--variant", "fp32",
-                    "--device", "cpu", "--quiet", *extra], check=True)
+    subprocess.run(
+        [
+            BIN,
+            "embed",
+            "--model",
+            package,
+            "--input",
+            src,
+            "--output",
+            out,
+            "--variant",
+            "fp32",
+            "--device",
+            "cpu",
+            "--quiet",
+            *extra,
+        ],
+        check=True,
+    )
     return np.load(out)
 
 

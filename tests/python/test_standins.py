@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,26 +16,22 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer
 from transformers import AutoModel, AutoTokenizer
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from export import standins
 
-from export import standins  # noqa: E402
-
-TINY_FILES = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-              "special_tokens_map.json"}
+TINY_FILES = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"}
 ICL_IDS = {"<instruct>": 32000, "<query>": 32001, "<response>": 32002}
 
 
-def _cached_or_build(env: str, name: str, tmp_path_factory: pytest.TempPathFactory, **kwargs) -> Path:
-    cached = os.environ.get(env)
-    if cached:
-        return Path(cached)
+def _cached_or_build(cached: Path | None, name: str, tmp_path_factory: pytest.TempPathFactory, **kwargs) -> Path:
+    if cached is not None:
+        return cached
     return standins.build(name, tmp_path_factory.mktemp(name) / "model", **kwargs)
 
 
 @pytest.fixture(scope="module")
-def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def tiny_dirs(tmp_path_factory: pytest.TempPathFactory, cached) -> dict[str, Path]:
     return {
-        "converted": _cached_or_build("ICL_TINY_DIR", "tiny", tmp_path_factory),
+        "converted": _cached_or_build(cached("ICL_TINY_DIR"), "tiny", tmp_path_factory),
         "legacy": standins.build("tiny", tmp_path_factory.mktemp("legacy") / "model", style="legacy"),
     }
 
@@ -57,8 +51,9 @@ def test_seed_changes_the_weights_only(tiny_dirs, tmp_path):
     other = _hashes(standins.build("tiny", tmp_path / "seed1", seed=1))
     first = _hashes(tiny_dirs["converted"])
     assert other["model.safetensors"] != first["model.safetensors"]
-    assert {k: v for k, v in other.items() if k != "model.safetensors"} == \
-        {k: v for k, v in first.items() if k != "model.safetensors"}
+    assert {k: v for k, v in other.items() if k != "model.safetensors"} == {
+        k: v for k, v in first.items() if k != "model.safetensors"
+    }
 
 
 def test_tiny_config_and_weights(tiny_dirs):
@@ -119,8 +114,9 @@ def test_tokenizer_file_layout(tiny_dirs, style):
 
 
 @pytest.mark.parametrize("style", standins.STYLES)
-@pytest.mark.parametrize("text", ["<instruct>hello\n<query>world", "  two  spaces\n<response>x", "héllo wörld 123",
-                                  "", "a\n\nb"])
+@pytest.mark.parametrize(
+    "text", ["<instruct>hello\n<query>world", "  two  spaces\n<response>x", "héllo wörld 123", "", "a\n\nb"]
+)
 def test_tokenizer_json_alone_matches_transformers(tiny_dirs, style, text):
     """What the Rust side loads (tokenizer.json alone) encodes exactly as transformers does."""
     directory = tiny_dirs[style]
@@ -137,7 +133,10 @@ def test_styles_agree_on_plain_text_and_differ_after_special_tokens(tiny_dirs):
     assert converted("<instruct>hello", add_special_tokens=False)["input_ids"] == [32000, 21558]
     assert legacy("<instruct>hello", add_special_tokens=False)["input_ids"] == [32000, 6312, 28709]
     # Leading spaces: "▁" + "▁two" against "▁▁" + "two".
-    assert converted(" two", add_special_tokens=False)["input_ids"] != legacy(" two", add_special_tokens=False)["input_ids"]
+    assert (
+        converted(" two", add_special_tokens=False)["input_ids"]
+        != legacy(" two", add_special_tokens=False)["input_ids"]
+    )
 
 
 def test_slice7b_shapes_without_building_weights():
@@ -165,8 +164,8 @@ def test_build_refuses_non_empty_dir(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def smollm2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _cached_or_build("ICL_SMOLLM2_DIR", "smollm2", tmp_path_factory)
+def smollm2_dir(tmp_path_factory: pytest.TempPathFactory, cached) -> Path:
+    return _cached_or_build(cached("ICL_SMOLLM2_DIR"), "smollm2", tmp_path_factory)
 
 
 def test_smollm2(smollm2_dir):
@@ -191,16 +190,21 @@ def test_smollm2(smollm2_dir):
         assert file_ids == ids
     assert tokenizer("<query>x", add_special_tokens=False)["input_ids"][0] == 49153
     # Digits one by one, as SmolLM2's own tokenizer (and llama.cpp's "smollm" pre-tokenizer) split them.
-    assert tokenizer.convert_ids_to_tokens(tokenizer("12345", add_special_tokens=False)["input_ids"]) == \
-        ["1", "2", "3", "4", "5"]
+    assert tokenizer.convert_ids_to_tokens(tokenizer("12345", add_special_tokens=False)["input_ids"]) == [
+        "1",
+        "2",
+        "3",
+        "4",
+        "5",
+    ]
     # The decode/re-encode step of queries must be an identity on plain text.
     text = "Héllo  wörld, 2024!\nnext line"
     assert tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"]) == text
 
 
-def test_smollm2_tokenizer_matches_llama_cpp(smollm2_dir):
+def test_smollm2_tokenizer_matches_llama_cpp(smollm2_dir, require_module):
     """The GGUF's own tokenizer (llama.cpp) and ours agree on ordinary text."""
-    llama_cpp = pytest.importorskip("llama_cpp")
+    llama_cpp = require_module("llama_cpp")
     gguf = standins.package_file(*standins.SMOLLM2_GGUF)
     vocab = llama_cpp.Llama(model_path=str(gguf), vocab_only=True, verbose=False)
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
@@ -216,8 +220,9 @@ def test_sharded_layout_holds_the_same_tensors(tiny_dirs, tmp_path):
     out = tmp_path / "sharded"
     out.mkdir()
     shards = standins.write_sharded(out, standins.random_weight_specs(config, seed=0), max_shard_bytes=1_500_000)
-    assert [p.name for p in shards] == [f"model-{k:05d}-of-{len(shards):05d}.safetensors"
-                                         for k in range(1, len(shards) + 1)]
+    assert [p.name for p in shards] == [
+        f"model-{k:05d}-of-{len(shards):05d}.safetensors" for k in range(1, len(shards) + 1)
+    ]
     assert len(shards) > 1
     index = json.loads((out / "model.safetensors.index.json").read_text(encoding="utf-8"))
     one = load_file(tiny_dirs["converted"] / "model.safetensors")
@@ -243,4 +248,3 @@ def test_full7b_is_bge_en_icl_at_full_depth_without_building_it():
     total = sum(torch.Size(s.shape).numel() for s in specs)
     assert 7.10e9 < total < 7.12e9
     assert 28.4e9 < total * 4 < 28.5e9  # the hub's three shards: 9.89 + 10 + 8.56 GB
-
