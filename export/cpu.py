@@ -1,5 +1,5 @@
 """What this x86-64 CPU offers int8 GEMM, read with the CPUID instruction as ONNX Runtime's MLAS and
-the runtime (`src/runtime.rs`, Rust's `is_x86_feature_detected!`) read it, so that the exporter's
+the runtime (`src/backend/runtime.rs`, Rust's `is_x86_feature_detected!`) read it, so that the exporter's
 sessions compute int8 the way the runtime will on the same CPU.
 
 ONNX Runtime's u8 x s8 kernel without VNNI sums pairs of products in int16 and saturates on
@@ -74,12 +74,12 @@ def has_vnni() -> bool:
 
 
 def needs_quant_precision() -> bool:
-    """x86-64 without VNNI: ONNX Runtime's u8 x s8 GEMM must be made exact (as src/runtime.rs)."""
+    """x86-64 without VNNI: ONNX Runtime's u8 x s8 GEMM must be made exact (as src/backend/runtime.rs)."""
     return _x86_64() and not has_vnni()
 
 
 def cpu_class() -> str:
-    """The instruction sets that decide int8 speed on this machine, in words (as src/runtime.rs)."""
+    """The instruction sets that decide int8 speed on this machine, in words (as src/backend/runtime.rs)."""
     if not _x86_64():
         return "other"
     if has_vnni():

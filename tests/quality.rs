@@ -13,7 +13,7 @@
 //!
 //! The fixture's smollm2 int8 is what the exporter chooses for it (tests/fixtures.sh passes no
 //! `--int8-recipes`): the fastest recipe that meets min 0.99 / mean 0.999 on its calibration texts,
-//! which include 35 one- and two-word texts (export/quantize.py).
+//! which include 35 one- and two-word texts (export/int8/calibrate.py).
 
 mod common;
 

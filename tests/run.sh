@@ -16,6 +16,9 @@ if [ "$(cat "$test_stamp" 2>/dev/null)" != "$(sha256sum "$test_req" | cut -d' ' 
   .venv/bin/python -m pip install -q -r "$test_req"
   sha256sum "$test_req" | cut -d' ' -f1 > "$test_stamp"
 fi
+stage "python lint"
+.venv/bin/ruff check .  # two lines: set -e ignores a failure on the left of &&
+.venv/bin/ruff format --check .
 stage "rust build"
 cargo build --quiet --all-targets
 cargo test --quiet --no-run
@@ -30,9 +33,6 @@ stage "fixtures"
 fixtures=$(bash tests/fixtures.sh)  # a failing fixture build stops here (set -e)
 eval "$fixtures"
 export ICL_REQUIRE_FIXTURES=1
-stage "python lint"
-.venv/bin/ruff check .  # two lines: set -e ignores a failure on the left of &&
-.venv/bin/ruff format --check .
 stage "python tests"
 .venv/bin/python -m pytest -q --durations=5 tests/python
 stage "rust tests"

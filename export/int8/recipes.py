@@ -24,7 +24,7 @@ u8 x s8 and CPUs without VNNI: ONNX Runtime's AVX2 u8 x s8 kernel sums pairs of 
 `session.x64quantprecision=1` makes ONNX Runtime rewrite the s8 weights of MatMulIntegerToFloat
 (and MatMulInteger, QGemm, ...) to u8 at load (`Avx2WeightS8ToU8Transformer`, applied only when
 `MlasPlatformU8S8Overflow()`); the runtime sets it where the CPU lacks VNNI, so one package is exact
-on both (src/runtime.rs).
+on both (src/backend/runtime.rs).
 """
 
 from __future__ import annotations

@@ -52,7 +52,7 @@ REAL_LAYERS = 32
 # CLI defaults on CPU (README): rows x padded length per batch, rows per batch.
 BATCH_TOKENS = 4096
 MAX_ROWS = 64
-BATCH_OVERHEAD = 64  # src/batch.rs
+BATCH_OVERHEAD = 64  # src/engine/plan.rs
 GIB_MIB = 1024
 
 
@@ -437,7 +437,7 @@ def worker_ort(argv: list[str]) -> int:
 
 
 def plan(lengths: list[int], budget: int, max_rows: int) -> list[list[int]]:
-    """The CLI's batch plan (src/batch.rs `plan`): longest first, ties in input order, rows x longest
+    """The CLI's batch plan (src/engine/plan.rs `plan`): longest first, ties in input order, rows x longest
     <= budget, at most max_rows rows, cut where padded tokens + BATCH_OVERHEAD per batch is least."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     n = len(order)
@@ -983,7 +983,7 @@ def render(
         "- `icl-embed embed --device cpu --threads N --variant V` (release build): the CLI's own `done:` "
         "figure, everything after loading (reading, tokenizing, batching, forward runs, writing `.npy`);",
         "- Python `onnxruntime` on the same graphs: the forward runs and pooling only, on the ids "
-        "`icl-embed tokenize` prints, right-padded in the batches the CLI makes (src/batch.rs: longest first, "
+        "`icl-embed tokenize` prints, right-padded in the batches the CLI makes (src/engine/plan.rs: longest first, "
         f"rows x padded length <= {BATCH_TOKENS}, at most {MAX_ROWS} rows);",
         '- FlagEmbedding `FlagICLModel(use_fp16=False, devices="cpu")`, `encode_corpus` / `encode_queries` '
         "with its default batching, as a user runs it (it probes the batch size with one extra forward of "

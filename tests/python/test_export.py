@@ -141,7 +141,7 @@ def test_manifest_fields(package, meta):
 
 
 def test_w8a8_loads_and_is_exact_where_the_cpu_lacks_vnni(package, tokenizer, tmp_path):
-    """Without VNNI the runtime sets `session.x64quantprecision` (src/runtime.rs), and ONNX Runtime
+    """Without VNNI the runtime sets `session.x64quantprecision` (src/backend/runtime.rs), and ONNX Runtime
     then rewrites every MatMulIntegerToFloat's int8 weight and zero point to uint8 at load. A w8a8
     graph must load that way and give what the session of this CPU gives (both exact products)."""
     graph = tmp_path / "w8a8" / "model.onnx"
