@@ -38,7 +38,7 @@ pub fn load(args: &ServeArgs, presets: &BTreeMap<String, TaskPreset>) -> Result<
     let embedder = Embedder::new(&args.model, &options)?;
     // The handlers' own tokenizer (the package is already open and checked).
     let encoder = Encoder::from_package(embedder.encoder().package().clone())?;
-    let info = model_info(&embedder, &encoder, &options, args.prefix_cache_bytes);
+    let info = model_info(&embedder, &encoder, &options, args);
     let frontend = Frontend::new(encoder, info, presets)?;
     Ok((Model { embedder }, frontend))
 }
@@ -48,7 +48,7 @@ fn model_info(
     embedder: &Embedder,
     encoder: &Encoder,
     options: &EmbedderOptions,
-    prefix_cache_bytes: usize,
+    args: &ServeArgs,
 ) -> ModelInfo {
     let m = &encoder.package().manifest;
     let limits = embedder.batch_limits();
@@ -64,8 +64,9 @@ fn model_info(
         max_batch_tokens: limits.tokens,
         max_batch_rows: limits.rows,
         prefix_cache: options.prefix_cache && model.supports_prefix(),
-        prefix_cache_bytes,
+        prefix_cache_bytes: args.prefix_cache_bytes,
         max_tokens: model.max_tokens(),
+        max_prompt_tokens: model.max_tokens().unwrap_or(args.max_prompt_tokens.max(1)),
     }
 }
 
