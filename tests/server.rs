@@ -976,6 +976,36 @@ fn oversized_prompts_and_protocol_edges_are_refused_clearly() {
     let body = json!({"input": "a query", "instruction": INSTRUCTION, "examples": examples[..3]});
     let (status, v) = server.post("/v1/embeddings", &body);
     assert_eq!(status, 200, "{v}");
+    // The bound counts prefix and query: with it set between a short query's prompt and a long
+    // one's, the short is embedded, the long refused (its index named), documents untouched.
+    let long = DOCS.join(" ");
+    let tokenize = |text: &str| {
+        let body = json!({"inputs": text, "instruction": INSTRUCTION, "examples": examples[..3]});
+        let (status, v) = server.post("/tokenize", &body);
+        assert_eq!(status, 200, "{v}");
+        v[0].as_array().unwrap().len()
+    };
+    let (short_len, long_len) = (tokenize("a query"), tokenize(&long));
+    assert!(long_len > short_len + 10, "{short_len} {long_len}");
+    let bound = (short_len + 5).to_string();
+    let lowered = Server::start(&fx.tiny_pkg, &["--max-prompt-tokens", &bound]);
+    let ask = |text: &str| {
+        let body = json!({"inputs": ["a query", text], "truncate": true, "instruction": INSTRUCTION,
+                          "examples": examples[..3]});
+        lowered.post("/embed", &body)
+    };
+    assert_eq!(ask("another query").0, 200);
+    let (status, v) = ask(&long);
+    assert_eq!(status, 413, "{v}");
+    assert_eq!(
+        (v["field"].as_str(), v["index"].as_u64()),
+        (Some("inputs"), Some(1)),
+        "{v}"
+    );
+    assert!(v["error"].as_str().unwrap().contains(&bound), "{v}");
+    let (status, v) = lowered.post("/embed", &json!({"inputs": long}));
+    assert_eq!(status, 200, "{v}");
+    drop(lowered);
 
     // task and prompt_name that disagree: 422 naming both.
     let body = json!({"inputs": "q", "task": "a", "prompt_name": "b"});

@@ -51,8 +51,8 @@ pub struct ServeArgs {
     #[arg(long, default_value = "30", value_parser = seconds)]
     pub shutdown_grace: Duration,
     /// Most tokens of one prompt (few-shot prefix and query) when the package records no
-    /// attention window (with one, the window is the bound); a longer prompt is answered 413
-    /// before any model work.
+    /// attention window (with one, the window bounds every row); a longer prompt is answered 413
+    /// before any model work. Documents are bounded by the package's document length.
     #[arg(long, default_value_t = 8192)]
     pub max_prompt_tokens: usize,
     /// Most inputs in one request; more is answered 422.

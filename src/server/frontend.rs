@@ -245,7 +245,13 @@ impl Frontend {
             None => self.encoder.documents(texts, None),
         }
         .map_err(failed)?;
-        let max = self.info.max_prompt_tokens;
+        // Every row within the attention window; without one, query rows within
+        // --max-prompt-tokens (documents are bounded by the package's document length).
+        let max = match (self.info.max_tokens, prompt) {
+            (Some(window), _) => window,
+            (None, Some(_)) => self.info.max_prompt_tokens,
+            (None, None) => usize::MAX,
+        };
         if let Some(i) = ids.iter().position(|r| r.len() > max) {
             return Err(Refusal::too_large(
                 field,
