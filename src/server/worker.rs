@@ -106,7 +106,25 @@ impl Model {
             .flat_map(|e| std::mem::take(&mut e.ids))
             .collect();
         let prefix = work.prompt.as_deref().and_then(Prompt::cached_prefix);
-        let rows = self.embed(&ids, prefix, metrics);
+        let mut rows = self.embed(&ids, prefix, metrics);
+        // A failed batch fails every request with rows in it. When more than one request failed,
+        // each runs again alone, so that a request whose rows cannot run (ONNX Runtime out of
+        // memory, say) fails by itself and the others are answered.
+        let failed = failed_entries(&counts, &rows);
+        if failed.len() > 1 {
+            let starts: Vec<usize> = counts
+                .iter()
+                .scan(0, |at, n| {
+                    *at += n;
+                    Some(*at - n)
+                })
+                .collect();
+            for e in failed {
+                let span = starts[e]..starts[e] + counts[e];
+                let again = self.embed(&ids[span.clone()], prefix, metrics);
+                rows.splice(span, again);
+            }
+        }
         reply(entries, counts, rows);
     }
 
@@ -154,6 +172,19 @@ fn record(out: &mut [Row], item: Result<Finished, Failed>, metrics: &Metrics) {
     }
 }
 
+/// The entries (by index) of `counts[i]` rows each that have a failed row in `rows`.
+fn failed_entries(counts: &[usize], rows: &[Row]) -> Vec<usize> {
+    let mut at = 0;
+    let mut failed = Vec::new();
+    for (e, &n) in counts.iter().enumerate() {
+        if rows[at..at + n].iter().any(Result::is_err) {
+            failed.push(e);
+        }
+        at += n;
+    }
+    failed
+}
+
 /// Answers each entry with its `counts[i]` rows of `rows`, in order: its embeddings, or the first
 /// error among them.
 fn reply(entries: Vec<Entry>, counts: Vec<usize>, rows: Vec<Row>) {
@@ -161,5 +192,20 @@ fn reply(entries: Vec<Entry>, counts: Vec<usize>, rows: Vec<Row>) {
     for (e, n) in entries.into_iter().zip(counts) {
         let answer: Reply = rows.by_ref().take(n).collect();
         let _ = e.reply.send(answer);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failed_entries_are_those_with_a_failed_row() {
+        let error = Arc::new(Error::Internal("out of memory".into()));
+        let ok = || Ok(vec![0.0]);
+        let rows = vec![ok(), Err(error.clone()), ok(), ok(), Err(error)];
+        assert_eq!(failed_entries(&[2, 2, 1], &rows), vec![0, 2]);
+        assert_eq!(failed_entries(&[1, 1, 1, 1, 1], &rows), vec![1, 4]);
+        assert!(failed_entries(&[], &[]).is_empty());
     }
 }
