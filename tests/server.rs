@@ -916,6 +916,33 @@ fn over_the_concurrency_limit_is_429_in_each_route_shape() {
 }
 
 #[test]
+fn open_connections_are_bounded_and_a_waiting_client_is_served_when_one_closes() {
+    let Some(fx) = fixtures() else { return };
+    let server = Server::start(
+        &fx.tiny_pkg,
+        &["--max-connections", "3", "--body-read-timeout", "2"],
+    );
+    let head = request_head(&server.addr, "POST", "/embed", &[], 100) + "{";
+    let held: Vec<TcpStream> = (0..3)
+        .map(|_| stalled(&server.addr, head.as_bytes()))
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    // A fourth client waits in the backlog (not refused) until the stalled ones time out.
+    let t = Instant::now();
+    let (status, v) = server.post("/embed", &json!({"inputs": "hello"}));
+    assert_eq!(status, 200, "{v}");
+    let waited = t.elapsed();
+    assert!(
+        waited > Duration::from_millis(1000) && waited < Duration::from_secs(15),
+        "{waited:?}"
+    );
+    for stream in held {
+        let text = read_until_closed(stream, Duration::from_secs(10));
+        assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    }
+}
+
+#[test]
 fn sigterm_exits_within_the_grace_period_whatever_clients_do() {
     let Some(fx) = fixtures() else { return };
     let mut server = Server::start(
