@@ -101,13 +101,13 @@ async fn serve(args: ServeArgs, model: worker::Model, frontend: frontend::Fronte
     match tokio::time::timeout_at(deadline, batcher).await {
         Ok(done) => done.context("the batching task failed")?,
         Err(_) => {
-            eprintln!("stopped: the grace period ended with requests still queued");
+            eprintln!("stopped at the end of the grace period, before the queue had drained");
             return Ok(());
         }
     }
     while !worker.is_finished() {
         if Instant::now() >= deadline.into_std() {
-            eprintln!("stopped: the grace period ended with a batch still running");
+            eprintln!("stopped at the end of the grace period, with a batch still running");
             return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
