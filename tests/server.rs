@@ -768,22 +768,66 @@ fn finish((mut stream, rest): (TcpStream, Vec<u8>)) -> (u16, Value) {
     (status, serde_json::from_str(&body).unwrap())
 }
 
+/// A connection that sent `head` (and maybe the start of a body) and then waits.
+fn stalled(addr: &str, head: &[u8]) -> TcpStream {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.write_all(head).unwrap();
+    stream.flush().unwrap();
+    stream
+}
+
+/// Reads what the server sends until it closes the connection (or `within` passes: a panic).
+fn read_until_closed(mut stream: TcpStream, within: Duration) -> String {
+    stream.set_read_timeout(Some(within)).unwrap();
+    let mut raw = Vec::new();
+    stream
+        .read_to_end(&mut raw)
+        .unwrap_or_else(|e| panic!("the server kept the connection open: {e}"));
+    String::from_utf8_lossy(&raw).into_owned()
+}
+
 #[test]
-fn over_the_concurrency_limit_is_429_and_sigterm_finishes_what_is_in_flight() {
+fn slow_clients_cost_a_connection_not_a_slot_and_sigterm_finishes_what_is_in_flight() {
     let Some(fx) = fixtures() else { return };
     let setup = Setup::new();
     let docs_cli = setup.cli_embed(&fx.tiny_pkg, &DOCS, false);
-    let mut server = Server::start(&fx.tiny_pkg, &["--max-concurrent-requests", "2"]);
-    // Two requests in flight (their bodies still arriving) hold both permits.
+    let mut server = Server::start(
+        &fx.tiny_pkg,
+        &[
+            "--max-concurrent-requests",
+            "2",
+            "--header-read-timeout",
+            "2",
+            "--body-read-timeout",
+            "6",
+        ],
+    );
+    let started = Instant::now();
+    // More stalled clients than slots: headers and "{" of a body that never comes, on both
+    // routes, and two that never finish their headers.
+    let mut bodies = Vec::new();
+    for i in 0..5 {
+        let path = ["/v1/embeddings", "/embed"][i % 2];
+        let head = request_head(&server.addr, "POST", path, &[], 100) + "{";
+        bodies.push(stalled(&server.addr, head.as_bytes()));
+    }
+    let heads: Vec<TcpStream> = (0..2)
+        .map(|_| stalled(&server.addr, b"POST /embed HTTP/1.1\r\nHost: x\r\n"))
+        .collect();
+    // Two requests in flight, their bodies still arriving.
     let a = start_request(&server.addr, &json!({"input": DOCS[..2]}).to_string());
     let b = start_request(&server.addr, &json!({"input": DOCS[2..]}).to_string());
     std::thread::sleep(Duration::from_millis(300));
+    // None of them holds a slot: well-behaved requests are answered.
     let (status, v) = server.post("/v1/embeddings", &json!({"input": "one more"}));
-    assert_eq!(status, 429, "{v}");
-    assert_eq!(v["error"]["type"], "rate_limit_error");
+    assert_eq!(status, 200, "{v}");
     let (status, v) = server.post("/embed", &json!({"inputs": "one more"}));
-    assert_eq!(status, 429, "{v}");
-    assert_eq!(v["error_type"], "overloaded");
+    assert_eq!(status, 200, "{v}");
+    // The partial headers are dropped after --header-read-timeout.
+    for stream in heads {
+        let text = read_until_closed(stream, Duration::from_secs(10));
+        assert!(!text.contains(" 200 "), "{text}");
+    }
 
     server.terminate();
     std::thread::sleep(Duration::from_millis(500));
@@ -806,6 +850,17 @@ fn over_the_concurrency_limit_is_429_and_sigterm_finishes_what_is_in_flight() {
     let (status, v) = finish(b);
     assert_eq!(status, 200, "{v}");
     assert_close("in flight (b)", &openai_rows(&v), &docs_cli[2..]);
+    // The stalled bodies are answered 408 after --body-read-timeout, in their route's shape.
+    for (i, stream) in bodies.into_iter().enumerate() {
+        let text = read_until_closed(stream, Duration::from_secs(15));
+        assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+        let field = [
+            "\"message\":\"body: not received",
+            "\"error\":\"body: not received",
+        ][i % 2];
+        assert!(text.contains(field), "{text}");
+    }
+    assert!(started.elapsed() < Duration::from_secs(20));
     assert_eq!(
         server.wait_exit(Duration::from_secs(30)),
         Some(0),
@@ -813,6 +868,206 @@ fn over_the_concurrency_limit_is_429_and_sigterm_finishes_what_is_in_flight() {
         server.log()
     );
     assert!(server.log().contains("stopped"), "{}", server.log());
+}
+
+#[test]
+fn over_the_concurrency_limit_is_429_in_each_route_shape() {
+    let Some(fx) = fixtures() else { return };
+    let server = Server::start(&fx.tiny_pkg, &["--max-concurrent-requests", "1"]);
+    let inputs: Vec<String> = (0..32)
+        .map(|i| format!("{} ({i})", DOCS[i % DOCS.len()].repeat(4)))
+        .collect();
+    // Bursts of simultaneous requests on one slot until each route has answered 429 (the tiny
+    // model is fast, so a burst may pass without one).
+    let mut seen = [false; 2];
+    for _ in 0..20 {
+        let statuses: Vec<(usize, u16, Value)> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..8)
+                .map(|i| {
+                    let server = &server;
+                    let inputs = &inputs;
+                    scope.spawn(move || {
+                        let route = i % 2;
+                        let (s, v) = match route {
+                            0 => server.post("/v1/embeddings", &json!({"input": inputs})),
+                            _ => server.post("/embed", &json!({"inputs": inputs})),
+                        };
+                        (route, s, v)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for (route, status, v) in statuses {
+            assert!(status == 200 || status == 429, "{status}: {v}");
+            if status == 429 {
+                seen[route] = true;
+                match route {
+                    0 => assert_eq!(v["error"]["type"], "rate_limit_error", "{v}"),
+                    _ => assert_eq!(v["error_type"], "overloaded", "{v}"),
+                }
+            }
+        }
+        if seen == [true, true] {
+            break;
+        }
+    }
+    assert!(seen.iter().any(|&s| s), "no burst was answered 429");
+}
+
+#[test]
+fn open_connections_are_bounded_and_a_waiting_client_is_served_when_one_closes() {
+    let Some(fx) = fixtures() else { return };
+    let server = Server::start(
+        &fx.tiny_pkg,
+        &["--max-connections", "3", "--body-read-timeout", "2"],
+    );
+    let head = request_head(&server.addr, "POST", "/embed", &[], 100) + "{";
+    let held: Vec<TcpStream> = (0..3)
+        .map(|_| stalled(&server.addr, head.as_bytes()))
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    // A fourth client waits in the backlog (not refused) until the stalled ones time out.
+    let t = Instant::now();
+    let (status, v) = server.post("/embed", &json!({"inputs": "hello"}));
+    assert_eq!(status, 200, "{v}");
+    let waited = t.elapsed();
+    assert!(
+        waited > Duration::from_millis(1000) && waited < Duration::from_secs(15),
+        "{waited:?}"
+    );
+    for stream in held {
+        let text = read_until_closed(stream, Duration::from_secs(10));
+        assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    }
+}
+
+#[test]
+fn sigterm_exits_within_the_grace_period_whatever_clients_do() {
+    let Some(fx) = fixtures() else { return };
+    let mut server = Server::start(
+        &fx.tiny_pkg,
+        &[
+            "--shutdown-grace",
+            "1",
+            "--header-read-timeout",
+            "60",
+            "--body-read-timeout",
+            "60",
+        ],
+    );
+    let head = request_head(&server.addr, "POST", "/embed", &[], 100) + "{";
+    let _body = stalled(&server.addr, head.as_bytes());
+    let _head = stalled(&server.addr, b"POST /embed HTTP/1.1\r\nHost: x\r\n");
+    std::thread::sleep(Duration::from_millis(300));
+    let signalled = Instant::now();
+    server.terminate();
+    assert_eq!(
+        server.wait_exit(Duration::from_secs(10)),
+        Some(0),
+        "{}",
+        server.log()
+    );
+    let took = signalled.elapsed();
+    assert!(took < Duration::from_secs(5), "exit took {took:?}");
+    assert!(server.log().contains("grace period"), "{}", server.log());
+}
+
+#[test]
+fn oversized_prompts_and_protocol_edges_are_refused_clearly() {
+    let Some(fx) = fixtures() else { return };
+    // The tiny package records no attention window: the default --max-prompt-tokens bounds it.
+    let server = Server::start(&fx.tiny_pkg, &[]);
+    let (_, info) = server.get("/info");
+    let info: Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(info["max_prompt_tokens"], 8192, "{info}");
+    let examples: Vec<Value> = (0..1000)
+        .map(|i| {
+            json!({"query": format!("what is the capital of country number {i} in the list"),
+                   "response": format!("The capital of country {i} is a city with a long name and history.")})
+        })
+        .collect();
+    for (path, field) in [("/v1/embeddings", "input"), ("/embed", "inputs")] {
+        let t = Instant::now();
+        let body = json!({field: "a query", "instruction": INSTRUCTION, "examples": examples});
+        let (status, v) = server.post(path, &body);
+        assert_eq!(status, 413, "{v}");
+        let text = v.to_string();
+        assert!(
+            text.contains("8192") && text.contains("--max-prompt-tokens"),
+            "{v}"
+        );
+        assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    }
+    // A prompt under the bound is embedded.
+    let body = json!({"input": "a query", "instruction": INSTRUCTION, "examples": examples[..3]});
+    let (status, v) = server.post("/v1/embeddings", &body);
+    assert_eq!(status, 200, "{v}");
+    // The bound counts prefix and query: with it set between a short query's prompt and a long
+    // one's, the short is embedded, the long refused (its index named), documents untouched.
+    let long = DOCS.join(" ");
+    let tokenize = |text: &str| {
+        let body = json!({"inputs": text, "instruction": INSTRUCTION, "examples": examples[..3]});
+        let (status, v) = server.post("/tokenize", &body);
+        assert_eq!(status, 200, "{v}");
+        v[0].as_array().unwrap().len()
+    };
+    let (short_len, long_len) = (tokenize("a query"), tokenize(&long));
+    assert!(long_len > short_len + 10, "{short_len} {long_len}");
+    let bound = (short_len + 5).to_string();
+    let lowered = Server::start(&fx.tiny_pkg, &["--max-prompt-tokens", &bound]);
+    let ask = |text: &str| {
+        let body = json!({"inputs": ["a query", text], "truncate": true, "instruction": INSTRUCTION,
+                          "examples": examples[..3]});
+        lowered.post("/embed", &body)
+    };
+    assert_eq!(ask("another query").0, 200);
+    let (status, v) = ask(&long);
+    assert_eq!(status, 413, "{v}");
+    assert_eq!(
+        (v["field"].as_str(), v["index"].as_u64()),
+        (Some("inputs"), Some(1)),
+        "{v}"
+    );
+    assert!(v["error"].as_str().unwrap().contains(&bound), "{v}");
+    let (status, v) = lowered.post("/embed", &json!({"inputs": long}));
+    assert_eq!(status, 200, "{v}");
+    drop(lowered);
+
+    // task and prompt_name that disagree: 422 naming both.
+    let body = json!({"inputs": "q", "task": "a", "prompt_name": "b"});
+    let (status, v) = server.post("/embed", &body);
+    assert_eq!(status, 422, "{v}");
+    assert_eq!(v["field"], "task", "{v}");
+    assert!(v["error"].as_str().unwrap().contains("prompt_name"), "{v}");
+    // 405 with a JSON body in the route's shape.
+    let (status, text) = server.get("/v1/embeddings");
+    assert_eq!(status, 405, "{text}");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["error"]["code"], 405, "{v}");
+    let (status, text) = server.get("/embed");
+    assert_eq!(status, 405, "{text}");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["error_type"], "validation", "{v}");
+    // Invalid JSON is TEI's "validation", an empty input its "empty".
+    let (status, text) = http(&server.addr, "POST", "/embed", &[], b"{oops");
+    assert_eq!(status, 400, "{text}");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["error_type"], "validation", "{v}");
+    let (status, v) = server.post("/embed", &json!({"inputs": ""}));
+    assert_eq!(status, 400, "{v}");
+    assert_eq!(v["error_type"], "empty", "{v}");
+    // Expect: 100-continue with a Content-Length over --payload-limit: 413, no 100 Continue.
+    let head = format!(
+        "POST /embed HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: 99000000000\r\nExpect: 100-continue\r\n\r\n",
+        server.addr
+    );
+    let stream = stalled(&server.addr, head.as_bytes());
+    let text = read_until_closed(stream, Duration::from_secs(10));
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+    assert!(!text.contains("100 Continue"), "{text}");
+    assert!(text.contains("--payload-limit"), "{text}");
+    assert!(!server.log().contains("panicked"), "{}", server.log());
 }
 
 #[test]

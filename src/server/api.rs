@@ -35,6 +35,7 @@ pub struct Limits {
     pub max_client_batch_size: usize,
     pub payload_limit: usize,
     pub max_concurrent_requests: usize,
+    pub body_read_timeout: std::time::Duration,
 }
 
 /// What every handler shares.
@@ -51,15 +52,17 @@ pub struct AppState {
 
 type Shared = Arc<AppState>;
 
-/// The routes. `/health` answers without a key (probes); the embedding routes and `/tokenize` are
-/// bounded by the payload limit and the concurrency semaphore.
+/// The routes. `/health` answers without a key (probes); the embedding routes and `/tokenize`
+/// read the whole body (bounded in bytes and time) before they take a slot of the concurrency
+/// semaphore, so a slow client never holds one.
 pub fn router(state: Shared) -> Router {
     let work = Router::new()
         .route("/v1/embeddings", post(openai_embeddings))
         .route("/embed", post(tei_embed))
         .route("/tokenize", post(tokenize))
         .route_layer(DefaultBodyLimit::max(state.limits.payload_limit))
-        .route_layer(middleware::from_fn_with_state(state.clone(), concurrency));
+        .route_layer(middleware::from_fn_with_state(state.clone(), concurrency))
+        .route_layer(middleware::from_fn_with_state(state.clone(), read_body));
     Router::new()
         .merge(work)
         .route("/v1/models", get(models))
@@ -68,6 +71,7 @@ pub fn router(state: Shared) -> Router {
         .route_layer(middleware::from_fn_with_state(state.clone(), auth))
         .route("/health", get(health))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn(catch_panic))
         .layer(middleware::from_fn_with_state(state.clone(), count))
         .with_state(state)
@@ -84,6 +88,8 @@ pub struct ApiError {
     field: Option<String>,
     index: Option<usize>,
     message: String,
+    /// TEI's `error_type` where the status does not say it ("empty" for an empty input).
+    tei_type: Option<&'static str>,
 }
 
 impl ApiError {
@@ -94,6 +100,7 @@ impl ApiError {
             field: None,
             index: None,
             message: message.into(),
+            tei_type: None,
         }
     }
 
@@ -116,7 +123,11 @@ impl ApiError {
     }
 
     fn refusal(r: Refusal) -> ApiError {
-        ApiError::field(r.field, r.index, r.message)
+        let status = match r.too_large {
+            true => StatusCode::PAYLOAD_TOO_LARGE,
+            false => StatusCode::UNPROCESSABLE_ENTITY,
+        };
+        ApiError::field(r.field, r.index, r.message).with_status(status)
     }
 
     fn internal(message: impl Into<String>) -> ApiError {
@@ -158,16 +169,15 @@ impl ApiError {
     }
 
     fn tei(self) -> Response {
-        let error_type = match self.status {
+        let error_type = self.tei_type.unwrap_or(match self.status {
             StatusCode::TOO_MANY_REQUESTS => "overloaded",
-            StatusCode::BAD_REQUEST => "empty",
             StatusCode::UNAUTHORIZED => "unauthorized",
             StatusCode::PAYLOAD_TOO_LARGE => "payload",
             StatusCode::NOT_FOUND => "not_found",
             StatusCode::SERVICE_UNAVAILABLE => "unhealthy",
             s if s.is_server_error() => "backend",
             _ => "validation",
-        };
+        });
         let body = json!({
             "error": self.text(),
             "error_type": error_type,
@@ -236,6 +246,61 @@ async fn auth(State(s): State<Shared>, req: Request, next: Next) -> Response {
 /// Compares in time independent of where the inputs differ.
 fn same(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Reads the whole body before the request goes on (to the concurrency slot and the handler):
+/// 413 when `Content-Length` or the bytes sent pass `--payload-limit` (answered before the body
+/// is read, so `Expect: 100-continue` gets no 100 Continue), 408 when the body takes longer than
+/// `--body-read-timeout`, 400 when the client breaks off. The connection is then closed with
+/// the body unread.
+async fn read_body(State(s): State<Shared>, req: Request, next: Next) -> Response {
+    let path = req.uri().path().to_string();
+    let limit = s.limits.payload_limit;
+    let too_large = |what: String| {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            format!("body: {what}, over the server's --payload-limit of {limit} bytes"),
+        )
+        .for_path(&path)
+    };
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if let Some(n) = declared.filter(|&n| n > limit as u64) {
+        return too_large(format!("Content-Length {n}"));
+    }
+    let (parts, body) = req.into_parts();
+    let read = http_body_util::BodyExt::collect(http_body_util::Limited::new(body, limit));
+    let bytes = match tokio::time::timeout(s.limits.body_read_timeout, read).await {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+            return too_large("more bytes".into())
+        }
+        Ok(Err(e)) => {
+            return ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                format!("body: cannot read it: {e}"),
+            )
+            .for_path(&path)
+        }
+        Err(_) => {
+            return ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "invalid_request_error",
+                format!(
+                    "body: not received within the server's --body-read-timeout of {} s",
+                    s.limits.body_read_timeout.as_secs_f64()
+                ),
+            )
+            .for_path(&path)
+        }
+    };
+    next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
+        .await
 }
 
 /// 429 when `--max-concurrent-requests` requests are already being handled.
@@ -318,7 +383,10 @@ fn kind_of(v: &Value) -> &'static str {
 }
 
 fn empty(field: &str, index: Option<usize>, what: &str) -> ApiError {
-    ApiError::field(field, index, what).with_status(StatusCode::BAD_REQUEST)
+    ApiError {
+        tei_type: Some("empty"),
+        ..ApiError::field(field, index, what).with_status(StatusCode::BAD_REQUEST)
+    }
 }
 
 /// A string field, absent or null being `None`.
@@ -361,10 +429,22 @@ fn parse_inputs(
     frontend: &Frontend,
     ids_allowed: bool,
 ) -> Result<Inputs, ApiError> {
+    let info = &frontend.info;
+    parse_inputs_with(v, field, info.vocab, info.max_document_tokens, ids_allowed)
+}
+
+/// [`parse_inputs`] against a vocabulary of `vocab` ids and rows of at most `max_ids`.
+fn parse_inputs_with(
+    v: Option<&Value>,
+    field: &str,
+    vocab: usize,
+    max_ids: usize,
+    ids_allowed: bool,
+) -> Result<Inputs, ApiError> {
     let ids = IdRules {
         field,
-        vocab: frontend.info.vocab,
-        max_ids: frontend.info.max_document_tokens,
+        vocab,
+        max_ids,
     };
     let expected = match ids_allowed {
         true => "a string, a list of strings, a list of token ids or a list of lists of token ids",
@@ -493,7 +573,32 @@ enum TaskChoice {
     Inline(TaskText),
 }
 
-fn parse_task(map: &Map<String, Value>, frontend: &Frontend) -> Result<TaskChoice, ApiError> {
+/// Where [`parse_task`] looks up presets: the [`Frontend`] (or nothing, in tests).
+trait Presets {
+    fn preset(&self, name: &str) -> Option<Arc<Prompt>>;
+    fn preset_names(&self) -> Vec<String>;
+}
+
+impl Presets for Frontend {
+    fn preset(&self, name: &str) -> Option<Arc<Prompt>> {
+        Frontend::preset(self, name)
+    }
+
+    fn preset_names(&self) -> Vec<String> {
+        Frontend::preset_names(self)
+    }
+}
+
+fn parse_task(map: &Map<String, Value>, frontend: &impl Presets) -> Result<TaskChoice, ApiError> {
+    if let (Some(task), Some(name)) = (opt_str(map, "task")?, opt_str(map, "prompt_name")?) {
+        if task != name {
+            return Err(ApiError::field(
+                "task",
+                None,
+                format!("{task:?} conflicts with \"prompt_name\": {name:?}; give one of them"),
+            ));
+        }
+    }
     let mut preset = None;
     for field in ["task", "prompt_name"] {
         if let Some(name) = opt_str(map, field)? {
@@ -701,7 +806,7 @@ async fn openai_inner(
         }
     };
     let inputs = parse_inputs(map.get("input"), "input", &s.frontend, true)?;
-    let task = parse_task(&map, &s.frontend)?;
+    let task = parse_task(&map, s.frontend.as_ref())?;
     let (prompt, ids) = token_ids(s, inputs, task, true, "input").await?;
     let tokens = ids.iter().map(Vec::len).sum();
     let rows = embed(s, prompt, ids).await?;
@@ -759,7 +864,7 @@ async fn tei_inner(
     let truncate = opt_bool(&map, "truncate", false)?;
     check_direction(&map)?;
     let inputs = parse_inputs(map.get("inputs"), "inputs", &s.frontend, false)?;
-    let task = parse_task(&map, &s.frontend)?;
+    let task = parse_task(&map, s.frontend.as_ref())?;
     let (prompt, ids) = token_ids(s, inputs, task, truncate, "inputs").await?;
     embed(s, prompt, ids).await
 }
@@ -783,7 +888,7 @@ async fn tokenize(State(s): State<Shared>, body: Result<Bytes, BytesRejection>) 
         let truncate = opt_bool(&map, "truncate", true)?;
         check_direction(&map)?;
         let inputs = parse_inputs(map.get("inputs"), "inputs", &s.frontend, false)?;
-        let task = parse_task(&map, &s.frontend)?;
+        let task = parse_task(&map, s.frontend.as_ref())?;
         let (_, ids) = token_ids(&s, inputs, task, truncate, "inputs").await?;
         Ok::<_, ApiError>(ids)
     };
@@ -822,6 +927,7 @@ async fn info(State(s): State<Shared>) -> Response {
         "max_query_length": i.max_query_tokens,
         "max_batch_tokens": i.max_batch_tokens,
         "max_batch_rows": i.max_batch_rows,
+        "max_prompt_tokens": i.max_prompt_tokens,
         "max_concurrent_requests": s.limits.max_concurrent_requests,
         "max_client_batch_size": s.limits.max_client_batch_size,
         "payload_limit": s.limits.payload_limit,
@@ -847,6 +953,20 @@ async fn metrics(State(s): State<Shared>) -> Response {
         s.metrics.render(),
     )
         .into_response()
+}
+
+/// A route that exists, called with another method: 405 in the route's error shape.
+async fn method_not_allowed(req: Request) -> Response {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "invalid_request_error",
+        format!(
+            "{} is not allowed on {} (routes: POST /v1/embeddings, /embed, /tokenize; GET /health, /info, /metrics, /v1/models)",
+            req.method(),
+            req.uri().path()
+        ),
+    )
+    .for_path(req.uri().path())
 }
 
 async fn not_found(req: Request) -> Response {
@@ -883,6 +1003,120 @@ mod tests {
         let bytes = base64::engine::general_purpose::STANDARD.decode(s).unwrap();
         assert_eq!(bytes[..4], 1.0f32.to_le_bytes());
         assert_eq!(bytes[4..], (-2.5f32).to_le_bytes());
+    }
+
+    /// No presets: every named task is unknown.
+    impl Presets for () {
+        fn preset(&self, _: &str) -> Option<Arc<Prompt>> {
+            None
+        }
+
+        fn preset_names(&self) -> Vec<String> {
+            Vec::new()
+        }
+    }
+
+    /// A small deterministic generator (xorshift64*), so the fuzz below needs no crate.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        }
+
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+
+        fn value(&mut self, depth: u32) -> Value {
+            let kinds = if depth == 0 { 6 } else { 8 };
+            match self.below(kinds) {
+                0 => Value::Null,
+                1 => Value::Bool(self.below(2) == 0),
+                2 => json!([0, 1, 99, 100, u32::MAX as u64 + 1, u64::MAX][self.below(6) as usize]),
+                3 => json!([-1.0, 0.5, 1e300, -0.0][self.below(4) as usize]),
+                4 => json!(["", "x", "é\u{0}\u{10FFFF}", "query", " "][self.below(5) as usize]),
+                5 => json!(-(self.below(1000) as i64)),
+                6 => {
+                    let n = self.below(5);
+                    Value::Array((0..n).map(|_| self.value(depth - 1)).collect())
+                }
+                _ => Value::Object(self.object(depth - 1)),
+            }
+        }
+
+        fn object(&mut self, depth: u32) -> Map<String, Value> {
+            const KEYS: &[&str] = &[
+                "input",
+                "inputs",
+                "task",
+                "prompt_name",
+                "instruction",
+                "examples",
+                "query",
+                "response",
+                "instruct",
+                "truncate",
+                "normalize",
+                "truncation_direction",
+                "model",
+            ];
+            let n = self.below(6);
+            (0..n)
+                .map(|_| {
+                    let key = KEYS[self.below(KEYS.len() as u64) as usize].to_string();
+                    (key, self.value(depth))
+                })
+                .collect()
+        }
+    }
+
+    /// Random JSON (and random bytes) through the request parsing: every outcome is a value or
+    /// an error with a 4xx status, never a panic. 20,000 cases, well under a second.
+    #[test]
+    fn request_parsing_never_panics_on_random_json() {
+        let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+        for case in 0..20_000 {
+            let map = rng.object(3);
+            for (field, ids) in [("input", true), ("inputs", false)] {
+                let vocab = 1 + rng.below(200) as usize;
+                let max_ids = rng.below(10) as usize;
+                match parse_inputs_with(map.get(field), field, vocab, max_ids, ids) {
+                    Ok(Inputs::Ids(rows)) => assert!(rows.iter().all(|r| !r.is_empty()
+                        && r.len() <= max_ids
+                        && r.iter().all(|&i| (i as usize) < vocab))),
+                    Ok(Inputs::Texts(t)) => {
+                        assert!(!t.is_empty() && t.iter().all(|t| !t.is_empty()))
+                    }
+                    Err(e) => assert!(e.status.is_client_error(), "case {case}: {e:?}"),
+                }
+            }
+            if let Err(e) = parse_task(&map, &()) {
+                assert!(e.status.is_client_error(), "case {case}: {e:?}");
+            }
+            for field in ["truncate", "normalize"] {
+                if let Err(e) = opt_bool(&map, field, true) {
+                    assert_eq!(e.status, StatusCode::UNPROCESSABLE_ENTITY);
+                }
+            }
+            let _ = check_direction(&map);
+            // The body as bytes: whole, cut short, or with a byte flipped.
+            let mut bytes = serde_json::to_vec(&Value::Object(map)).unwrap();
+            match rng.below(3) {
+                0 => bytes.truncate(rng.below(bytes.len() as u64 + 1) as usize),
+                1 => {
+                    let i = rng.below(bytes.len() as u64) as usize;
+                    bytes[i] = rng.next() as u8;
+                }
+                _ => {}
+            }
+            if let Err(e) = object(Ok(Bytes::from(bytes))) {
+                assert!(e.status.is_client_error(), "case {case}: {e:?}");
+            }
+        }
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
@@ -32,9 +33,28 @@ pub struct ServeArgs {
     // Where and how the model runs, and the batches: the options `embed` has.
     #[command(flatten)]
     pub runtime: RuntimeArgs,
-    /// Requests handled at once; one more is answered 429.
+    /// Requests handled at once (from the moment their body is read); one more is answered 429.
     #[arg(long, default_value_t = 512)]
     pub max_concurrent_requests: usize,
+    /// Client connections open at once; more wait in the listen backlog until one closes.
+    #[arg(long, default_value_t = 2048)]
+    pub max_connections: usize,
+    /// Seconds a client has to send a request's headers; then the connection is closed.
+    #[arg(long, default_value = "10", value_parser = seconds)]
+    pub header_read_timeout: Duration,
+    /// Seconds a client has to send a request's body; then it is answered 408 and the connection
+    /// closed.
+    #[arg(long, default_value = "30", value_parser = seconds)]
+    pub body_read_timeout: Duration,
+    /// Seconds SIGTERM or SIGINT waits for the requests in flight before the process exits anyway
+    /// (connections still open then are dropped).
+    #[arg(long, default_value = "30", value_parser = seconds)]
+    pub shutdown_grace: Duration,
+    /// Most tokens of one prompt (few-shot prefix and query) when the package records no
+    /// attention window (with one, the window bounds every row); a longer prompt is answered 413
+    /// before any model work. Documents are bounded by the package's document length.
+    #[arg(long, default_value_t = 8192)]
+    pub max_prompt_tokens: usize,
     /// Most inputs in one request; more is answered 422.
     #[arg(long, default_value_t = 32)]
     pub max_client_batch_size: usize,
@@ -48,6 +68,16 @@ pub struct ServeArgs {
     /// The model name reported in responses (default: the last part of --model).
     #[arg(long)]
     pub served_model_name: Option<String>,
+}
+
+/// A number of seconds (fractions allowed), positive and at most a day.
+fn seconds(text: &str) -> Result<Duration, String> {
+    match text.parse::<f64>() {
+        Ok(s) if s > 0.0 && s <= 86_400.0 => Ok(Duration::from_secs_f64(s)),
+        _ => Err(format!(
+            "{text:?}: expected seconds, more than 0 and at most 86400"
+        )),
+    }
 }
 
 impl ServeArgs {

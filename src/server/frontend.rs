@@ -39,6 +39,8 @@ pub struct Refusal {
     pub field: String,
     pub index: Option<usize>,
     pub message: String,
+    /// Over a size bound (the prompt-token bound): answered 413 rather than 422.
+    pub too_large: bool,
 }
 
 impl Refusal {
@@ -47,6 +49,14 @@ impl Refusal {
             field: field.into(),
             index,
             message: message.into(),
+            too_large: false,
+        }
+    }
+
+    fn too_large(field: impl Into<String>, index: Option<usize>, message: String) -> Refusal {
+        Refusal {
+            too_large: true,
+            ..Refusal::new(field, index, message)
         }
     }
 }
@@ -67,6 +77,22 @@ pub struct ModelInfo {
     pub prefix_cache_bytes: usize,
     /// Longest row the model takes (its attention window), prefix included.
     pub max_tokens: Option<usize>,
+    /// Most tokens of one prompt (prefix and query): the attention window, else
+    /// `--max-prompt-tokens`.
+    pub max_prompt_tokens: usize,
+}
+
+impl ModelInfo {
+    /// Where [`ModelInfo::max_prompt_tokens`] comes from, for refusals.
+    fn prompt_bound(&self) -> String {
+        match self.max_tokens {
+            Some(w) => format!("the bound of {w} tokens a prompt (the model's attention window)"),
+            None => format!(
+                "the bound of {} tokens a prompt (the server's --max-prompt-tokens)",
+                self.max_prompt_tokens
+            ),
+        }
+    }
 }
 
 /// Tokenization for the handlers: the package's tokenizer and prompts, and the `--tasks` presets.
@@ -150,6 +176,18 @@ impl Frontend {
         let key = serde_json::to_string(&(&task.instruction, &task.examples))
             .map_err(|e| Refusal::new(format!("{field}examples"), None, e.to_string()))?;
         let shared_len = query.shared_prefix().map_or(0, <[u32]>::len);
+        // Checked here, before any query is tokenized or any model work: a prefix alone at the
+        // bound leaves no room for a query.
+        if shared_len >= self.info.max_prompt_tokens {
+            return Err(Refusal::too_large(
+                format!("{field}examples"),
+                None,
+                format!(
+                    "the few-shot prefix is {shared_len} tokens, at or over {}, which counts prefix and query; send fewer or shorter examples",
+                    self.info.prompt_bound()
+                ),
+            ));
+        }
         Ok(Some(Arc::new(Prompt {
             key,
             shared_len,
@@ -207,17 +245,23 @@ impl Frontend {
             None => self.encoder.documents(texts, None),
         }
         .map_err(failed)?;
-        if let Some(max) = self.info.max_tokens {
-            if let Some(i) = ids.iter().position(|r| r.len() > max) {
-                return Err(Refusal::new(
-                    field,
-                    Some(i),
-                    format!(
-                        "{} tokens with the prompt, over the model's attention window of {max}",
-                        ids[i].len()
-                    ),
-                ));
-            }
+        // Every row within the attention window; without one, query rows within
+        // --max-prompt-tokens (documents are bounded by the package's document length).
+        let max = match (self.info.max_tokens, prompt) {
+            (Some(window), _) => window,
+            (None, Some(_)) => self.info.max_prompt_tokens,
+            (None, None) => usize::MAX,
+        };
+        if let Some(i) = ids.iter().position(|r| r.len() > max) {
+            return Err(Refusal::too_large(
+                field,
+                Some(i),
+                format!(
+                    "{} tokens with the prompt, over {}",
+                    ids[i].len(),
+                    self.info.prompt_bound()
+                ),
+            ));
         }
         Ok(ids)
     }

@@ -67,6 +67,8 @@ struct Inner {
     prefix_misses: u64,
     prefix_bytes: u64,
     failed_batches: u64,
+    /// Client connections open.
+    connections: u64,
 }
 
 /// The server's metrics, shared by the handlers, the batching task and the worker.
@@ -86,6 +88,7 @@ impl Default for Metrics {
             prefix_misses: 0,
             prefix_bytes: 0,
             failed_batches: 0,
+            connections: 0,
         }))
     }
 }
@@ -95,6 +98,14 @@ impl Metrics {
         // A panic elsewhere while holding the lock leaves plain counters behind: keep using them.
         let mut inner = self.0.lock().unwrap_or_else(|p| p.into_inner());
         f(&mut inner)
+    }
+
+    pub fn connection_opened(&self) {
+        self.with(|m| m.connections += 1);
+    }
+
+    pub fn connection_closed(&self) {
+        self.with(|m| m.connections = m.connections.saturating_sub(1));
     }
 
     pub fn request(&self, route: &str, status: u16) {
@@ -146,6 +157,13 @@ impl Metrics {
             let gauge = |out: &mut String, name: &str, kind: &str, help: &str, v: u64| {
                 let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
             };
+            gauge(
+                &mut out,
+                "icl_embed_open_connections",
+                "gauge",
+                "Client connections open (bounded by --max-connections).",
+                m.connections,
+            );
             gauge(
                 &mut out,
                 "icl_embed_queue_size",

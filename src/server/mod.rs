@@ -3,8 +3,10 @@
 //! and the prefix cache, in text-embeddings-inference's shape: the handlers ([`api`]) validate and
 //! tokenize (with the [`frontend`]), a semaphore bounds the requests in flight, requests wait in a queue ([`queue`]) from
 //! which one batching task hands batches to the one thread that owns the model ([`worker`]), and
-//! results return on one-shot channels. SIGTERM or SIGINT stops accepting connections, finishes
-//! the requests in flight, and returns.
+//! results return on one-shot channels. Connections are bounded (`--max-connections`) and their
+//! headers and bodies read under time limits before a request takes a concurrency slot, so a slow
+//! client costs a connection, never a slot. SIGTERM or SIGINT stops accepting connections, finishes
+//! the requests in flight, and returns, at the latest when `--shutdown-grace` ends.
 
 mod api;
 mod config;
@@ -15,7 +17,7 @@ mod worker;
 
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use tokio::net::TcpListener;
@@ -41,7 +43,10 @@ pub fn run(args: ServeArgs) -> Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(serve(args, model, frontend))
+    let result = runtime.block_on(serve(args, model, frontend));
+    // Past the grace period, handlers may still wait on the worker: leave them.
+    runtime.shutdown_background();
+    result
 }
 
 async fn serve(args: ServeArgs, model: worker::Model, frontend: frontend::Frontend) -> Result<()> {
@@ -70,30 +75,133 @@ async fn serve(args: ServeArgs, model: worker::Model, frontend: frontend::Fronte
         max_client_batch_size: args.max_client_batch_size.max(1),
         payload_limit: args.payload_limit,
         max_concurrent_requests: args.max_concurrent_requests.max(1),
+        body_read_timeout: args.body_read_timeout,
     };
     let state = Arc::new(api::AppState {
         frontend: Arc::new(frontend),
         queue: queue_tx,
         permits: Arc::new(Semaphore::new(limits.max_concurrent_requests)),
-        metrics,
+        metrics: metrics.clone(),
         limits,
         api_key: args.api_key.clone(),
         model_name: args.served_name(),
         healthy,
     });
+    let app = api::router(state);
+    let limits = ConnLimits {
+        max_connections: args.max_connections.max(1),
+        header_read_timeout: args.header_read_timeout,
+        grace: args.shutdown_grace,
+    };
     eprintln!("listening on http://{}", listener.local_addr()?);
-    axum::serve(listener, api::router(state))
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .context("the server failed")?;
-    // The router and its queue sender are gone: the batching task hands out what is left and
-    // ends, then the worker.
-    batcher.await.context("the batching task failed")?;
+    let deadline = accept_loop(listener, app, limits, metrics).await;
+    // The connections are closed and their tasks gone: the queue's sender is dropped once the
+    // handlers still running answer, then the batching task hands out what is left and ends,
+    // then the worker. Past the grace period the process does not wait for them.
+    match tokio::time::timeout_at(deadline, batcher).await {
+        Ok(done) => done.context("the batching task failed")?,
+        Err(_) => {
+            eprintln!("stopped at the end of the grace period, before the queue had drained");
+            return Ok(());
+        }
+    }
+    while !worker.is_finished() {
+        if Instant::now() >= deadline.into_std() {
+            eprintln!("stopped at the end of the grace period, with a batch still running");
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     if worker.join().is_err() {
         anyhow::bail!("the inference worker panicked");
     }
     eprintln!("stopped: every request in flight was answered");
     Ok(())
+}
+
+/// How connections are bounded (`--max-connections`, `--header-read-timeout`,
+/// `--shutdown-grace`).
+#[derive(Clone, Copy)]
+struct ConnLimits {
+    max_connections: usize,
+    header_read_timeout: Duration,
+    grace: Duration,
+}
+
+/// Accepts connections until a signal, at most `max_connections` open at once (past that the
+/// listener is left unpolled and the kernel's backlog holds the rest), each served by hyper with a
+/// header read timeout. On a signal: stops accepting, asks every connection to close after its
+/// current response, and aborts the ones still open when the grace period ends. Returns the
+/// grace period's deadline.
+async fn accept_loop(
+    listener: TcpListener,
+    app: axum::Router,
+    limits: ConnLimits,
+    metrics: Arc<metrics::Metrics>,
+) -> tokio::time::Instant {
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut connections = tokio::task::JoinSet::new();
+    let signal = shutdown_signal();
+    tokio::pin!(signal);
+    loop {
+        let slot = tokio::select! {
+            _ = &mut signal => break,
+            slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
+        };
+        let (stream, _) = tokio::select! {
+            _ = &mut signal => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait instead of spinning.
+                    eprintln!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        while connections.try_join_next().is_some() {}
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let mut stop = stop_rx.clone();
+        let metrics = metrics.clone();
+        connections.spawn(async move {
+            let _slot = slot;
+            metrics.connection_opened();
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(limits.header_read_timeout);
+            let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {},
+                _ = async { let _ = stop.wait_for(|s| *s).await; } => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+            metrics.connection_closed();
+        });
+    }
+    let deadline = tokio::time::Instant::now() + limits.grace;
+    drop(listener);
+    let _ = stop_tx.send(true);
+    let open = connections.len();
+    let drained = tokio::time::timeout_at(deadline, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        eprintln!(
+            "the grace period ({:.1} s) ended: closing {} of {open} connection(s)",
+            limits.grace.as_secs_f64(),
+            connections.len()
+        );
+        connections.shutdown().await;
+    }
+    deadline
 }
 
 /// Resolves on SIGINT (Ctrl-C) or SIGTERM.

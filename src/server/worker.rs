@@ -38,7 +38,7 @@ pub fn load(args: &ServeArgs, presets: &BTreeMap<String, TaskPreset>) -> Result<
     let embedder = Embedder::new(&args.model, &options)?;
     // The handlers' own tokenizer (the package is already open and checked).
     let encoder = Encoder::from_package(embedder.encoder().package().clone())?;
-    let info = model_info(&embedder, &encoder, &options, args.prefix_cache_bytes);
+    let info = model_info(&embedder, &encoder, &options, args);
     let frontend = Frontend::new(encoder, info, presets)?;
     Ok((Model { embedder }, frontend))
 }
@@ -48,7 +48,7 @@ fn model_info(
     embedder: &Embedder,
     encoder: &Encoder,
     options: &EmbedderOptions,
-    prefix_cache_bytes: usize,
+    args: &ServeArgs,
 ) -> ModelInfo {
     let m = &encoder.package().manifest;
     let limits = embedder.batch_limits();
@@ -64,8 +64,9 @@ fn model_info(
         max_batch_tokens: limits.tokens,
         max_batch_rows: limits.rows,
         prefix_cache: options.prefix_cache && model.supports_prefix(),
-        prefix_cache_bytes,
+        prefix_cache_bytes: args.prefix_cache_bytes,
         max_tokens: model.max_tokens(),
+        max_prompt_tokens: model.max_tokens().unwrap_or(args.max_prompt_tokens.max(1)),
     }
 }
 
@@ -105,7 +106,25 @@ impl Model {
             .flat_map(|e| std::mem::take(&mut e.ids))
             .collect();
         let prefix = work.prompt.as_deref().and_then(Prompt::cached_prefix);
-        let rows = self.embed(&ids, prefix, metrics);
+        let mut rows = self.embed(&ids, prefix, metrics);
+        // A failed batch fails every request with rows in it. When more than one request failed,
+        // each runs again alone, so that a request whose rows cannot run (ONNX Runtime out of
+        // memory, say) fails by itself and the others are answered.
+        let failed = failed_entries(&counts, &rows);
+        if failed.len() > 1 {
+            let starts: Vec<usize> = counts
+                .iter()
+                .scan(0, |at, n| {
+                    *at += n;
+                    Some(*at - n)
+                })
+                .collect();
+            for e in failed {
+                let span = starts[e]..starts[e] + counts[e];
+                let again = self.embed(&ids[span.clone()], prefix, metrics);
+                rows.splice(span, again);
+            }
+        }
         reply(entries, counts, rows);
     }
 
@@ -153,6 +172,19 @@ fn record(out: &mut [Row], item: Result<Finished, Failed>, metrics: &Metrics) {
     }
 }
 
+/// The entries (by index) of `counts[i]` rows each that have a failed row in `rows`.
+fn failed_entries(counts: &[usize], rows: &[Row]) -> Vec<usize> {
+    let mut at = 0;
+    let mut failed = Vec::new();
+    for (e, &n) in counts.iter().enumerate() {
+        if rows[at..at + n].iter().any(Result::is_err) {
+            failed.push(e);
+        }
+        at += n;
+    }
+    failed
+}
+
 /// Answers each entry with its `counts[i]` rows of `rows`, in order: its embeddings, or the first
 /// error among them.
 fn reply(entries: Vec<Entry>, counts: Vec<usize>, rows: Vec<Row>) {
@@ -160,5 +192,20 @@ fn reply(entries: Vec<Entry>, counts: Vec<usize>, rows: Vec<Row>) {
     for (e, n) in entries.into_iter().zip(counts) {
         let answer: Reply = rows.by_ref().take(n).collect();
         let _ = e.reply.send(answer);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failed_entries_are_those_with_a_failed_row() {
+        let error = Arc::new(Error::Internal("out of memory".into()));
+        let ok = || Ok(vec![0.0]);
+        let rows = vec![ok(), Err(error.clone()), ok(), ok(), Err(error)];
+        assert_eq!(failed_entries(&[2, 2, 1], &rows), vec![0, 2]);
+        assert_eq!(failed_entries(&[1, 1, 1, 1, 1], &rows), vec![1, 4]);
+        assert!(failed_entries(&[], &[]).is_empty());
     }
 }
