@@ -84,9 +84,24 @@ async def main() -> None:
     p.add_argument("--clients", type=int, default=4)
     a = p.parse_args()
     server = subprocess.Popen(
-        [a.binary, "serve", "--model", a.model, "--host", "127.0.0.1", "--port", "0",
-         "--variant", "fp32", "--device", "cpu", "--threads", "1"],
-        stderr=subprocess.PIPE, text=True,
+        [
+            a.binary,
+            "serve",
+            "--model",
+            a.model,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--variant",
+            "fp32",
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         addr = None
@@ -104,8 +119,10 @@ async def main() -> None:
         for w in writers:
             w.close()
         for name, r in [("alone", alone), (f"with {a.stalled} stalled", stalled)]:
-            print(f"{name:>18}: {r['requests']} requests, {100 * r['ok']:.1f}% 200 {r['statuses']}, "
-                  f"p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, {r['per_s']:.1f}/s")
+            print(
+                f"{name:>18}: {r['requests']} requests, {100 * r['ok']:.1f}% 200 {r['statuses']}, "
+                f"p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, {r['per_s']:.1f}/s"
+            )
     finally:
         server.terminate()
         server.wait(timeout=60)

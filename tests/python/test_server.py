@@ -157,11 +157,17 @@ def test_openai_client_sees_the_prompt_bound_and_conflicting_tasks(server):
     """Issue 24: a few-shot prompt past --max-prompt-tokens (the tiny package has no attention
     window) is 413 naming the bound, and the server keeps serving; `task` and `prompt_name` that
     disagree are 422 naming both."""
-    examples = [{"query": f"what is the capital of country number {i}", "response": f"City {i} is its capital."}
-                for i in range(1000)]
+    examples = [
+        {"query": f"what is the capital of country number {i}", "response": f"City {i} is its capital."}
+        for i in range(1000)
+    ]
     with pytest.raises(openai.APIStatusError, match="max-prompt-tokens") as e:
-        client(server).embeddings.create(model="tiny", input="x", encoding_format="float",
-                                         extra_body={"instruction": INSTRUCTION, "examples": examples})
+        client(server).embeddings.create(
+            model="tiny",
+            input="x",
+            encoding_format="float",
+            extra_body={"instruction": INSTRUCTION, "examples": examples},
+        )
     assert e.value.status_code == 413
     with pytest.raises(openai.UnprocessableEntityError, match="prompt_name"):
         client(server).embeddings.create(model="tiny", input="x", extra_body={"task": "a", "prompt_name": "b"})
