@@ -441,3 +441,82 @@ fn tokenize_and_embed_number_records_alike_around_unicode_blank_lines() {
     assert_eq!(embedded, vec![0, 1]);
     assert_eq!(tokenized, embedded);
 }
+
+/// Issue 24: two runs on one output. The second is refused at once, naming the first's process
+/// and the lock file, while the first runs on and writes exactly an undisturbed run's bytes.
+#[test]
+fn a_second_run_on_the_same_output_is_refused_at_once_and_the_first_is_undisturbed() {
+    let Some(f) = fixtures() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let input = corpus(dir.path(), 12_000);
+    let whole = dir.path().join("whole.npy");
+    ok(run(&embed_args(&f.tiny_pkg, &input, &whole, &[])));
+    let out = dir.path().join("out.npy");
+    let lock = dir.path().join("out.npy.lock");
+    let args = embed_args(&f.tiny_pkg, &input, &out, &[]);
+    let mut first = Command::new(bin())
+        .args(&args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = first.id().to_string();
+    // The first run holds the lock once its pid is in the lock file (before its model loads).
+    for _ in 0..1000 {
+        if std::fs::read_to_string(&lock).is_ok_and(|s| s.trim() == pid) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(std::fs::read_to_string(&lock).unwrap().trim(), pid);
+    let started = std::time::Instant::now();
+    let err = fails(run(&args));
+    let took = started.elapsed();
+    assert!(
+        first.try_wait().unwrap().is_none(),
+        "the first run ended before the second was refused; the test proves nothing"
+    );
+    assert!(
+        err.contains(&format!("process {pid}")) && err.contains("out.npy.lock"),
+        "{err}"
+    );
+    assert!(took < Duration::from_secs(2), "refused only after {took:?}");
+    let o = first.wait_with_output().unwrap();
+    assert!(o.status.success(), "the first run failed: {}", stderr(&o));
+    assert_eq!(
+        std::fs::read(&out).unwrap(),
+        std::fs::read(&whole).unwrap(),
+        "the first run's output differs from an undisturbed run's"
+    );
+    assert!(side_files(&out).is_empty(), "{:?}", side_files(&out));
+}
+
+/// A holder killed with kill -9 leaves its lock file, but the system released the lock: the same
+/// command resumes the run, and the lock file goes once it is done.
+#[test]
+fn a_killed_runs_stale_lock_does_not_stop_the_resumed_run() {
+    let Some(f) = fixtures() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let input = corpus(dir.path(), 3000);
+    let whole = dir.path().join("whole.jsonl");
+    ok(run(&embed_args(
+        &f.tiny_pkg,
+        &input,
+        &whole,
+        &["--id-field", "id"],
+    )));
+    let out = dir.path().join("out.jsonl");
+    let args = embed_args(&f.tiny_pkg, &input, &out, &["--id-field", "id"]);
+    interrupted(&args, &out);
+    let lock = dir.path().join("out.jsonl.lock");
+    assert!(lock.exists(), "the killed run left no lock file");
+    let o = run(&args
+        .iter()
+        .filter(|a| *a != "-q")
+        .cloned()
+        .collect::<Vec<_>>());
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("resumed after"), "{}", stderr(&o));
+    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&whole).unwrap());
+    assert!(side_files(&out).is_empty(), "{:?}", side_files(&out));
+}

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Result};
 use clap::Args;
 use icl_embed::corpus::input::InputFormat;
+use icl_embed::corpus::lock::OutputLock;
 use icl_embed::corpus::output::OutputFormat;
 use icl_embed::corpus::run::{
     self as corpus, Progress, RunOptions, RunSettings, Shard, Source, Summary,
@@ -50,6 +51,8 @@ pub fn run(args: EmbedArgs) -> Result<()> {
     let started = Instant::now();
     let format = args.output_format.resolve(&args.output)?;
     check_paths(&args)?;
+    // Before the model loads, so that a second run on the same output is refused at once.
+    let lock = OutputLock::acquire(&args.output)?;
     let options = args.runtime.options(args.text.max_length);
     let examples = args.text.examples()?;
     let mut embedder = Embedder::new(&args.text.model, &options)?;
@@ -71,7 +74,7 @@ pub fn run(args: EmbedArgs) -> Result<()> {
     let summary = run_corpus(
         &args,
         &mut embedder,
-        prompt.as_ref(),
+        (prompt.as_ref(), lock),
         settings,
         formats,
         compute,
@@ -164,7 +167,7 @@ fn run_settings(
 fn run_corpus(
     args: &EmbedArgs,
     embedder: &mut Embedder,
-    prompt: Option<&QueryPrompt>,
+    (prompt, lock): (Option<&QueryPrompt>, OutputLock),
     settings: RunSettings,
     (input_format, output_format): (InputFormat, OutputFormat),
     compute: Instant,
@@ -199,6 +202,7 @@ fn run_corpus(
             prompt,
             source,
             output: &args.output,
+            lock: Some(lock),
             output_format,
             settings,
             format: input_format,

@@ -8,6 +8,8 @@
 //! skipped by `--skip-invalid`) and `OUT.partial.state.json` (what is committed, and the
 //! fingerprints of the input and the settings). On success `OUT.partial` becomes `OUT` (and the
 //! skipped list `OUT.skipped.jsonl`); nothing is named `OUT` before the run is complete.
+//! `OUT.lock` is held for the whole run ([`OutputLock`]): a second run on the same output is
+//! refused at once.
 //!
 //! Chunks are cut at fixed record counts and batches are planned inside a chunk from the chunk
 //! alone, so the batches of a resumed run are exactly those of an uninterrupted one. The run is a
@@ -29,6 +31,7 @@ use sha2::{Digest, Sha256};
 
 use crate::corpus::input::InputFormat;
 use crate::corpus::journal::{self, Journal, Paths, State};
+use crate::corpus::lock::{lock_path, OutputLock};
 use crate::corpus::output::OutputFormat;
 use crate::corpus::reader::{hex, scan_input, Chunk, ChunkRules, Chunks};
 pub use crate::corpus::reader::{Invalid, Record, RecordReader, Shard};
@@ -94,6 +97,9 @@ pub struct RunOptions<'a> {
     pub prompt: Option<&'a QueryPrompt>,
     pub source: Source,
     pub output: &'a Path,
+    /// The output's lock ([`OutputLock::acquire`]), when the caller took it before its slow start
+    /// (loading the model) to refuse a second run at once; `None`: [`run`] takes it.
+    pub lock: Option<OutputLock>,
     pub output_format: OutputFormat,
     pub settings: RunSettings,
     pub format: InputFormat,
@@ -109,16 +115,28 @@ pub enum Progress {
     Done { items: usize, tokens: usize },
 }
 
-/// Runs (or resumes) the embedding of a whole input into `options.output`. A run that fails
-/// after committing work keeps its side files, so that the same command resumes it; one that
-/// fails before committing anything removes them.
-pub fn run(embedder: &mut Embedder, options: RunOptions<'_>) -> Result<Summary> {
+/// Runs (or resumes) the embedding of a whole input into `options.output`, holding the output's
+/// lock throughout (another run on it is refused). A run that fails after committing work keeps
+/// its side files, so that the same command resumes it; one that fails before committing anything
+/// removes them.
+pub fn run(embedder: &mut Embedder, mut options: RunOptions<'_>) -> Result<Summary> {
+    let lock = match options.lock.take() {
+        Some(lock) if lock.path() == lock_path(options.output) => lock,
+        Some(lock) => {
+            return Err(Error::internal(format!(
+                "the lock {} is not the output's",
+                lock.path().display()
+            )))
+        }
+        None => OutputLock::acquire(options.output)?,
+    };
     let paths = Paths::new(options.output);
     let had_state = paths.state.exists();
     let result = run_inner(embedder, options, &paths);
     if result.is_err() && !had_state {
         journal::discard_if_empty(&paths);
     }
+    drop(lock); // after the side files are settled: removes OUT.lock, then unlocks
     result
 }
 
