@@ -520,3 +520,34 @@ fn a_killed_runs_stale_lock_does_not_stop_the_resumed_run() {
     assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&whole).unwrap());
     assert!(side_files(&out).is_empty(), "{:?}", side_files(&out));
 }
+
+/// Issue 24: a disk full before the run's first state write leaves nothing behind (no `.partial`,
+/// `.pending`, `.skipped`, `.state.json.tmp` or lock file), and the same command then works.
+#[test]
+fn a_run_that_fails_before_its_first_state_write_leaves_nothing() {
+    let Some(f) = fixtures() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let input = corpus(dir.path(), 50);
+    for ext in ["npy", "jsonl"] {
+        let whole = dir.path().join(format!("whole.{ext}"));
+        ok(run(&embed_args(&f.tiny_pkg, &input, &whole, &[])));
+        // One page: the lock file's pid (and the .npy header) fill it, so the state cannot be
+        // written.
+        with_tmpfs("4k", |mnt| {
+            let out = mnt.join(format!("out.{ext}"));
+            let err = fails(run(&embed_args(&f.tiny_pkg, &input, &out, &[])));
+            assert!(err.contains("No space left on device"), "{err}");
+            let left: Vec<_> = std::fs::read_dir(mnt).unwrap().collect();
+            assert!(left.is_empty(), "{ext}: left behind: {left:?}");
+            let status = Command::new("mount")
+                .args(["-o", "remount,size=8m"])
+                .arg(mnt)
+                .status()
+                .unwrap();
+            assert!(status.success());
+            ok(run(&embed_args(&f.tiny_pkg, &input, &out, &[])));
+            assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&whole).unwrap());
+            assert!(side_files(&out).is_empty(), "{:?}", side_files(&out));
+        });
+    }
+}

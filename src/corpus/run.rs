@@ -117,8 +117,8 @@ pub enum Progress {
 
 /// Runs (or resumes) the embedding of a whole input into `options.output`, holding the output's
 /// lock throughout (another run on it is refused). A run that fails after committing work keeps
-/// its side files, so that the same command resumes it; one that fails before committing anything
-/// removes them.
+/// its side files, so that the same command resumes it; one that started without any and fails
+/// before committing anything (even before its first state write) removes them.
 pub fn run(embedder: &mut Embedder, mut options: RunOptions<'_>) -> Result<Summary> {
     let lock = match options.lock.take() {
         Some(lock) if lock.path() == lock_path(options.output) => lock,
@@ -131,9 +131,9 @@ pub fn run(embedder: &mut Embedder, mut options: RunOptions<'_>) -> Result<Summa
         None => OutputLock::acquire(options.output)?,
     };
     let paths = Paths::new(options.output);
-    let had_state = paths.state.exists();
+    let fresh = paths.none_exist();
     let result = run_inner(embedder, options, &paths);
-    if result.is_err() && !had_state {
+    if result.is_err() && fresh {
         journal::discard_if_empty(&paths);
     }
     drop(lock); // after the side files are settled: removes OUT.lock, then unlocks
