@@ -521,6 +521,45 @@ fn a_killed_runs_stale_lock_does_not_stop_the_resumed_run() {
     assert!(side_files(&out).is_empty(), "{:?}", side_files(&out));
 }
 
+/// Issue 24: `--output` naming the input (itself, through a symbolic link, through a hard link)
+/// is refused before anything is written, naming both.
+#[test]
+fn an_output_that_is_the_input_is_refused() {
+    let Some(f) = fixtures() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.txt");
+    std::fs::write(&input, "one\ntwo\n").unwrap();
+    let symlink = dir.path().join("link.npy");
+    std::os::unix::fs::symlink(&input, &symlink).unwrap();
+    let hard = dir.path().join("hard.npy");
+    std::fs::hard_link(&input, &hard).unwrap();
+    let dotted = dir.path().join(".").join("in.txt");
+    for out in [&input, &symlink, &hard, &dotted] {
+        let err = fails(run(&embed_args(
+            &f.tiny_pkg,
+            &input,
+            out,
+            &["--output-format", "npy"],
+        )));
+        assert!(
+            err.contains("same file")
+                && err.contains(&input.display().to_string())
+                && err.contains(&out.display().to_string()),
+            "{err}"
+        );
+        assert_eq!(std::fs::read_to_string(&input).unwrap(), "one\ntwo\n");
+    }
+    // And the other way round: the input through a link to an existing output.
+    let err = fails(run(&embed_args(&f.tiny_pkg, &symlink, &hard, &[])));
+    assert!(err.contains("same file"), "{err}");
+    let mut names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["hard.npy", "in.txt", "link.npy"]);
+}
+
 /// Issue 24: a disk full before the run's first state write leaves nothing behind (no `.partial`,
 /// `.pending`, `.skipped`, `.state.json.tmp` or lock file), and the same command then works.
 #[test]
@@ -550,4 +589,81 @@ fn a_run_that_fails_before_its_first_state_write_leaves_nothing() {
             assert!(side_files(&out).is_empty(), "{:?}", side_files(&out));
         });
     }
+}
+
+/// Issue 24: a named pipe is read once, like stdin (and like stdin, an unfinished run from one is
+/// not resumed); a directory is reported as one; an empty input file makes an output of no rows.
+#[test]
+fn a_named_pipe_is_read_like_stdin_and_a_directory_is_reported() {
+    let Some(f) = fixtures() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let input = corpus(dir.path(), 300);
+    let whole = dir.path().join("whole.npy");
+    ok(run(&embed_args(&f.tiny_pkg, &input, &whole, &[])));
+    let fifo = dir.path().join("pipe.jsonl");
+    let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(made.success());
+    let text = std::fs::read(&input).unwrap();
+    let writer = {
+        let fifo = fifo.clone();
+        std::thread::spawn(move || {
+            use std::io::Write;
+            // Opening blocks until the run opens the pipe to read it.
+            let mut w = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
+            w.write_all(&text).unwrap();
+        })
+    };
+    let out = dir.path().join("out.npy");
+    ok(run(&embed_args(&f.tiny_pkg, &fifo, &out, &[])));
+    writer.join().unwrap();
+    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&whole).unwrap());
+    assert!(side_files(&out).is_empty(), "{:?}", side_files(&out));
+
+    let err = fails(run(&embed_args(
+        &f.tiny_pkg,
+        dir.path(),
+        &dir.path().join("d.npy"),
+        &[],
+    )));
+    assert!(err.contains("is a directory"), "{err}");
+    assert!(!err.contains("no such file"), "{err}");
+
+    let empty = dir.path().join("empty.jsonl");
+    std::fs::write(&empty, "").unwrap();
+    let out = dir.path().join("empty.npy");
+    ok(run(&embed_args(&f.tiny_pkg, &empty, &out, &[])));
+    assert!(read_npy(&out).is_empty());
+    assert!(side_files(&out).is_empty(), "{:?}", side_files(&out));
+}
+
+/// An unfinished run is not resumed from a named pipe: like stdin, it cannot be read again.
+#[test]
+fn an_unfinished_run_is_not_resumed_from_a_named_pipe() {
+    let Some(f) = fixtures() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let input = corpus(dir.path(), 3000);
+    let out = dir.path().join("out.npy");
+    interrupted(&embed_args(&f.tiny_pkg, &input, &out, &[]), &out);
+    let fifo = dir.path().join("pipe.jsonl");
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let writer = {
+        let fifo = fifo.clone();
+        std::thread::spawn(move || {
+            use std::io::Write;
+            // The run refuses before it opens the pipe: open it read-write here, never blocking.
+            let mut w = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&fifo)
+                .unwrap();
+            let _ = w.write_all(b"{\"text\": \"x\"}\n");
+        })
+    };
+    let err = fails(run(&embed_args(&f.tiny_pkg, &fifo, &out, &[])));
+    writer.join().unwrap();
+    assert!(err.contains("cannot be resumed"), "{err}");
 }

@@ -113,20 +113,26 @@ impl State {
 }
 
 /// The state to run under: an unfinished run's of the same command, or `fresh`. An unfinished run
-/// is not resumed from stdin (`input` is `None`), with other settings, or on a changed input.
-pub(super) fn resume_or_start(paths: &Paths, fresh: State, input: Option<&str>) -> Result<State> {
+/// is not resumed from a stream (stdin, a named pipe: `resumable` is false), with other settings,
+/// or on a changed input (`name`).
+pub(super) fn resume_or_start(
+    paths: &Paths,
+    fresh: State,
+    name: &str,
+    resumable: bool,
+) -> Result<State> {
     let Some(old) = load_state(paths)? else {
         return Ok(fresh);
     };
-    let Some(name) = input else {
+    if !resumable {
         return Err(Error::input(
             paths.state.display().to_string(),
             format!(
-                "an unfinished run exists, but stdin cannot be resumed: remove {}* to start over",
+                "an unfinished run exists, but its input {name} is a stream (stdin or a pipe), which cannot be resumed: remove {}* to start over",
                 paths.partial.display()
             ),
         ));
-    };
+    }
     if old.settings != fresh.settings {
         return Err(Error::input(
             format!("output {}", paths.out.display()),

@@ -84,9 +84,12 @@ pub struct Summary {
     pub resumed_from: usize,
 }
 
-/// The input of a run: a file (fingerprinted, resumable) or stdin (neither).
+/// The input of a run: a regular file (fingerprinted, resumable), or a stream read once
+/// (neither): stdin, or a named pipe or other non-regular file. A `File` that names no regular
+/// file is read as a `Stream`.
 pub enum Source {
     File(PathBuf),
+    Stream(PathBuf),
     Stdin,
 }
 
@@ -130,6 +133,11 @@ pub fn run(embedder: &mut Embedder, mut options: RunOptions<'_>) -> Result<Summa
         }
         None => OutputLock::acquire(options.output)?,
     };
+    if let Source::File(p) = &options.source {
+        if std::fs::metadata(p).is_ok_and(|m| !m.is_file() && !m.is_dir()) {
+            options.source = Source::Stream(p.clone());
+        }
+    }
     let paths = Paths::new(options.output);
     let fresh = paths.none_exist();
     let result = run_inner(embedder, options, &paths);
@@ -215,16 +223,18 @@ fn start_state(
     progress: &mut dyn FnMut(Progress),
 ) -> Result<State> {
     let fingerprint = settings.fingerprint();
-    let (fresh, input) = match source {
+    let (fresh, resumable) = match source {
         Source::File(p) => {
             let scan = scan_input(p, format, settings.shard)?;
             progress(Progress::Total(scan.records));
             let fresh = State::new(fingerprint, scan.size, scan.sha256, hidden);
-            (fresh, Some(source.name()))
+            (fresh, true)
         }
-        Source::Stdin => (State::new(fingerprint, 0, String::new(), hidden), None),
+        Source::Stream(_) | Source::Stdin => {
+            (State::new(fingerprint, 0, String::new(), hidden), false)
+        }
     };
-    journal::resume_or_start(paths, fresh, input.as_deref())
+    journal::resume_or_start(paths, fresh, &source.name(), resumable)
 }
 
 /// The final token ids of a chunk's records, each checked against the model's attention window
@@ -308,14 +318,14 @@ impl Source {
     /// The input's name in messages.
     fn name(&self) -> String {
         match self {
-            Source::File(p) => p.display().to_string(),
+            Source::File(p) | Source::Stream(p) => p.display().to_string(),
             Source::Stdin => "<stdin>".to_string(),
         }
     }
 
     fn open(&self) -> Result<Box<dyn BufRead>> {
         Ok(match self {
-            Source::File(p) => Box::new(BufReader::with_capacity(
+            Source::File(p) | Source::Stream(p) => Box::new(BufReader::with_capacity(
                 1 << 20,
                 File::open(p).map_err(|e| Error::io(p, "cannot open the input", e))?,
             )),
