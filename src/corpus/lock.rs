@@ -161,4 +161,33 @@ mod tests {
         drop(again);
         assert!(!path.exists());
     }
+
+    /// Many runs racing for one output, each removing the lock file as it ends: never two holders
+    /// at once (the re-check after locking keeps out a run that locked a removed file).
+    #[test]
+    fn racing_runs_never_hold_one_output_together() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out.npy");
+        let holders = AtomicUsize::new(0);
+        let held = AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..8 {
+                s.spawn(|| {
+                    for _ in 0..300 {
+                        let Ok(lock) = OutputLock::acquire(&out) else {
+                            continue;
+                        };
+                        assert_eq!(holders.fetch_add(1, Ordering::SeqCst), 0, "two holders");
+                        held.fetch_add(1, Ordering::SeqCst);
+                        std::thread::yield_now();
+                        holders.fetch_sub(1, Ordering::SeqCst);
+                        drop(lock);
+                    }
+                });
+            }
+        });
+        assert!(held.load(Ordering::SeqCst) > 0);
+        assert!(!lock_path(&out).exists());
+    }
 }
