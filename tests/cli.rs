@@ -214,12 +214,20 @@ fn info_reports_cpu_and_the_gpu_providers_truthfully() {
     );
 }
 
+/// An empty input file is read like an empty shard: an output of no rows, no error.
 #[test]
 fn empty_input_file() {
     let Some(f) = fixtures() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let input = write(dir.path(), "empty.txt", b"");
-    embed_fails(&f.tiny_pkg, &input, &[], &["empty.txt", "holds no texts"]);
+    for (name, bytes) in [("empty.txt", &b""[..]), ("blank.jsonl", &b"\n \n"[..])] {
+        let input = write(dir.path(), name, bytes);
+        let out = dir.path().join(format!("{name}.npy"));
+        ok(embed(&f.tiny_pkg, &input, &out, &[]));
+        assert!(read_npy(&out).is_empty(), "{name}");
+        let out = dir.path().join(format!("{name}.out.jsonl"));
+        ok(embed(&f.tiny_pkg, &input, &out, &[]));
+        assert_eq!(std::fs::read(&out).unwrap(), b"", "{name}");
+    }
 }
 
 #[test]

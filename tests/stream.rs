@@ -441,3 +441,229 @@ fn tokenize_and_embed_number_records_alike_around_unicode_blank_lines() {
     assert_eq!(embedded, vec![0, 1]);
     assert_eq!(tokenized, embedded);
 }
+
+/// Issue 24: two runs on one output. The second is refused at once, naming the first's process
+/// and the lock file, while the first runs on and writes exactly an undisturbed run's bytes.
+#[test]
+fn a_second_run_on_the_same_output_is_refused_at_once_and_the_first_is_undisturbed() {
+    let Some(f) = fixtures() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let input = corpus(dir.path(), 12_000);
+    let whole = dir.path().join("whole.npy");
+    ok(run(&embed_args(&f.tiny_pkg, &input, &whole, &[])));
+    let out = dir.path().join("out.npy");
+    let lock = dir.path().join("out.npy.lock");
+    let args = embed_args(&f.tiny_pkg, &input, &out, &[]);
+    let mut first = Command::new(bin())
+        .args(&args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = first.id().to_string();
+    // The first run holds the lock once its pid is in the lock file (before its model loads).
+    for _ in 0..1000 {
+        if std::fs::read_to_string(&lock).is_ok_and(|s| s.trim() == pid) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(std::fs::read_to_string(&lock).unwrap().trim(), pid);
+    let started = std::time::Instant::now();
+    let err = fails(run(&args));
+    let took = started.elapsed();
+    assert!(
+        first.try_wait().unwrap().is_none(),
+        "the first run ended before the second was refused; the test proves nothing"
+    );
+    assert!(
+        err.contains(&format!("process {pid}")) && err.contains("out.npy.lock"),
+        "{err}"
+    );
+    assert!(took < Duration::from_secs(2), "refused only after {took:?}");
+    let o = first.wait_with_output().unwrap();
+    assert!(o.status.success(), "the first run failed: {}", stderr(&o));
+    assert_eq!(
+        std::fs::read(&out).unwrap(),
+        std::fs::read(&whole).unwrap(),
+        "the first run's output differs from an undisturbed run's"
+    );
+    assert!(side_files(&out).is_empty(), "{:?}", side_files(&out));
+}
+
+/// A holder killed with kill -9 leaves its lock file, but the system released the lock: the same
+/// command resumes the run, and the lock file goes once it is done.
+#[test]
+fn a_killed_runs_stale_lock_does_not_stop_the_resumed_run() {
+    let Some(f) = fixtures() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let input = corpus(dir.path(), 3000);
+    let whole = dir.path().join("whole.jsonl");
+    ok(run(&embed_args(
+        &f.tiny_pkg,
+        &input,
+        &whole,
+        &["--id-field", "id"],
+    )));
+    let out = dir.path().join("out.jsonl");
+    let args = embed_args(&f.tiny_pkg, &input, &out, &["--id-field", "id"]);
+    interrupted(&args, &out);
+    let lock = dir.path().join("out.jsonl.lock");
+    assert!(lock.exists(), "the killed run left no lock file");
+    let o = run(&args
+        .iter()
+        .filter(|a| *a != "-q")
+        .cloned()
+        .collect::<Vec<_>>());
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("resumed after"), "{}", stderr(&o));
+    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&whole).unwrap());
+    assert!(side_files(&out).is_empty(), "{:?}", side_files(&out));
+}
+
+/// Issue 24: `--output` naming the input (itself, through a symbolic link, through a hard link)
+/// is refused before anything is written, naming both.
+#[test]
+fn an_output_that_is_the_input_is_refused() {
+    let Some(f) = fixtures() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.txt");
+    std::fs::write(&input, "one\ntwo\n").unwrap();
+    let symlink = dir.path().join("link.npy");
+    std::os::unix::fs::symlink(&input, &symlink).unwrap();
+    let hard = dir.path().join("hard.npy");
+    std::fs::hard_link(&input, &hard).unwrap();
+    let dotted = dir.path().join(".").join("in.txt");
+    for out in [&input, &symlink, &hard, &dotted] {
+        let err = fails(run(&embed_args(
+            &f.tiny_pkg,
+            &input,
+            out,
+            &["--output-format", "npy"],
+        )));
+        assert!(
+            err.contains("same file")
+                && err.contains(&input.display().to_string())
+                && err.contains(&out.display().to_string()),
+            "{err}"
+        );
+        assert_eq!(std::fs::read_to_string(&input).unwrap(), "one\ntwo\n");
+    }
+    // And the other way round: the input through a link to an existing output.
+    let err = fails(run(&embed_args(&f.tiny_pkg, &symlink, &hard, &[])));
+    assert!(err.contains("same file"), "{err}");
+    let mut names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["hard.npy", "in.txt", "link.npy"]);
+}
+
+/// Issue 24: a disk full before the run's first state write leaves nothing behind (no `.partial`,
+/// `.pending`, `.skipped`, `.state.json.tmp` or lock file), and the same command then works.
+#[test]
+fn a_run_that_fails_before_its_first_state_write_leaves_nothing() {
+    let Some(f) = fixtures() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let input = corpus(dir.path(), 50);
+    for ext in ["npy", "jsonl"] {
+        let whole = dir.path().join(format!("whole.{ext}"));
+        ok(run(&embed_args(&f.tiny_pkg, &input, &whole, &[])));
+        // One page: the lock file's pid (and the .npy header) fill it, so the state cannot be
+        // written.
+        with_tmpfs("4k", |mnt| {
+            let out = mnt.join(format!("out.{ext}"));
+            let err = fails(run(&embed_args(&f.tiny_pkg, &input, &out, &[])));
+            assert!(err.contains("No space left on device"), "{err}");
+            let left: Vec<_> = std::fs::read_dir(mnt).unwrap().collect();
+            assert!(left.is_empty(), "{ext}: left behind: {left:?}");
+            let status = Command::new("mount")
+                .args(["-o", "remount,size=8m"])
+                .arg(mnt)
+                .status()
+                .unwrap();
+            assert!(status.success());
+            ok(run(&embed_args(&f.tiny_pkg, &input, &out, &[])));
+            assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&whole).unwrap());
+            assert!(side_files(&out).is_empty(), "{:?}", side_files(&out));
+        });
+    }
+}
+
+/// Issue 24: a named pipe is read once, like stdin (and like stdin, an unfinished run from one is
+/// not resumed); a directory is reported as one; an empty input file makes an output of no rows.
+#[test]
+fn a_named_pipe_is_read_like_stdin_and_a_directory_is_reported() {
+    let Some(f) = fixtures() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let input = corpus(dir.path(), 300);
+    let whole = dir.path().join("whole.npy");
+    ok(run(&embed_args(&f.tiny_pkg, &input, &whole, &[])));
+    let fifo = dir.path().join("pipe.jsonl");
+    let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(made.success());
+    let text = std::fs::read(&input).unwrap();
+    let writer = {
+        let fifo = fifo.clone();
+        std::thread::spawn(move || {
+            use std::io::Write;
+            // Opening blocks until the run opens the pipe to read it.
+            let mut w = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
+            w.write_all(&text).unwrap();
+        })
+    };
+    let out = dir.path().join("out.npy");
+    ok(run(&embed_args(&f.tiny_pkg, &fifo, &out, &[])));
+    writer.join().unwrap();
+    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&whole).unwrap());
+    assert!(side_files(&out).is_empty(), "{:?}", side_files(&out));
+
+    let err = fails(run(&embed_args(
+        &f.tiny_pkg,
+        dir.path(),
+        &dir.path().join("d.npy"),
+        &[],
+    )));
+    assert!(err.contains("is a directory"), "{err}");
+    assert!(!err.contains("no such file"), "{err}");
+
+    let empty = dir.path().join("empty.jsonl");
+    std::fs::write(&empty, "").unwrap();
+    let out = dir.path().join("empty.npy");
+    ok(run(&embed_args(&f.tiny_pkg, &empty, &out, &[])));
+    assert!(read_npy(&out).is_empty());
+    assert!(side_files(&out).is_empty(), "{:?}", side_files(&out));
+}
+
+/// An unfinished run is not resumed from a named pipe: like stdin, it cannot be read again.
+#[test]
+fn an_unfinished_run_is_not_resumed_from_a_named_pipe() {
+    let Some(f) = fixtures() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let input = corpus(dir.path(), 3000);
+    let out = dir.path().join("out.npy");
+    interrupted(&embed_args(&f.tiny_pkg, &input, &out, &[]), &out);
+    let fifo = dir.path().join("pipe.jsonl");
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let writer = {
+        let fifo = fifo.clone();
+        std::thread::spawn(move || {
+            use std::io::Write;
+            // The run refuses before it opens the pipe: open it read-write here, never blocking.
+            let mut w = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&fifo)
+                .unwrap();
+            let _ = w.write_all(b"{\"text\": \"x\"}\n");
+        })
+    };
+    let err = fails(run(&embed_args(&f.tiny_pkg, &fifo, &out, &[])));
+    writer.join().unwrap();
+    assert!(err.contains("cannot be resumed"), "{err}");
+}

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Result};
 use clap::Args;
 use icl_embed::corpus::input::InputFormat;
+use icl_embed::corpus::lock::OutputLock;
 use icl_embed::corpus::output::OutputFormat;
 use icl_embed::corpus::run::{
     self as corpus, Progress, RunOptions, RunSettings, Shard, Source, Summary,
@@ -49,7 +50,9 @@ pub struct EmbedArgs {
 pub fn run(args: EmbedArgs) -> Result<()> {
     let started = Instant::now();
     let format = args.output_format.resolve(&args.output)?;
-    check_paths(&args)?;
+    let source = check_paths(&args)?;
+    // Before the model loads, so that a second run on the same output is refused at once.
+    let lock = OutputLock::acquire(&args.output)?;
     let options = args.runtime.options(args.text.max_length);
     let examples = args.text.examples()?;
     let mut embedder = Embedder::new(&args.text.model, &options)?;
@@ -71,7 +74,7 @@ pub fn run(args: EmbedArgs) -> Result<()> {
     let summary = run_corpus(
         &args,
         &mut embedder,
-        prompt.as_ref(),
+        (prompt.as_ref(), source, lock),
         settings,
         formats,
         compute,
@@ -85,15 +88,59 @@ pub fn run(args: EmbedArgs) -> Result<()> {
     Ok(())
 }
 
-/// Refuses an output in a missing directory or naming a directory, and an input that is not a
-/// file, before the model loads.
-fn check_paths(args: &EmbedArgs) -> Result<()> {
+/// Before the model loads: refuses an output in a missing directory or naming a directory, an
+/// input that is missing or a directory, and an output that is the input itself; returns the
+/// input to read (a named pipe or other non-regular file is read once, like stdin).
+fn check_paths(args: &EmbedArgs) -> Result<Source> {
     check_output_dir(&args.output)?;
     let input = &args.text.input;
-    if input != "-" && !Path::new(input).is_file() {
-        bail!("input {input}: no such file");
+    if input == "-" {
+        return Ok(Source::Stdin);
     }
-    Ok(())
+    let path = PathBuf::from(input);
+    let meta = match std::fs::metadata(&path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!("input {input}: no such file"),
+        Err(e) => bail!("input {input}: cannot read it: {e}"),
+    };
+    if meta.is_dir() {
+        bail!("input {input}: is a directory");
+    }
+    if same_file(&path, &meta, &args.output) {
+        bail!(
+            "input {input} and output {} are the same file; the run would replace its input with its embeddings",
+            args.output.display()
+        );
+    }
+    Ok(match meta.is_file() {
+        true => Source::File(path),
+        false => Source::Stream(path),
+    })
+}
+
+/// Whether `output` is the input file (`input`, whose metadata is `meta`) under another name: the
+/// same device and inode when the output exists (symbolic and hard links alike), the same
+/// canonical path otherwise.
+fn same_file(input: &Path, meta: &std::fs::Metadata, output: &Path) -> bool {
+    #[cfg(unix)]
+    if let Ok(out) = std::fs::metadata(output) {
+        use std::os::unix::fs::MetadataExt;
+        return out.dev() == meta.dev() && out.ino() == meta.ino();
+    }
+    #[cfg(not(unix))]
+    let _ = meta;
+    let canonical_output = || {
+        let name = output.file_name()?;
+        let dir = match output.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        Some(dir.canonicalize().ok()?.join(name))
+    };
+    match (input.canonicalize(), canonical_output()) {
+        (Ok(a), Some(b)) => a == b,
+        _ => false,
+    }
 }
 
 fn check_output_dir(output: &Path) -> Result<()> {
@@ -164,7 +211,7 @@ fn run_settings(
 fn run_corpus(
     args: &EmbedArgs,
     embedder: &mut Embedder,
-    prompt: Option<&QueryPrompt>,
+    (prompt, source, lock): (Option<&QueryPrompt>, Source, OutputLock),
     settings: RunSettings,
     (input_format, output_format): (InputFormat, OutputFormat),
     compute: Instant,
@@ -189,16 +236,13 @@ fn run_corpus(
             }
         }
     };
-    let source = match args.text.input.as_str() {
-        "-" => Source::Stdin,
-        path => Source::File(PathBuf::from(path)),
-    };
     let summary = corpus::run(
         embedder,
         RunOptions {
             prompt,
             source,
             output: &args.output,
+            lock: Some(lock),
             output_format,
             settings,
             format: input_format,

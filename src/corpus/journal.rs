@@ -52,6 +52,7 @@ pub(super) struct Paths {
     pending: PathBuf,
     skipped: PathBuf,
     pub(super) state: PathBuf,
+    state_tmp: PathBuf,
     skipped_final: PathBuf,
 }
 
@@ -71,8 +72,22 @@ impl Paths {
             pending: with(".partial.pending"),
             skipped: with(".partial.skipped"),
             state: with(".partial.state.json"),
+            state_tmp: with(".partial.state.json.tmp"),
             skipped_final: with(".skipped.jsonl"),
         }
+    }
+
+    /// Whether none of the run's side files exists (nothing to resume, nothing of the user's).
+    pub(super) fn none_exist(&self) -> bool {
+        [
+            &self.partial,
+            &self.pending,
+            &self.skipped,
+            &self.state,
+            &self.state_tmp,
+        ]
+        .iter()
+        .all(|p| std::fs::symlink_metadata(p).is_err())
     }
 }
 
@@ -98,20 +113,26 @@ impl State {
 }
 
 /// The state to run under: an unfinished run's of the same command, or `fresh`. An unfinished run
-/// is not resumed from stdin (`input` is `None`), with other settings, or on a changed input.
-pub(super) fn resume_or_start(paths: &Paths, fresh: State, input: Option<&str>) -> Result<State> {
+/// is not resumed from a stream (stdin, a named pipe: `resumable` is false), with other settings,
+/// or on a changed input (`name`).
+pub(super) fn resume_or_start(
+    paths: &Paths,
+    fresh: State,
+    name: &str,
+    resumable: bool,
+) -> Result<State> {
     let Some(old) = load_state(paths)? else {
         return Ok(fresh);
     };
-    let Some(name) = input else {
+    if !resumable {
         return Err(Error::input(
             paths.state.display().to_string(),
             format!(
-                "an unfinished run exists, but stdin cannot be resumed: remove {}* to start over",
+                "an unfinished run exists, but its input {name} is a stream (stdin or a pipe), which cannot be resumed: remove {}* to start over",
                 paths.partial.display()
             ),
         ));
-    };
+    }
     if old.settings != fresh.settings {
         return Err(Error::input(
             format!("output {}", paths.out.display()),
@@ -146,17 +167,28 @@ pub(super) fn finished_earlier(paths: &Paths, state: &State) -> Result<Option<Su
     Ok(None)
 }
 
-/// After a failed run that committed nothing: its side files go, so that nothing is left to
-/// resume. A run that committed work keeps them.
+/// After a failed run that started without side files ([`Paths::none_exist`]) and committed
+/// nothing: its side files go, so that nothing is left to resume. That includes a run that failed
+/// before its first state write (a full disk): no state, a `.partial` and a torn
+/// `.state.json.tmp`. A run that committed work keeps them.
 pub(super) fn discard_if_empty(paths: &Paths) {
-    if let Ok(Some(state)) = load_state(paths) {
-        if state.committed.rows == 0
-            && state.committed.skipped == 0
-            && state.pending_batches.is_empty()
-        {
-            for p in [&paths.partial, &paths.pending, &paths.skipped, &paths.state] {
-                let _ = std::fs::remove_file(p);
-            }
+    let empty = match std::fs::read(&paths.state) {
+        Err(e) => e.kind() == std::io::ErrorKind::NotFound,
+        Ok(bytes) => serde_json::from_slice::<State>(&bytes).is_ok_and(|state| {
+            state.committed.rows == 0
+                && state.committed.skipped == 0
+                && state.pending_batches.is_empty()
+        }),
+    };
+    if empty {
+        for p in [
+            &paths.partial,
+            &paths.pending,
+            &paths.skipped,
+            &paths.state,
+            &paths.state_tmp,
+        ] {
+            let _ = std::fs::remove_file(p);
         }
     }
 }
@@ -316,6 +348,7 @@ fn finish_side_files(paths: &Paths, skipped: usize) -> Result<()> {
     }
     let _ = std::fs::remove_file(&paths.pending);
     let _ = std::fs::remove_file(&paths.state);
+    let _ = std::fs::remove_file(&paths.state_tmp);
     Ok(())
 }
 
@@ -345,11 +378,11 @@ fn load_state(paths: &Paths) -> Result<Option<State>> {
 
 /// Writes the state to a temporary file and renames it over the old one.
 fn save_state(paths: &Paths, state: &State) -> Result<()> {
-    let tmp = paths.state.with_extension("json.tmp");
+    let tmp = &paths.state_tmp;
     let bytes = serde_json::to_vec(state)
         .map_err(|e| Error::internal(format!("cannot encode the run state: {e}")))?;
-    std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, "cannot write the run state", e))?;
-    std::fs::rename(&tmp, &paths.state)
+    std::fs::write(tmp, bytes).map_err(|e| Error::io(tmp, "cannot write the run state", e))?;
+    std::fs::rename(tmp, &paths.state)
         .map_err(|e| Error::io(&paths.state, "cannot write the run state", e))
 }
 

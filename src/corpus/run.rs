@@ -8,6 +8,8 @@
 //! skipped by `--skip-invalid`) and `OUT.partial.state.json` (what is committed, and the
 //! fingerprints of the input and the settings). On success `OUT.partial` becomes `OUT` (and the
 //! skipped list `OUT.skipped.jsonl`); nothing is named `OUT` before the run is complete.
+//! `OUT.lock` is held for the whole run ([`OutputLock`]): a second run on the same output is
+//! refused at once.
 //!
 //! Chunks are cut at fixed record counts and batches are planned inside a chunk from the chunk
 //! alone, so the batches of a resumed run are exactly those of an uninterrupted one. The run is a
@@ -29,6 +31,7 @@ use sha2::{Digest, Sha256};
 
 use crate::corpus::input::InputFormat;
 use crate::corpus::journal::{self, Journal, Paths, State};
+use crate::corpus::lock::{lock_path, OutputLock};
 use crate::corpus::output::OutputFormat;
 use crate::corpus::reader::{hex, scan_input, Chunk, ChunkRules, Chunks};
 pub use crate::corpus::reader::{Invalid, Record, RecordReader, Shard};
@@ -81,9 +84,12 @@ pub struct Summary {
     pub resumed_from: usize,
 }
 
-/// The input of a run: a file (fingerprinted, resumable) or stdin (neither).
+/// The input of a run: a regular file (fingerprinted, resumable), or a stream read once
+/// (neither): stdin, or a named pipe or other non-regular file. A `File` that names no regular
+/// file is read as a `Stream`.
 pub enum Source {
     File(PathBuf),
+    Stream(PathBuf),
     Stdin,
 }
 
@@ -94,6 +100,9 @@ pub struct RunOptions<'a> {
     pub prompt: Option<&'a QueryPrompt>,
     pub source: Source,
     pub output: &'a Path,
+    /// The output's lock ([`OutputLock::acquire`]), when the caller took it before its slow start
+    /// (loading the model) to refuse a second run at once; `None`: [`run`] takes it.
+    pub lock: Option<OutputLock>,
     pub output_format: OutputFormat,
     pub settings: RunSettings,
     pub format: InputFormat,
@@ -109,16 +118,33 @@ pub enum Progress {
     Done { items: usize, tokens: usize },
 }
 
-/// Runs (or resumes) the embedding of a whole input into `options.output`. A run that fails
-/// after committing work keeps its side files, so that the same command resumes it; one that
-/// fails before committing anything removes them.
-pub fn run(embedder: &mut Embedder, options: RunOptions<'_>) -> Result<Summary> {
+/// Runs (or resumes) the embedding of a whole input into `options.output`, holding the output's
+/// lock throughout (another run on it is refused). A run that fails after committing work keeps
+/// its side files, so that the same command resumes it; one that started without any and fails
+/// before committing anything (even before its first state write) removes them.
+pub fn run(embedder: &mut Embedder, mut options: RunOptions<'_>) -> Result<Summary> {
+    let lock = match options.lock.take() {
+        Some(lock) if lock.path() == lock_path(options.output) => lock,
+        Some(lock) => {
+            return Err(Error::internal(format!(
+                "the lock {} is not the output's",
+                lock.path().display()
+            )))
+        }
+        None => OutputLock::acquire(options.output)?,
+    };
+    if let Source::File(p) = &options.source {
+        if std::fs::metadata(p).is_ok_and(|m| !m.is_file() && !m.is_dir()) {
+            options.source = Source::Stream(p.clone());
+        }
+    }
     let paths = Paths::new(options.output);
-    let had_state = paths.state.exists();
+    let fresh = paths.none_exist();
     let result = run_inner(embedder, options, &paths);
-    if result.is_err() && !had_state {
+    if result.is_err() && fresh {
         journal::discard_if_empty(&paths);
     }
+    drop(lock); // after the side files are settled: removes OUT.lock, then unlocks
     result
 }
 
@@ -197,16 +223,18 @@ fn start_state(
     progress: &mut dyn FnMut(Progress),
 ) -> Result<State> {
     let fingerprint = settings.fingerprint();
-    let (fresh, input) = match source {
+    let (fresh, resumable) = match source {
         Source::File(p) => {
             let scan = scan_input(p, format, settings.shard)?;
             progress(Progress::Total(scan.records));
             let fresh = State::new(fingerprint, scan.size, scan.sha256, hidden);
-            (fresh, Some(source.name()))
+            (fresh, true)
         }
-        Source::Stdin => (State::new(fingerprint, 0, String::new(), hidden), None),
+        Source::Stream(_) | Source::Stdin => {
+            (State::new(fingerprint, 0, String::new(), hidden), false)
+        }
     };
-    journal::resume_or_start(paths, fresh, input.as_deref())
+    journal::resume_or_start(paths, fresh, &source.name(), resumable)
 }
 
 /// The final token ids of a chunk's records, each checked against the model's attention window
@@ -290,14 +318,14 @@ impl Source {
     /// The input's name in messages.
     fn name(&self) -> String {
         match self {
-            Source::File(p) => p.display().to_string(),
+            Source::File(p) | Source::Stream(p) => p.display().to_string(),
             Source::Stdin => "<stdin>".to_string(),
         }
     }
 
     fn open(&self) -> Result<Box<dyn BufRead>> {
         Ok(match self {
-            Source::File(p) => Box::new(BufReader::with_capacity(
+            Source::File(p) | Source::Stream(p) => Box::new(BufReader::with_capacity(
                 1 << 20,
                 File::open(p).map_err(|e| Error::io(p, "cannot open the input", e))?,
             )),
