@@ -84,6 +84,11 @@ fn texts() -> Vec<(String, String)> {
             "Größe naïve café — 東京は日本の首都です。 😀👍🏽 ∑x² ▁lit▁eral▁ \u{00a0}nbsp\u{2003}em 一二三四五六七八九十 "
                 .repeat(1_500),
         ),
+        (
+            "code without spaces".into(),
+            "https://example.com/a_b/c?d=e&f=g;x.y(z[0]){'s':'t'}it's'll're've'd'm\"q\"<a>b</a>"
+                .repeat(1_200),
+        ),
         ("digits".into(), "12345 678.90 3.14159e10 0x1F ".repeat(4_000)),
         (
             "special tokens".into(),
@@ -190,11 +195,45 @@ fn check_queries(pkg: &Path, texts: &[(String, String)]) {
     }
 }
 
+/// The rule itself, without the slack of keeping fewer ids than a piece yields: at many cut points
+/// of every text, the ids of the piece are exactly the leading ids of the whole text.
+fn check_cuts(pkg: &Path, texts: &[(String, String)]) {
+    let encoder = Encoder::open(pkg).unwrap();
+    let tok = encoder.tokenizer();
+    let mut cuts = 0;
+    for (name, text) in texts {
+        let full = tok.encode_plain(text).unwrap();
+        let mut limits: Vec<usize> = (1..40).map(|i| i * 511).collect();
+        limits.extend((4080..4110).chain(8180..8200).chain(15980..15990));
+        let mut seen = std::collections::HashSet::new();
+        for limit in limits {
+            let Some(cut) = tok.safe_cut(text, limit) else {
+                continue;
+            };
+            assert!(cut <= limit && cut > 0);
+            if !seen.insert(cut) {
+                continue;
+            }
+            cuts += 1;
+            let piece = tok.encode_plain(&text[..cut]).unwrap();
+            assert!(
+                full.starts_with(&piece),
+                "{}: {name:?} cut at byte {cut} ({:?}|{:?}) changes the ids before it",
+                pkg.display(),
+                &text[cut.saturating_sub(12)..cut],
+                text[cut..].chars().take(12).collect::<String>()
+            );
+        }
+    }
+    assert!(cuts > 500, "only {cuts} cuts tried");
+}
+
 fn check(pkg: &Path, rule: &str) {
     let encoder = Encoder::open(pkg).unwrap();
     // The fixtures must really be cut, or the comparisons below prove nothing about cutting.
     assert_eq!(encoder.tokenizer().cut_rule(), rule, "{}", pkg.display());
     let texts = texts();
+    check_cuts(pkg, &texts);
     check_documents(pkg, &texts);
     check_queries(pkg, &texts);
 }

@@ -22,7 +22,10 @@
 //!   GPT-2 pattern contains a non-space followed by a space (`\s+(?!\S)` and `\s+` start in
 //!   whitespace, every other branch holds no whitespace after its optional leading space), and
 //!   the matches left of such a point never look past it. So a cut between a non-space and a
-//!   space leaves every pre-token before it, hence every token, unchanged.
+//!   space leaves every pre-token before it, hence every token, unchanged. The same holds between
+//!   an ASCII letter and ASCII punctuation: the letter ends a `'s`-style or ` ?\p{L}+` match,
+//!   which stops before any non-letter, and no branch that could span the two looks past them
+//!   (text without whitespace, such as minified code or URLs, is cut there).
 //!
 //! For both, an added token (matched in the raw text first) must not straddle the cut: the cut's
 //! character pair must not occur in any added token's content, and added tokens that strip
@@ -50,7 +53,7 @@ pub enum CutRule {
         added: HashSet<(char, char)>,
     },
     /// Byte-level pre-tokenized: a cut between a non-whitespace character and an ASCII space,
-    /// tab or newline is safe.
+    /// tab or newline is safe, and one between an ASCII letter and ASCII punctuation.
     Whitespace {
         /// Adjacent character pairs occurring in some added token.
         added: HashSet<(char, char)>,
@@ -213,8 +216,8 @@ impl CutRule {
                     && !joined.contains(&(ma, mb))
             }
             CutRule::Whitespace { added } => {
-                matches!(b, ' ' | '\t' | '\n' | '\r')
-                    && !a.is_whitespace()
+                ((matches!(b, ' ' | '\t' | '\n' | '\r') && !a.is_whitespace())
+                    || (a.is_ascii_alphabetic() && b.is_ascii_punctuation()))
                     && !added.contains(&(a, b))
             }
         }
@@ -326,7 +329,12 @@ mod tests {
         assert_eq!(rule.name(), "whitespace");
         assert_eq!(rule.cut_before("ab  cd ef", 5), Some(2));
         assert_eq!(rule.cut_before("ab  cd ef", 8), Some(6));
-        assert_eq!(rule.cut_before("abcdef", 6), None);
+        assert_eq!(rule.cut_before("abcdef", 5), None);
+        assert_eq!(rule.cut_before("ab.cd'ef", 7), Some(5));
+        assert_eq!(rule.cut_before("ab.cd'ef", 4), Some(2));
+        assert!(!rule.safe_between('.', 'a'));
+        assert!(!rule.safe_between('\'', 's'));
+        assert!(!rule.safe_between('1', '.'));
         assert_eq!(rule.cut_before("é é", 1), None);
         assert_eq!(rule.cut_before("é é", 3), Some(2));
         let no_regex = json!({"type": "ByteLevel", "use_regex": false});

@@ -52,6 +52,13 @@ impl TextTokenizer {
         self.cut.name()
     }
 
+    /// The last byte at or before `limit` where `text` may be cut without changing the ids before
+    /// the cut (the ids of `text[..cut]` are a prefix of those of `text`), if any.
+    #[doc(hidden)]
+    pub fn safe_cut(&self, text: &str, limit: usize) -> Option<usize> {
+        self.cut.cut_before(text, limit)
+    }
+
     /// The first `keep` ids of each text without special tokens (all of them when it has fewer):
     /// exactly the leading ids of [`TextTokenizer::encode_plain_batch`], at a cost that follows
     /// `keep` rather than the text's length. A long text is cut before tokenizing at a point that
