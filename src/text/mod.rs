@@ -2,6 +2,7 @@
 //! ([`Example`], and the templates in `prompt.rs`) and the tokenizer with its truncation and
 //! decode/re-encode step ([`TextTokenizer`], [`QueryPrompt`]).
 
+pub(crate) mod cut;
 pub(crate) mod prompt;
 pub(crate) mod tokenize;
 

@@ -9,6 +9,7 @@ use std::path::Path;
 
 use crate::error::{Error, Result};
 use crate::package::{PromptTemplate, SpecialTokens};
+use crate::text::cut::{Added, CutRule};
 use crate::text::prompt::Example;
 
 /// The package's tokenizer plus the special-token and clean-up conventions transformers applies.
@@ -17,6 +18,7 @@ pub struct TextTokenizer {
     prepend: Vec<u32>,
     append: Vec<u32>,
     clean_up: bool,
+    cut: CutRule,
 }
 
 impl TextTokenizer {
@@ -33,12 +35,80 @@ impl TextTokenizer {
             .with_truncation(None)
             .map_err(Error::tokenizer("cannot disable truncation"))?;
         inner.with_padding(None);
+        let cut = cut_rule(&inner)?;
         Ok(TextTokenizer {
             inner,
             prepend: specials.prepend.clone(),
             append: specials.append.clone(),
             clean_up,
+            cut,
         })
+    }
+
+    /// Which rule cuts long texts before tokenizing ("pairs", "whitespace", or "none" when texts
+    /// are always tokenized whole); see [`TextTokenizer::encode_plain_head`].
+    #[doc(hidden)]
+    pub fn cut_rule(&self) -> &'static str {
+        self.cut.name()
+    }
+
+    /// The last byte at or before `limit` where `text` may be cut without changing the ids before
+    /// the cut (the ids of `text[..cut]` are a prefix of those of `text`), if any.
+    #[doc(hidden)]
+    pub fn safe_cut(&self, text: &str, limit: usize) -> Option<usize> {
+        self.cut.cut_before(text, limit)
+    }
+
+    /// The first `keep` ids of each text without special tokens (all of them when it has fewer):
+    /// exactly the leading ids of [`TextTokenizer::encode_plain_batch`], at a cost that follows
+    /// `keep` rather than the text's length. A long text is cut before tokenizing at a point that
+    /// provably leaves every token before it unchanged (the tokenizer's cut rule, see
+    /// `text/cut.rs`), first a few bytes per kept token past the start, twice as far each time
+    /// the piece yields too few ids, up to the whole text; a tokenizer without a provable rule
+    /// tokenizes every text whole.
+    pub fn encode_plain_head(&self, texts: &[&str], keep: usize) -> Result<Vec<Vec<u32>>> {
+        let start = keep
+            .saturating_mul(HEAD_BYTES_PER_TOKEN)
+            .max(HEAD_MIN_BYTES);
+        let mut limits = vec![start; texts.len()];
+        let mut out: Vec<Option<Vec<u32>>> = vec![None; texts.len()];
+        loop {
+            // Each unfinished text's next piece: (index, piece, whether it is the whole text).
+            let mut pieces: Vec<(usize, &str, bool)> = Vec::new();
+            for (i, text) in texts.iter().enumerate() {
+                if out[i].is_some() {
+                    continue;
+                }
+                loop {
+                    if limits[i] >= text.len() {
+                        pieces.push((i, text, true));
+                        break;
+                    }
+                    match self.cut.cut_before(text, limits[i]) {
+                        Some(cut) => {
+                            pieces.push((i, &text[..cut], false));
+                            break;
+                        }
+                        // No safe cut yet: look further.
+                        None => limits[i] = limits[i].saturating_mul(2),
+                    }
+                }
+            }
+            if pieces.is_empty() {
+                break;
+            }
+            let refs: Vec<&str> = pieces.iter().map(|p| p.1).collect();
+            for ((i, _, whole), mut ids) in pieces.into_iter().zip(self.encode_plain_batch(&refs)?)
+            {
+                if whole || ids.len() > keep {
+                    ids.truncate(keep);
+                    out[i] = Some(ids);
+                } else {
+                    limits[i] = limits[i].saturating_mul(2);
+                }
+            }
+        }
+        Ok(out.into_iter().map(Option::unwrap_or_default).collect())
     }
 
     /// Ids of `text` without special tokens added around it (special tokens written literally in the
@@ -97,9 +167,51 @@ impl TextTokenizer {
     /// Final ids of documents (raw text with special tokens, truncated to `max_length`).
     pub fn documents(&self, texts: &[&str], max_length: usize) -> Result<Vec<Vec<u32>>> {
         check_max_length(max_length, self.special_count() + 1)?;
-        let plain = self.encode_plain_batch(texts)?;
+        let plain = self.encode_plain_head(texts, max_length - self.special_count())?;
         Ok(plain.iter().map(|ids| self.wrap(ids, max_length)).collect())
     }
+}
+
+/// Bytes of text first tokenized per id kept ([`TextTokenizer::encode_plain_head`]): English runs
+/// about 4 to 5 bytes a token; text that needs more is tokenized again twice as long.
+const HEAD_BYTES_PER_TOKEN: usize = 8;
+/// The least text first tokenized.
+const HEAD_MIN_BYTES: usize = 4096;
+
+/// The tokenizer's cut rule (text/cut.rs), from its configuration.
+fn cut_rule(inner: &tokenizers::Tokenizer) -> Result<CutRule> {
+    let json = |v: Result<serde_json::Value, serde_json::Error>| {
+        v.map_err(|e| Error::tokenizer("cannot inspect the tokenizer")(e.into()))
+    };
+    let normalizer = json(serde_json::to_value(inner.get_normalizer()))?;
+    let pre_tokenizer = json(serde_json::to_value(inner.get_pre_tokenizer()))?;
+    let (plain_bpe, vocab) = match inner.get_model() {
+        tokenizers::models::ModelWrapper::BPE(bpe) => (
+            Some(
+                bpe.dropout.is_none()
+                    && bpe.continuing_subword_prefix.is_none()
+                    && bpe.end_of_word_suffix.is_none()
+                    && !bpe.ignore_merges,
+            ),
+            bpe.get_vocab(),
+        ),
+        _ => (None, Default::default()),
+    };
+    let added_tokens = inner.get_added_tokens_decoder();
+    let added: Vec<Added> = added_tokens
+        .values()
+        .map(|t| Added {
+            content: &t.content,
+            strips_or_whole_word: t.single_word || t.lstrip || t.rstrip,
+        })
+        .collect();
+    Ok(CutRule::decide(
+        &normalizer,
+        &pre_tokenizer,
+        plain_bpe,
+        vocab.keys().map(String::as_str),
+        &added,
+    ))
 }
 
 /// transformers' `clean_up_tokenization`: the same replacements, in the same order.
@@ -236,11 +348,13 @@ impl QueryPrompt {
             .iter()
             .map(|q| self.template.query_text(self.task.as_deref(), q))
             .collect();
-        let plain =
-            tokenizer.encode_plain_batch(&texts.iter().map(String::as_str).collect::<Vec<_>>())?;
+        let plain = tokenizer.encode_plain_head(
+            &texts.iter().map(String::as_str).collect::<Vec<_>>(),
+            self.text_max,
+        )?;
         let mut prompts = Vec::with_capacity(plain.len());
         for ids in &plain {
-            let decoded = tokenizer.decode(&ids[..ids.len().min(self.text_max)])?;
+            let decoded = tokenizer.decode(ids)?;
             prompts.push(format!(
                 "{}{}{}",
                 self.prefix, decoded, self.template.suffix
