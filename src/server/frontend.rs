@@ -197,6 +197,51 @@ impl Frontend {
         })))
     }
 
+    /// Refuses (`field`, index) the first text over the model's limit: the query text under
+    /// `prompt`'s instruction, else the document. Only whether a text is over matters, so at most
+    /// limit + 1 ids of each are tokenized, and a 2 MB text costs what a limit-sized one does.
+    fn refuse_over_limit(
+        &self,
+        prompt: Option<&Prompt>,
+        texts: &[&str],
+        field: &str,
+    ) -> Result<(), Refusal> {
+        let tokenizer = self.encoder.tokenizer();
+        let failed = |e: icl_embed::Error| Refusal::new(field, None, e.to_string());
+        let (head, limit) = match prompt {
+            Some(p) => {
+                let template = &self.encoder.package().manifest.prompt;
+                let wrapped: Vec<String> = texts
+                    .iter()
+                    .map(|t| template.query_text(p.task.as_deref(), t))
+                    .collect();
+                let refs: Vec<&str> = wrapped.iter().map(String::as_str).collect();
+                (
+                    tokenizer.encode_plain_head(&refs, p.query.text_max + 1),
+                    p.query.text_max,
+                )
+            }
+            None => {
+                let limit = self
+                    .info
+                    .max_document_tokens
+                    .saturating_sub(tokenizer.special_count());
+                (tokenizer.encode_plain_head(texts, limit + 1), limit)
+            }
+        };
+        let head = head.map_err(failed)?;
+        match head.iter().position(|ids| ids.len() > limit) {
+            Some(i) => Err(Refusal::new(
+                field,
+                Some(i),
+                format!(
+                    "over the limit of {limit} tokens (set \"truncate\": true to cut it as the reference does)"
+                ),
+            )),
+            None => Ok(()),
+        }
+    }
+
     /// Final token ids of `texts`: queries under `prompt`, else documents, exactly as `icl-embed
     /// tokenize` writes them. Without `truncate` a text longer than the model's limit is refused
     /// (`field`, index) instead of cut as the reference cuts it.
@@ -207,38 +252,9 @@ impl Frontend {
         truncate: bool,
         field: &str,
     ) -> Result<Vec<Vec<u32>>, Refusal> {
-        let tokenizer = self.encoder.tokenizer();
         let failed = |e: icl_embed::Error| Refusal::new(field, None, e.to_string());
         if !truncate {
-            let (plain, limit) = match prompt {
-                Some(p) => {
-                    let template = &self.encoder.package().manifest.prompt;
-                    let wrapped: Vec<String> = texts
-                        .iter()
-                        .map(|t| template.query_text(p.task.as_deref(), t))
-                        .collect();
-                    let refs: Vec<&str> = wrapped.iter().map(String::as_str).collect();
-                    (tokenizer.encode_plain_batch(&refs), p.query.text_max)
-                }
-                None => (
-                    tokenizer.encode_plain_batch(texts),
-                    self.info
-                        .max_document_tokens
-                        .saturating_sub(tokenizer.special_count()),
-                ),
-            };
-            for (i, ids) in plain.map_err(failed)?.iter().enumerate() {
-                if ids.len() > limit {
-                    return Err(Refusal::new(
-                        field,
-                        Some(i),
-                        format!(
-                            "{} tokens, over the limit of {limit} (set \"truncate\": true to cut it as the reference does)",
-                            ids.len()
-                        ),
-                    ));
-                }
-            }
+            self.refuse_over_limit(prompt, texts, field)?;
         }
         let ids = match prompt {
             Some(p) => self.encoder.queries(&p.query, texts),
