@@ -255,3 +255,58 @@ fn cut_documents_and_queries_equal_whole_tokenization_smollm2() {
     let Some(f) = fixtures() else { return };
     check(&f.smollm2_pkg, "whitespace");
 }
+
+/// Peak RSS in KiB of `icl-embed tokenize` on `input`, through `/usr/bin/time -f %M`.
+fn tokenize_peak_kib(pkg: &Path, input: &Path) -> u64 {
+    let out = std::process::Command::new("/usr/bin/time")
+        .args(["-f", "%M"])
+        .arg(bin())
+        .args(["tokenize", "--model"])
+        .arg(pkg)
+        .arg("--input")
+        .arg(input)
+        .stdout(std::process::Stdio::null())
+        .output()
+        .expect("/usr/bin/time (Debian's package `time`) runs the binary to measure its peak RSS");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    stderr
+        .trim()
+        .lines()
+        .last()
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Issue 24: the memory of tokenizing a 20 MB line follows what is kept. Before the cut, a 50 MB
+/// line took 3.7 to 5 GB (BENCHMARKS.md, "Long inputs"); now it costs its own bytes held twice
+/// over a short line's peak. The bound, short line + 4 x the input, leaves room for that and fails
+/// by far on whole tokenization (about 75 bytes of peak per byte of text).
+#[test]
+fn a_long_line_costs_about_what_a_short_one_does() {
+    let Some(f) = fixtures() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let real = real_text().replace(['\n', '\r'], " ");
+    let long: String = real.repeat(20_000_000 / real.len() + 1);
+    let (short_path, long_path) = (dir.path().join("short.txt"), dir.path().join("long.txt"));
+    let short: String = real.chars().take(3000).collect();
+    std::fs::write(&short_path, format!("{short}\n")).unwrap();
+    std::fs::write(&long_path, format!("{long}\n")).unwrap();
+    for pkg in [&f.tiny_pkg, &f.smollm2_pkg] {
+        let short = tokenize_peak_kib(pkg, &short_path);
+        let big = tokenize_peak_kib(pkg, &long_path);
+        let bound = short + 4 * long.len() as u64 / 1024;
+        eprintln!(
+            "{}: peak {short} KiB on 3 kB, {big} KiB on {} MB (bound {bound})",
+            pkg.display(),
+            long.len() / 1_000_000
+        );
+        assert!(big <= bound, "{} KiB > {bound} KiB", big);
+    }
+}
