@@ -26,6 +26,8 @@ from pathlib import Path
 
 import aiohttp
 
+from server import Server  # this script's folder
+
 DATA = Path(__file__).resolve().parents[1] / "data" / "flagembedding-icl-examples"
 
 
@@ -74,21 +76,12 @@ async def burst(url: str, text: str, requests: int) -> list[int]:
 
 
 def server_run(binary: str, model: str, text: str, requests: int) -> dict:
-    cmd = [binary, "serve", "--model", model, "--host", "127.0.0.1", "--port", "0"]
-    cmd += ["--device", "cpu", "--variant", "fp32", "--threads", "2"]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    server = Server(binary, model, ["--device", "cpu", "--variant", "fp32", "--threads", "2"], [])
     try:
-        url = None
-        for line in proc.stderr:
-            if line.startswith("listening on "):
-                url = line.split()[-1]
-                break
-        if not url:
-            raise SystemExit(f"serve exited with {proc.wait()}")
-        status = Path(f"/proc/{proc.pid}/status")
+        status = Path(f"/proc/{server.proc.pid}/status")
         loaded = kib(status, "VmRSS") / 1024
         started = time.perf_counter()
-        codes = asyncio.run(burst(url, text, requests))
+        codes = asyncio.run(burst(server.url, text, requests))
         wall = time.perf_counter() - started
         return {
             "loaded_mib": loaded,
@@ -99,8 +92,7 @@ def server_run(binary: str, model: str, text: str, requests: int) -> dict:
             "wall_s": wall,
         }
     finally:
-        proc.terminate()
-        proc.wait(timeout=60)
+        server.stop()
 
 
 def main() -> None:

@@ -18,10 +18,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
-import subprocess
 import time
 
 import aiohttp
+
+from server import Server  # this script's folder
 
 PASSAGE = "The quick brown fox jumps over the lazy dog near the riverbank in the early morning {}."
 
@@ -83,33 +84,9 @@ async def main() -> None:
     p.add_argument("--requests", type=int, default=300)
     p.add_argument("--clients", type=int, default=4)
     a = p.parse_args()
-    server = subprocess.Popen(
-        [
-            a.binary,
-            "serve",
-            "--model",
-            a.model,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--variant",
-            "fp32",
-            "--device",
-            "cpu",
-            "--threads",
-            "1",
-        ],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    server = Server(a.binary, a.model, ["--variant", "fp32", "--device", "cpu", "--threads", "1"], [])
     try:
-        addr = None
-        for line in server.stderr:
-            if line.startswith("listening on http://"):
-                addr = line.strip().removeprefix("listening on http://")
-                break
-        assert addr, "the server did not start"
+        addr = server.url.removeprefix("http://")
         await load(addr, 20, 2, 10)  # warm-up
         alone = await load(addr, a.requests, a.clients, 25)
         t = time.perf_counter()
@@ -124,8 +101,7 @@ async def main() -> None:
                 f"p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, {r['per_s']:.1f}/s"
             )
     finally:
-        server.terminate()
-        server.wait(timeout=60)
+        server.stop()
 
 
 if __name__ == "__main__":
