@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use ndarray::Array2;
 
 use crate::backend::runtime::Device;
-use crate::backend::{Model, ModelOptions, Variant};
+use crate::backend::{MemoryLimit, Model, ModelOptions, Variant};
 use crate::engine::plan::{self, BatchLimits};
 use crate::engine::prefix::{PrefixStats, PrefixStore};
 use crate::engine::run::{run_rows, Batches, Finished};
@@ -153,6 +153,9 @@ pub struct EmbedderOptions {
     pub prefix_cache_bytes: usize,
     /// Most prefixes kept, besides the byte bound (`None`: only the byte bound).
     pub prefix_cache_entries: Option<usize>,
+    /// The memory `auto` plans for on the CPU ([`MemoryLimit::Detect`] by default): it never
+    /// takes a variant that will not fit.
+    pub memory_limit: MemoryLimit,
 }
 
 impl Default for EmbedderOptions {
@@ -169,6 +172,7 @@ impl Default for EmbedderOptions {
             prefix_cache: true,
             prefix_cache_bytes: DEFAULT_PREFIX_CACHE_BYTES,
             prefix_cache_entries: None,
+            memory_limit: MemoryLimit::Detect,
         }
     }
 }
@@ -196,6 +200,8 @@ setters!(EmbedderOptions {
     prefix_cache_bytes: usize,
     /// Sets the most prefixes kept.
     prefix_cache_entries: Option<usize>,
+    /// Sets the memory `auto` plans for on the CPU.
+    memory_limit: MemoryLimit,
 });
 
 /// Makes a variant's files present (the hub client for a hub package; nothing for a directory).
@@ -241,7 +247,8 @@ impl Embedder {
         let (package, mut fetch): (Package, Box<FetchVariant>) =
             if !model.is_dir() && hub::is_repo_id(&spec) {
                 let spec = spec.into_owned();
-                let package = Package::open(hub::resolve(&spec, &[])?)?;
+                let mut package = Package::open(hub::resolve(&spec, &[])?)?;
+                package.from_hub = true;
                 let fetch = move |variant: &str| -> Result<()> {
                     let name = variant.to_string();
                     hub::resolve(&spec, &[name]).map(|_| ())
@@ -259,7 +266,8 @@ impl Embedder {
             .ort_lib(options.ort_lib.clone())
             .cache_dir(options.cache_dir.clone())
             .max_rows(options.max_rows.max(1))
-            .batch_tokens(options.batch_tokens.unwrap_or(limits.tokens));
+            .batch_tokens(options.batch_tokens.unwrap_or(limits.tokens))
+            .memory_limit(options.memory_limit);
         let model = Model::load(encoder.package(), &model_options, &mut fetch)?;
         Ok(Embedder::from_parts(encoder, model, options))
     }

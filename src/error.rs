@@ -65,6 +65,9 @@ pub enum Error {
         #[source]
         source: Option<hf_hub::api::sync::ApiError>,
     },
+    /// No variant fits in the memory this process may use (`--variant auto` on the CPU).
+    #[error("not enough memory: {reason}")]
+    Memory { reason: String },
     /// A text, example or option given by the user is unusable.
     #[error("{what}: {reason}")]
     Input { what: String, reason: String },

@@ -55,7 +55,8 @@ pub mod package;
 pub mod text;
 
 pub use backend::{
-    auto_cpu_variant, default_cache_dir, Device, Model, ModelOptions, Prefix, Variant,
+    auto_cpu_variant, cpu_preference, default_cache_dir, CpuFit, Device, MemoryLimit, Model,
+    ModelOptions, Prefix, Resolved, Variant,
 };
 pub use corpus::input::read_examples;
 pub use embedder::{Embedder, EmbedderOptions, Encoder, DEFAULT_PREFIX_CACHE_BYTES};

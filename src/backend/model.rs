@@ -10,6 +10,7 @@ use std::str::FromStr;
 use ort::session::{HasSelectedOutputs, OutputSelector, RunOptions, Session};
 use ort::value::DynValue;
 
+use crate::backend::memory::{self, Available, MemoryLimit};
 use crate::backend::runtime::{self, Device, SessionSettings, TensorRtSettings};
 use crate::error::{Error, Result};
 use crate::package::{Manifest, Package, Stamps, VariantSpec};
@@ -51,36 +52,188 @@ impl Variant {
         name.parse().unwrap_or_else(|_| Variant::Other(name.into()))
     }
 
-    /// The name of the variant to run on `device`: this one if the package has it, or for `auto`
-    /// the device's preference (the first variant the package lists when it has none of them).
-    pub fn resolve(&self, package: &Package, device: Device) -> Result<String> {
+    /// The variant to run on `device`: this one if the package has it (with a warning when it
+    /// will not fit in `fit`'s memory), or for `auto` the device's choice among the variants whose
+    /// files are here or can be fetched ([`auto_cpu_variant`] on the CPU; fp16 then fp32 on a GPU,
+    /// else the first the package lists).
+    pub fn resolve(&self, package: &Package, device: Device, fit: &CpuFit) -> Result<Resolved> {
         if let Some(name) = self.name() {
-            package.spec(name)?;
-            return Ok(name.to_string());
+            let spec = package.spec(name)?;
+            let warning = match &fit.memory {
+                Some(available) if !device.is_gpu() => {
+                    let need = memory::cpu_need(package, spec, fit.batch_tokens);
+                    (need.total() > available.bytes).then(|| {
+                        format!(
+                            "variant {name} needs about {need}, more than the {available} \
+                             available; loading it since it was asked for"
+                        )
+                    })
+                }
+                _ => None,
+            };
+            return Ok(Resolved {
+                name: name.to_string(),
+                reason: None,
+                warning,
+            });
         }
         if !device.is_gpu() {
-            if let Some(name) = auto_cpu_variant(&package.manifest).0 {
-                return Ok(name);
-            }
+            let (name, reason) = auto_cpu_variant(package, fit)?;
+            return Ok(Resolved {
+                name,
+                reason: Some(reason),
+                warning: None,
+            });
         }
-        let preferred: &[&str] = if device.is_gpu() {
-            &["fp16", "fp32"]
-        } else {
-            &["int8", "fp32"]
-        };
-        preferred
+        let usable = |name: &&str| package.variant_available(name);
+        ["fp16", "fp32"]
             .iter()
-            .find(|p| package.manifest.variants.contains_key(**p))
+            .find(|p| package.manifest.variants.contains_key(**p) && usable(p))
             .map(|p| p.to_string())
-            .or_else(|| package.variant_names().first().map(|s| s.to_string()))
-            .ok_or_else(|| Error::package(&package.dir, "has no variants"))
+            .or_else(|| {
+                package
+                    .variant_names()
+                    .into_iter()
+                    .find(usable)
+                    .map(str::to_string)
+            })
+            .map(|name| Resolved {
+                name,
+                reason: None,
+                warning: None,
+            })
+            .ok_or_else(|| absent_files(package))
     }
 }
 
-/// What `--variant auto` takes on the CPU, by what the package records about its int8 variant
-/// (kernel class and fidelity; FORMAT.md), and why, in words. `None` when the package has neither
-/// int8 nor fp32.
-pub fn auto_cpu_variant(manifest: &Manifest) -> (Option<String>, String) {
+/// The variant [`Variant::resolve`] chose, and what to tell the user about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Resolved {
+    pub name: String,
+    /// Why `auto` took it (on the CPU).
+    pub reason: Option<String>,
+    /// An explicitly asked variant that will not fit in the memory available.
+    pub warning: Option<String>,
+}
+
+/// What `--variant auto` weighs on the CPU besides the manifest: the memory this process may
+/// still use (`None`: not checked) and the batch size its activations are sized for.
+#[derive(Debug, Clone)]
+pub struct CpuFit {
+    pub memory: Option<Available>,
+    pub batch_tokens: usize,
+}
+
+impl CpuFit {
+    /// The memory `limit` gives (detected, or the user's) for batches of `batch_tokens` tokens.
+    pub fn new(limit: MemoryLimit, batch_tokens: usize) -> CpuFit {
+        CpuFit {
+            memory: limit.available(),
+            batch_tokens,
+        }
+    }
+}
+
+fn absent_files(package: &Package) -> Error {
+    let missing: Vec<String> = package
+        .manifest
+        .variants
+        .iter()
+        .filter_map(|(name, v)| {
+            let file = v.files().into_iter().find(|f| !package.path(f).is_file())?;
+            Some(format!("{name} ({file})"))
+        })
+        .collect();
+    Error::package(
+        &package.dir,
+        format!(
+            "holds the files of none of its variants: missing {}",
+            missing.join(", ")
+        ),
+    )
+}
+
+/// What `--variant auto` takes on the CPU, and why, in words. Candidates in order: the variant
+/// [`cpu_preference`] names by what the package records about its int8 variant (a faithful int8
+/// with a fast kernel, else fp32), then fp32, then int8, then the others the package lists. A
+/// candidate is passed over when its files are absent from a package directory (a hub package
+/// fetches what is chosen), or when `fit` knows the memory available and the candidate needs more
+/// ([`memory::cpu_need`]). When every candidate is passed over for memory: an error naming each
+/// one's need and the limit.
+pub fn auto_cpu_variant(package: &Package, fit: &CpuFit) -> Result<(String, String)> {
+    let variants = &package.manifest.variants;
+    let (preferred, why) = cpu_preference(&package.manifest);
+    let mut order: Vec<&str> = Vec::new();
+    for name in preferred
+        .as_deref()
+        .into_iter()
+        .chain(["fp32", "int8"])
+        .chain(variants.keys().map(String::as_str))
+    {
+        if variants.contains_key(name) && !order.contains(&name) {
+            order.push(name);
+        }
+    }
+    let mut passed = Vec::new();
+    let mut too_big = Vec::new();
+    for name in order {
+        let spec = &variants[name];
+        if !package.variant_available(name) {
+            let file = spec
+                .files()
+                .into_iter()
+                .find(|f| !package.path(f).is_file())
+                .unwrap_or_default();
+            passed.push(format!("{name}: {file} is not in the package directory"));
+            continue;
+        }
+        let need = memory::cpu_need(package, spec, fit.batch_tokens);
+        match &fit.memory {
+            Some(available) if need.total() > available.bytes => {
+                passed.push(format!("{name} needs about {}", memory::size(need.total())));
+                too_big.push(format!("{name} needs about {need}"));
+            }
+            _ => {
+                let mut reason = match preferred.as_deref() {
+                    Some(p) if p != name => format!("{name} in place of {p} ({why})"),
+                    _ => why,
+                };
+                if !passed.is_empty() {
+                    reason.push_str(&format!("; passed over: {}", passed.join("; ")));
+                }
+                if let Some(available) = &fit.memory {
+                    reason.push_str(&format!(
+                        "; needs about {}, {available} available",
+                        memory::size(need.total())
+                    ));
+                }
+                return Ok((name.to_string(), reason));
+            }
+        }
+    }
+    match (&fit.memory, too_big.is_empty()) {
+        (Some(available), false) => Err(Error::Memory {
+            reason: format!(
+                "no variant of {} fits on the CPU in the {available} available: {}{}; \
+                 pass --memory-limit with more (or none) or --variant to load one anyway",
+                package.dir.display(),
+                too_big.join("; "),
+                if passed.len() > too_big.len() {
+                    format!(" (also passed over: {})", passed.join("; "))
+                } else {
+                    String::new()
+                }
+            ),
+        }),
+        _ => Err(absent_files(package)),
+    }
+}
+
+/// What `--variant auto` prefers on the CPU, by what the package records about its int8 variant
+/// (kernel class and fidelity; FORMAT.md), and why, in words, before memory and absent files are
+/// weighed ([`auto_cpu_variant`]). `None` when the package has neither int8 nor fp32.
+pub fn cpu_preference(manifest: &Manifest) -> (Option<String>, String) {
     let variants = &manifest.variants;
     let has_fp32 = variants.contains_key("fp32");
     let cpu = runtime::cpu_int8_class();
@@ -172,6 +325,8 @@ pub struct ModelOptions {
     /// Largest batch (rows, and rows x padded length) the TensorRT profile must cover.
     pub max_rows: usize,
     pub batch_tokens: usize,
+    /// The memory `auto` plans for on the CPU: detected by default ([`MemoryLimit`]).
+    pub memory_limit: MemoryLimit,
 }
 
 impl Default for ModelOptions {
@@ -184,6 +339,7 @@ impl Default for ModelOptions {
             cache_dir: None,
             max_rows: 64,
             batch_tokens: 4096,
+            memory_limit: MemoryLimit::Detect,
         }
     }
 }
@@ -203,6 +359,8 @@ setters!(ModelOptions {
     max_rows: usize,
     /// Sets the most tokens (rows x padded length) the TensorRT profile covers.
     batch_tokens: usize,
+    /// Sets the memory `auto` plans for on the CPU.
+    memory_limit: MemoryLimit,
 });
 
 /// `$XDG_CACHE_HOME/icl-embed`, else `~/.cache/icl-embed`.
@@ -271,6 +429,8 @@ pub struct Model {
     /// (`start_states`): rows that begin with them run on top of them.
     start: Option<Prefix>,
     notes: Vec<String>,
+    variant_reason: Option<String>,
+    warning: Option<String>,
 }
 
 impl Model {
@@ -297,9 +457,12 @@ impl Model {
                 notes.push("cuda:0: not in this ONNX Runtime library".to_string());
             }
         }
+        // Read once, after ONNX Runtime's library is loaded, so its own mappings count as used.
+        let fit = CpuFit::new(options.memory_limit, options.batch_tokens);
         for device in candidates {
             runtime::require_provider(device)?;
-            let name = options.variant.resolve(package, device)?;
+            let resolved = options.variant.resolve(package, device, &fit)?;
+            let name = resolved.name;
             fetch(&name)?;
             let spec = package.check_variant(&name, &stamps)?;
             let shape = graph_shape(package, spec);
@@ -315,7 +478,10 @@ impl Model {
             };
             match runtime::session(&package.path(&spec.file), &shape, device, &settings) {
                 Ok(session) => {
-                    return Model::checked(package, &name, spec, session, device, notes);
+                    let mut model = Model::checked(package, &name, spec, session, device, notes)?;
+                    model.variant_reason = resolved.reason;
+                    model.warning = resolved.warning;
+                    return Ok(model);
                 }
                 Err(e) if auto && device != Device::Cpu => notes.push(format!("{device}: {e}")),
                 Err(e) => return Err(e),
@@ -366,6 +532,8 @@ impl Model {
             past,
             start,
             notes,
+            variant_reason: None,
+            warning: None,
         })
     }
 
@@ -387,6 +555,16 @@ impl Model {
     /// Why `auto` passed over the devices it did not choose.
     pub fn notes(&self) -> &[String] {
         &self.notes
+    }
+
+    /// Why `--variant auto` took this variant on the CPU ([`auto_cpu_variant`]).
+    pub fn variant_reason(&self) -> Option<&str> {
+        self.variant_reason.as_deref()
+    }
+
+    /// A variant asked for by name that needs more memory than is available.
+    pub fn memory_warning(&self) -> Option<&str> {
+        self.warning.as_deref()
     }
 
     /// Whether the graph takes prefix states ([`Model::prefix`]).

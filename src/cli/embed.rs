@@ -56,6 +56,9 @@ pub fn run(args: EmbedArgs) -> Result<()> {
     let options = args.runtime.options(args.text.max_length);
     let examples = args.text.examples()?;
     let mut embedder = Embedder::new(&args.text.model, &options)?;
+    if let Some(warning) = embedder.model().memory_warning() {
+        eprintln!("warning: {warning}");
+    }
     if !args.quiet {
         announce_device(&embedder, &args.runtime);
     }
@@ -175,6 +178,9 @@ fn announce_device(embedder: &Embedder, runtime: &RuntimeArgs) {
         runtime.device,
         embedder.model().variant()
     );
+    if let Some(reason) = embedder.model().variant_reason() {
+        eprintln!("variant auto on the CPU: {reason}");
+    }
 }
 
 /// Everything that decides the output's bytes: a resumed run must repeat it.

@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use clap::Args;
 use icl_embed::backend::runtime;
-use icl_embed::{Device, Package};
+use icl_embed::backend::memory;
+use icl_embed::{BatchLimits, CpuFit, Device, MemoryLimit, Package};
 
 #[derive(Args)]
 pub struct InfoArgs {
@@ -15,18 +16,24 @@ pub struct InfoArgs {
     model: Option<PathBuf>,
     #[arg(long)]
     ort_lib: Option<PathBuf>,
+    /// Memory `--variant auto` plans for on the CPU, as `embed --memory-limit` takes it: a size,
+    /// auto or none.
+    #[arg(long, default_value = "auto")]
+    memory_limit: MemoryLimit,
 }
 
 pub fn run(args: InfoArgs) -> Result<()> {
     let mut out = std::io::stdout().lock();
     if let Some(dir) = &args.model {
-        describe_package(&mut out, dir)?;
+        describe_package(&mut out, dir, args.memory_limit)?;
     }
     describe_runtime(&mut out, args.ort_lib.as_deref())
 }
 
-fn describe_package(out: &mut impl Write, dir: &Path) -> Result<()> {
-    let package = Package::open(icl_embed::locate(dir)?)?;
+fn describe_package(out: &mut impl Write, dir: &Path, limit: MemoryLimit) -> Result<()> {
+    let mut package = Package::open(icl_embed::locate(dir)?)?;
+    package.from_hub = !dir.is_dir() && icl_embed::is_repo_id(&dir.to_string_lossy());
+    let fit = CpuFit::new(limit, BatchLimits::default_for(Device::Cpu).tokens);
     let m = &package.manifest;
     writeln!(out, "package {}", package.dir.display())?;
     writeln!(out, "  source: {}", m.source)?;
@@ -42,14 +49,17 @@ fn describe_package(out: &mut impl Write, dir: &Path) -> Result<()> {
         m.max_length.query, m.max_length.document
     )?;
     for (name, v) in &m.variants {
-        describe_variant(out, &package, name, v)?;
+        describe_variant(out, &package, name, v, &fit)?;
     }
-    let (choice, why) = icl_embed::auto_cpu_variant(m);
-    writeln!(
-        out,
-        "  --variant auto on the CPU: {} ({why})",
-        choice.as_deref().unwrap_or("none")
-    )?;
+    let memory = fit
+        .memory
+        .as_ref()
+        .map_or("not checked".to_string(), ToString::to_string);
+    writeln!(out, "  memory available: {memory}")?;
+    match icl_embed::auto_cpu_variant(&package, &fit) {
+        Ok((choice, why)) => writeln!(out, "  --variant auto on the CPU: {choice} ({why})")?,
+        Err(e) => writeln!(out, "  --variant auto on the CPU: none ({e})")?,
+    }
     Ok(())
 }
 
@@ -58,6 +68,7 @@ fn describe_variant(
     package: &Package,
     name: &str,
     v: &icl_embed::VariantSpec,
+    fit: &CpuFit,
 ) -> Result<()> {
     let bytes: u64 = v
         .files()
@@ -76,6 +87,17 @@ fn describe_variant(
         v.dtype,
         bytes as f64 / (1 << 20) as f64,
         v.inputs.join(", ")
+    )?;
+    let need = memory::cpu_need(package, v, fit.batch_tokens);
+    let absent = if package.variant_available(name) {
+        ""
+    } else {
+        ", files absent"
+    };
+    writeln!(
+        out,
+        "    on the CPU needs about {need} with {}-token batches{absent}",
+        fit.batch_tokens
     )?;
     if let Some(start) = &v.start_states {
         writeln!(

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use clap::Args;
-use icl_embed::{Device, EmbedderOptions, Variant};
+use icl_embed::{Device, EmbedderOptions, MemoryLimit, Variant};
 
 #[derive(Args, Debug, Clone)]
 pub struct RuntimeArgs {
@@ -12,10 +12,15 @@ pub struct RuntimeArgs {
     /// says which it chose).
     #[arg(long, default_value = "auto")]
     pub device: Device,
-    /// fp32, fp16, int8 (or another variant the package has, e.g. w8a8) or auto (fp16 on GPU,
-    /// int8 on CPU).
+    /// fp32, fp16, int8 (or another variant the package has, e.g. w8a8) or auto (fp16 on GPU; on
+    /// the CPU a faithful fast int8, else fp32, else int8, whichever fits in memory; says why).
     #[arg(long, default_value = "auto")]
     pub variant: Variant,
+    /// Memory `--variant auto` may plan for on the CPU: a size (24G, 512M, bytes), auto (the
+    /// cgroup's limit, RLIMIT_AS/RLIMIT_DATA or the available memory, whichever is smallest) or
+    /// none (do not check).
+    #[arg(long, default_value = "auto")]
+    pub memory_limit: MemoryLimit,
     /// Intra-op threads of the model (default: one per core).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -53,5 +58,6 @@ impl RuntimeArgs {
             .ort_lib(self.ort_lib.clone())
             .cache_dir(self.cache_dir.clone())
             .prefix_cache(!self.no_prefix_cache)
+            .memory_limit(self.memory_limit)
     }
 }

@@ -244,6 +244,10 @@ pub struct Package {
     pub manifest: Manifest,
     /// sha256 of `embedder.json`, which pins every file of the package.
     pub manifest_sha256: String,
+    /// A snapshot of a Hugging Face Hub repository, which fetches a variant's files when that
+    /// variant is chosen; `false` for a directory, where a variant whose files are absent cannot
+    /// run ([`Package::variant_available`]).
+    pub from_hub: bool,
 }
 
 impl Package {
@@ -283,6 +287,7 @@ impl Package {
             dir,
             manifest,
             manifest_sha256,
+            from_hub: false,
         };
         package.check_manifest()?;
         package.check_file(
@@ -347,6 +352,17 @@ impl Package {
                 ),
             )
         })
+    }
+
+    /// Whether variant `name` can be opened without fetching: its files are all present, or the
+    /// package comes from the hub, which fetches them when the variant is chosen.
+    pub fn variant_available(&self, name: &str) -> bool {
+        self.from_hub
+            || self
+                .manifest
+                .variants
+                .get(name)
+                .is_some_and(|v| v.files().iter().all(|f| self.path(f).is_file()))
     }
 
     /// The files of variant `name`, relative to the package ([`VariantSpec::files`]).

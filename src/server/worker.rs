@@ -36,6 +36,12 @@ pub fn load(args: &ServeArgs, presets: &BTreeMap<String, TaskPreset>) -> Result<
         .prefix_cache(prefix_cache)
         .prefix_cache_bytes(args.prefix_cache_bytes);
     let embedder = Embedder::new(&args.model, &options)?;
+    if let Some(warning) = embedder.model().memory_warning() {
+        eprintln!("warning: {warning}");
+    }
+    if let Some(reason) = embedder.model().variant_reason() {
+        eprintln!("variant auto on the CPU: {reason}");
+    }
     // The handlers' own tokenizer (the package is already open and checked).
     let encoder = Encoder::from_package(embedder.encoder().package().clone())?;
     let info = model_info(&embedder, &encoder, &options, args);
