@@ -205,7 +205,13 @@ pub(crate) fn parse_mountinfo(text: &str) -> Vec<CgroupMount> {
         }
         let v2 = match rest[0] {
             "cgroup2" => true,
-            "cgroup" if rest.get(2).is_some_and(|o| o.split(',').any(|o| o == "memory")) => false,
+            "cgroup"
+                if rest
+                    .get(2)
+                    .is_some_and(|o| o.split(',').any(|o| o == "memory")) =>
+            {
+                false
+            }
             _ => continue,
         };
         mounts.push(CgroupMount {
@@ -500,7 +506,11 @@ mod tests {
     #[test]
     fn proc_cgroup_lines() {
         let cases = [
-            ("0::/user.slice/app.scope\n", Some("/user.slice/app.scope"), None),
+            (
+                "0::/user.slice/app.scope\n",
+                Some("/user.slice/app.scope"),
+                None,
+            ),
             (
                 "12:memory:/docker/abc\n11:cpu,cpuacct:/docker/abc\n0::/\n",
                 Some("/"),

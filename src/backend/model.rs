@@ -598,3 +598,282 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod auto_tests {
+    //! `--variant auto` on the CPU against memory and absent files (issue 26): packages with
+    //! variant files of chosen sizes (sparse), the choice under a given amount of memory.
+
+    use super::*;
+    use serde_json::json;
+
+    const MIB: u64 = 1 << 20;
+
+    /// A variant: name, dtype, the int8 `quantization` (null for fp32/fp16), its data file's
+    /// size in MiB, and whether its files are in the directory.
+    struct V(&'static str, &'static str, serde_json::Value, u64, bool);
+
+    fn int8(kernel: &str, faithful: bool) -> serde_json::Value {
+        json!({"recipe": "r", "method": "w8a8", "kernel": kernel,
+               "selection": {"faithful": faithful, "tried": []}})
+    }
+
+    fn package(dir: &std::path::Path, variants: &[V]) -> Package {
+        let tokenizer = b"{}";
+        std::fs::write(dir.join("tokenizer.json"), tokenizer).unwrap();
+        let mut specs = serde_json::Map::new();
+        for V(name, dtype, q, mib, present) in variants {
+            let (file, data) = (
+                format!("{name}/model.onnx"),
+                format!("{name}/model.onnx.data"),
+            );
+            if *present {
+                std::fs::create_dir_all(dir.join(name)).unwrap();
+                std::fs::write(dir.join(&file), b"graph").unwrap();
+                let f = std::fs::File::create(dir.join(&data)).unwrap();
+                f.set_len(mib * MIB).unwrap();
+            }
+            specs.insert(
+                name.to_string(),
+                json!({"file": file, "data": data, "dtype": dtype,
+                       "inputs": ["input_ids", "attention_mask"], "output": "h",
+                       "sha256": {}, "quantization": q}),
+            );
+        }
+        let manifest = json!({
+            "format": "icl-embed/1",
+            "architecture": {"layers": 2, "hidden": 64, "heads": 4, "kv_heads": 2, "head_dim": 16,
+                             "vocab": 1000, "intermediate": 128},
+            "pooling": "last_token", "normalize": true,
+            "prompt": {"query": "{task}{query}", "example": "{instruct}{query}{response}",
+                       "example_separator": "\n", "suffix": ""},
+            "special_tokens": {"prepend": [], "append": [], "pad_id": 0},
+            "max_length": {"query": 512, "document": 512},
+            "clean_up_tokenization_spaces": false,
+            "tokenizer": {"file": "tokenizer.json",
+                          "sha256": crate::package::sha256_file(&dir.join("tokenizer.json")).unwrap()},
+            "variants": specs,
+        });
+        std::fs::write(dir.join("embedder.json"), manifest.to_string()).unwrap();
+        Package::open(dir).unwrap()
+    }
+
+    fn fit(mib: Option<u64>) -> CpuFit {
+        CpuFit {
+            memory: mib.map(|m| Available {
+                bytes: m * MIB,
+                source: "a test".into(),
+            }),
+            batch_tokens: 512,
+        }
+    }
+
+    /// The runtime's share in these packages (256 MiB and 9.5 MiB of activations): a variant of
+    /// N MiB of files fits in N + 266 MiB, not in N + 265.
+    const R: u64 = 266;
+
+    #[test]
+    fn auto_takes_the_best_variant_that_fits() {
+        let fp32 = || V("fp32", "float32", json!(null), 4000, true);
+        let fp16 = || V("fp16", "float16", json!(null), 2000, true);
+        let fast = || V("int8", "int8", int8("u8s8", true), 1000, true);
+        let fast7 = || V("int8", "int8", int8("u8s7", true), 1000, true);
+        let blockwise = || V("int8", "int8", int8("matmulnbits-int8", true), 1100, true);
+        let weight_only = || V("int8", "int8", int8("matmulnbits-fp32", true), 1000, true);
+        let unfaithful = || V("int8", "int8", int8("u8s8", false), 1000, true);
+        // (what, variants, memory in MiB (None: not checked), the choice or an error's words)
+        let cases: Vec<(&str, Vec<V>, Option<u64>, Result<&str, &[&str]>)> = vec![
+            (
+                "fast int8, unlimited",
+                vec![fp32(), fast()],
+                None,
+                Ok("int8"),
+            ),
+            (
+                "fast int8 fits",
+                vec![fp32(), fast()],
+                Some(1000 + R),
+                Ok("int8"),
+            ),
+            (
+                "fast int8 just does not fit",
+                vec![fp32(), fast()],
+                Some(1000 + R - 1),
+                Err(&["int8 needs about 1.2 GiB (1000.0 MiB of weights + 265.5 MiB runtime"]),
+            ),
+            (
+                "7-bit int8 fits",
+                vec![fp32(), fast7()],
+                Some(8000),
+                Ok("int8"),
+            ),
+            (
+                "block-wise int8 is fast",
+                vec![fp32(), blockwise()],
+                Some(8000),
+                Ok("int8"),
+            ),
+            (
+                "weight-only: fp32 when it fits",
+                vec![fp32(), weight_only()],
+                Some(4000 + R),
+                Ok("fp32"),
+            ),
+            (
+                "weight-only: int8 when fp32 does not fit",
+                vec![fp32(), weight_only()],
+                Some(4000),
+                Ok("int8"),
+            ),
+            (
+                "unfaithful: fp32 when it fits",
+                vec![fp32(), unfaithful()],
+                None,
+                Ok("fp32"),
+            ),
+            (
+                "unfaithful: int8 when fp32 does not fit",
+                vec![fp32(), unfaithful()],
+                Some(2000),
+                Ok("int8"),
+            ),
+            (
+                "fp16 counts twice on the CPU: nothing fits",
+                vec![fp16()],
+                Some(3000),
+                Err(&[
+                    "fp16 needs about 4.2 GiB (3.9 GiB of weights",
+                    "2.9 GiB (a test)",
+                ]),
+            ),
+            (
+                "fp16 alone, when it fits",
+                vec![fp16()],
+                Some(4000 + R),
+                Ok("fp16"),
+            ),
+            (
+                "nothing fits: every need and the limit",
+                vec![fp32(), fp16(), fast()],
+                Some(1000),
+                Err(&[
+                    "no variant of",
+                    "int8 needs about 1.2 GiB",
+                    "fp32 needs about 4.2 GiB",
+                    "fp16 needs about",
+                    "in the 1000.0 MiB (a test) available",
+                    "--memory-limit",
+                ]),
+            ),
+            // Issue 26: a directory holding only int8's files, fp32 listed in the manifest.
+            (
+                "local fp32 absent",
+                vec![
+                    V("fp32", "float32", json!(null), 4000, false),
+                    weight_only(),
+                ],
+                None,
+                Ok("int8"),
+            ),
+            (
+                "local int8 absent",
+                vec![fp32(), V("int8", "int8", int8("u8s8", true), 1000, false)],
+                None,
+                Ok("fp32"),
+            ),
+            (
+                "nothing present",
+                vec![V("fp32", "float32", json!(null), 4000, false)],
+                None,
+                Err(&[
+                    "holds the files of none of its variants",
+                    "fp32 (fp32/model.onnx)",
+                ]),
+            ),
+        ];
+        for (what, variants, memory, want) in cases {
+            let dir = tempfile::tempdir().unwrap();
+            let p = package(dir.path(), &variants);
+            match (auto_cpu_variant(&p, &fit(memory)), want) {
+                (Ok((name, why)), Ok(want)) => {
+                    assert_eq!(name, want, "{what}: {why}");
+                    if memory.is_some() {
+                        assert!(why.contains("available"), "{what}: {why}");
+                    }
+                }
+                (Err(e), Err(words)) => {
+                    let e = e.to_string();
+                    for w in words {
+                        assert!(e.contains(w), "{what}: {w:?} not in {e}");
+                    }
+                }
+                (got, want) => panic!("{what}: got {got:?}, want {want:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn reasons_say_what_was_passed_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = package(
+            dir.path(),
+            &[
+                V("fp32", "float32", json!(null), 4000, false),
+                V("int8", "int8", int8("matmulnbits-fp32", true), 1000, true),
+            ],
+        );
+        let (name, why) = auto_cpu_variant(&p, &fit(Some(2000))).unwrap();
+        assert_eq!(name, "int8");
+        assert!(
+            why.starts_with("int8 in place of fp32 (fp32: the int8 variant"),
+            "{why}"
+        );
+        assert!(
+            why.contains("passed over: fp32: fp32/model.onnx is not in the package directory"),
+            "{why}"
+        );
+        assert!(
+            why.contains("needs about 1.2 GiB, 2.0 GiB (a test) available"),
+            "{why}"
+        );
+        // A hub snapshot fetches what is chosen: the absent fp32 is a candidate, its need estimated.
+        let mut hub = p.clone();
+        hub.from_hub = true;
+        let (name, _) = auto_cpu_variant(&hub, &fit(None)).unwrap();
+        assert_eq!(name, "fp32");
+        let need = memory::cpu_need(&hub, &hub.manifest.variants["fp32"], 512);
+        assert!(!need.measured);
+        // 2 layers x (64 x 64 x 2 + 64 x 32 x 2 + 3 x 64 x 128) + 1000 x 64 parameters, 4 bytes each.
+        assert_eq!(need.weights, (2 * (8192 + 4096 + 24576) + 64000) * 4);
+    }
+
+    #[test]
+    fn an_explicit_variant_is_honoured_with_a_warning() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = package(
+            dir.path(),
+            &[
+                V("fp32", "float32", json!(null), 4000, true),
+                V("int8", "int8", int8("u8s8", true), 1000, true),
+            ],
+        );
+        let r = Variant::Fp32
+            .resolve(&p, Device::Cpu, &fit(Some(2000)))
+            .unwrap();
+        assert_eq!(r.name, "fp32");
+        let w = r.warning.expect("a warning");
+        assert!(
+            w.contains("needs about 4.2 GiB") && w.contains("2.0 GiB (a test)"),
+            "{w}"
+        );
+        let r = Variant::Fp32
+            .resolve(&p, Device::Cpu, &fit(Some(8000)))
+            .unwrap();
+        assert_eq!(r.warning, None);
+        let r = Variant::Auto
+            .resolve(&p, Device::Cpu, &fit(Some(8000)))
+            .unwrap();
+        assert_eq!(r.name, "int8");
+        assert!(r.reason.is_some());
+    }
+}

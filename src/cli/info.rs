@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::Args;
-use icl_embed::backend::runtime;
 use icl_embed::backend::memory;
+use icl_embed::backend::runtime;
 use icl_embed::{BatchLimits, CpuFit, Device, MemoryLimit, Package};
 
 #[derive(Args)]
