@@ -127,8 +127,8 @@ pub const DEFAULT_PREFIX_CACHE_BYTES: usize = 1 << 30;
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct EmbedderOptions {
-    /// A variant the package has, or `auto`: fp16 on GPU providers, int8 on the CPU, fp32 when the
-    /// preferred one is absent.
+    /// A variant the package has, or `auto`: fp16 on GPU providers; on the CPU a faithful fast
+    /// int8, else fp32, else int8, among those that fit in memory ([`crate::auto_cpu_variant`]).
     pub variant: Variant,
     pub device: Device,
     /// Intra-op threads; ONNX Runtime's default (one per core) when `None`.

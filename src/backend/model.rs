@@ -24,8 +24,8 @@ use contract::{check_graph, graph_shape, past_layout, start_states};
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
 #[non_exhaustive]
 pub enum Variant {
-    /// The device's preference among those the package has: fp16 then fp32 on a GPU, int8 then
-    /// fp32 on the CPU.
+    /// The device's preference among those the package has: fp16 then fp32 on a GPU; on the CPU
+    /// a faithful fast int8, else fp32, else int8, among those that fit ([`auto_cpu_variant`]).
     #[default]
     Auto,
     Fp32,
