@@ -672,6 +672,14 @@ mod auto_tests {
     /// N MiB of files fits in N + 266 MiB, not in N + 265.
     const R: u64 = 266;
 
+    /// What, the variants, memory in MiB (`None`: not checked), the choice or an error's words.
+    type Case = (
+        &'static str,
+        Vec<V>,
+        Option<u64>,
+        Result<&'static str, &'static [&'static str]>,
+    );
+
     #[test]
     fn auto_takes_the_best_variant_that_fits() {
         let fp32 = || V("fp32", "float32", json!(null), 4000, true);
@@ -681,8 +689,7 @@ mod auto_tests {
         let blockwise = || V("int8", "int8", int8("matmulnbits-int8", true), 1100, true);
         let weight_only = || V("int8", "int8", int8("matmulnbits-fp32", true), 1000, true);
         let unfaithful = || V("int8", "int8", int8("u8s8", false), 1000, true);
-        // (what, variants, memory in MiB (None: not checked), the choice or an error's words)
-        let cases: Vec<(&str, Vec<V>, Option<u64>, Result<&str, &[&str]>)> = vec![
+        let cases: Vec<Case> = vec![
             (
                 "fast int8, unlimited",
                 vec![fp32(), fast()],
