@@ -85,20 +85,12 @@ impl Variant {
                 warning: None,
             });
         }
-        let usable = |name: &&str| package.variant_available(name);
         ["fp16", "fp32"]
-            .iter()
-            .find(|p| package.manifest.variants.contains_key(**p) && usable(p))
-            .map(|p| p.to_string())
-            .or_else(|| {
-                package
-                    .variant_names()
-                    .into_iter()
-                    .find(usable)
-                    .map(str::to_string)
-            })
+            .into_iter()
+            .chain(package.variant_names())
+            .find(|name| package.variant_available(name))
             .map(|name| Resolved {
-                name,
+                name: name.to_string(),
                 reason: None,
                 warning: None,
             })

@@ -354,15 +354,13 @@ impl Package {
         })
     }
 
-    /// Whether variant `name` can be opened without fetching: its files are all present, or the
+    /// Whether the package has variant `name` and can open it: its files are all present, or the
     /// package comes from the hub, which fetches them when the variant is chosen.
     pub fn variant_available(&self, name: &str) -> bool {
-        self.from_hub
-            || self
-                .manifest
-                .variants
-                .get(name)
-                .is_some_and(|v| v.files().iter().all(|f| self.path(f).is_file()))
+        self.manifest
+            .variants
+            .get(name)
+            .is_some_and(|v| self.from_hub || v.files().iter().all(|f| self.path(f).is_file()))
     }
 
     /// The files of variant `name`, relative to the package ([`VariantSpec::files`]).
