@@ -725,6 +725,44 @@ Max address space         unlimited            unlimited            bytes
         }
     }
 
+    #[test]
+    fn estimates_match_the_full_size_measurements() {
+        // bge-en-icl: 7.11 B parameters; fp32 28.4 GB, int8 (w7a8, int8 embedding rows) 7.12 GB,
+        // fp16 14.2 GB on disk (BENCHMARKS.md "full size").
+        let a: Architecture = serde_json::from_value(serde_json::json!({
+            "layers": 32, "hidden": 4096, "intermediate": 14336, "heads": 32, "kv_heads": 8,
+            "head_dim": 128, "vocab": 32003, "sliding_window": 4096}))
+        .unwrap();
+        let spec = |dtype: &str, q: serde_json::Value| -> VariantSpec {
+            serde_json::from_value(serde_json::json!({
+                "file": "m.onnx", "data": null, "dtype": dtype, "inputs": [], "output": "h",
+                "sha256": {}, "quantization": q}))
+            .unwrap()
+        };
+        let gb = |b: u64| (b as f64 / 1e9 * 100.0).round() / 100.0;
+        assert_eq!(
+            gb(estimated_weights(
+                &a,
+                &spec("float32", serde_json::json!(null))
+            )),
+            28.44
+        );
+        assert_eq!(
+            gb(estimated_weights(
+                &a,
+                &spec("float16", serde_json::json!(null))
+            )),
+            14.22
+        );
+        let w7a8 = serde_json::json!({"method": "w8a8", "embeddings": "int8"});
+        assert_eq!(gb(estimated_weights(&a, &spec("int8", w7a8))), 7.11);
+        // 512-token CPU batches: 121 MB of MLP and hidden-wide tensors, 67 MB of attention scores.
+        assert_eq!(
+            activations(&a, 512),
+            512 * (3 * 14336 + 6 * 4096) * 4 + 2 * 512 * 512 * 32 * 4
+        );
+    }
+
     trait Owned {
         fn into_owned(self) -> (&'static str, String);
     }
