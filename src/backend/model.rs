@@ -196,7 +196,7 @@ pub fn auto_cpu_variant(package: &Package, fit: &CpuFit) -> Result<(String, Stri
                 }
                 if let Some(available) = &fit.memory {
                     reason.push_str(&format!(
-                        "; needs about {}, {available} available",
+                        "; {name} needs about {}, {available} available",
                         memory::size(need.total())
                     ));
                 }
