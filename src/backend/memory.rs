@@ -365,8 +365,11 @@ pub(crate) fn rlimit(text: &str, row: &str) -> Option<u64> {
 }
 
 /// Bytes ONNX Runtime needs beyond the weights whatever the batch: its own buffers, arenas,
-/// thread stacks and the tokenizer (a short text at bge-en-icl's full size ran within the weights'
-/// size, BENCHMARKS.md "full size"; a 2-layer slice within them + 110 MiB of resident memory).
+/// thread stacks and the tokenizer. Measured: a short text at bge-en-icl's full size ran within
+/// the weights' size (BENCHMARKS.md "full size"); smollm2 with two short texts and 2 threads
+/// needed between 23 and 170 MiB of data segment beyond its files (`ulimit -d`: fp32, 514 MiB of
+/// files, failed at 537 MiB and ran at 684; int8, 223 MiB, failed at 244 and ran at 293). A
+/// margin on the safe side: a variant that does not fit fails at load or later, mid-run.
 pub const RUNTIME_BASE: u64 = 256 << 20;
 
 /// What a variant needs on the CPU: its weights as ONNX Runtime holds them, and the runtime and
