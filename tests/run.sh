@@ -22,9 +22,15 @@ stage "python lint"
 stage "rust build"
 cargo build --quiet --all-targets
 cargo test --quiet --no-run
+stage "python package"
+# The `icl_embed` Python package (python/, issue 25) into the venv, in the dev profile: it reuses the
+# dependencies `cargo build` just compiled (a release wheel is `pip install .` or `maturin build --release`).
+VIRTUAL_ENV=$root/.venv .venv/bin/maturin develop --quiet
+.venv/bin/python -c "import icl_embed"  # fails the run if the build did not install
 stage "rust lint"
-cargo fmt --check
+cargo fmt --all --check
 cargo clippy --quiet --all-targets -- -D warnings
+cargo clippy --quiet -p icl-embed-python -- -D warnings
 # The library alone (a program that embeds takes it without the CLI and server crates).
 cargo build --quiet --no-default-features --lib
 RUSTDOCFLAGS="-D rustdoc::broken_intra_doc_links -D rustdoc::private_intra_doc_links" \
