@@ -24,7 +24,8 @@ Ray Data dataset across a cluster.
 
 Errors: bad input raises `ValueError` naming the input (`texts[3]: expected str, got int`); a missing
 or damaged package raises `PackageError`; an ONNX Runtime library or execution provider that cannot
-start raises `RuntimeUnavailableError`; both derive from `IclEmbedError` (a `RuntimeError`).
+start raises `RuntimeUnavailableError`; both derive from `IclEmbedError` (a `RuntimeError`). When no
+variant fits in the memory the process may use (`variant="auto"`), `MemoryError` names each one's need.
 """
 
 from __future__ import annotations
@@ -99,8 +100,8 @@ class Embedder:
             (`owner/name[@revision]`), fetched into the hub cache (only the manifest, the tokenizer and
             the variant that runs; `HF_HUB_OFFLINE=1` never touches the network).
         variant: `"auto"` (on a GPU fp16; on the CPU int8 when the package records a faithful int8
-            recipe with a fast kernel, else fp32; `info.variant_reason` says why), or `"fp32"`,
-            `"fp16"`, `"int8"`.
+            recipe with a fast kernel, else fp32, never one that does not fit in memory;
+            `info.variant_reason` says why), or `"fp32"`, `"fp16"`, `"int8"`.
         device: `"auto"` (TensorRT or CUDA when the ONNX Runtime library has them and an NVIDIA driver
             is present, else the CPU), `"cpu"`, `"cuda[:N]"` or `"tensorrt[:N]"`.
         threads: ONNX Runtime's intra-op threads (default: one per core).
@@ -112,6 +113,9 @@ class Embedder:
         cache_dir: TensorRT engines and stamps of verified files (default `~/.cache/icl-embed`).
         ort_lib: the ONNX Runtime library to load (default: the `onnxruntime` wheel's, see
             `onnxruntime_library()`).
+        memory_limit: the memory `variant="auto"` may plan for on the CPU: `"auto"` (the cgroup's limit,
+            else the memory available), a size (`"24G"`, `"512M"`, bytes as an int), or `"none"` (no
+            check). `auto` takes the best variant that fits and says so in `info.variant_reason`.
 
     One embedder runs one call at a time (further calls from other threads wait); the GIL is released
     while it runs, so other Python threads, and other embedders, go on meanwhile.
@@ -130,6 +134,7 @@ class Embedder:
         prefix_cache: bool = True,
         cache_dir: str | os.PathLike | None = None,
         ort_lib: str | os.PathLike | None = None,
+        memory_limit: str | int = "auto",
     ) -> None:
         self._native = _native.Embedder(
             os.fspath(model),
@@ -142,6 +147,7 @@ class Embedder:
             prefix_cache,
             None if cache_dir is None else os.fspath(cache_dir),
             _default_ort_lib(ort_lib),
+            str(memory_limit),
         )
 
     def embed_documents(self, texts: Iterable[str] | str) -> np.ndarray:

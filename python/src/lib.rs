@@ -7,10 +7,10 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard};
 
-use icl_embed::{Device, EmbedderOptions, Error, Variant};
+use icl_embed::{Device, EmbedderOptions, Error, MemoryLimit, Variant};
 use numpy::{IntoPyArray, PyArray2};
 use pyo3::create_exception;
-use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::exceptions::{PyMemoryError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyString};
 
@@ -43,6 +43,7 @@ fn to_py(e: Error) -> PyErr {
     }
     match e {
         Error::Input { .. } => PyValueError::new_err(message),
+        Error::Memory { .. } => PyMemoryError::new_err(message),
         Error::Package { .. }
         | Error::Manifest { .. }
         | Error::Tokenizer { .. }
@@ -370,7 +371,7 @@ fn parse<T: std::str::FromStr<Err = Error>>(what: &str, value: &str) -> PyResult
 impl PyEmbedder {
     #[new]
     #[allow(clippy::too_many_arguments)]
-    #[pyo3(signature = (model, variant, device, threads, batch_tokens, max_batch, max_length, prefix_cache, cache_dir, ort_lib))]
+    #[pyo3(signature = (model, variant, device, threads, batch_tokens, max_batch, max_length, prefix_cache, cache_dir, ort_lib, memory_limit))]
     fn new(
         py: Python<'_>,
         model: PathBuf,
@@ -383,8 +384,10 @@ impl PyEmbedder {
         prefix_cache: bool,
         cache_dir: Option<PathBuf>,
         ort_lib: Option<PathBuf>,
+        memory_limit: &str,
     ) -> PyResult<Self> {
         let variant: Variant = parse("variant", variant)?;
+        let memory_limit: MemoryLimit = parse("memory_limit", memory_limit)?;
         let device: Device = parse("device", device)?;
         for (what, value) in [
             ("threads", threads),
@@ -405,7 +408,8 @@ impl PyEmbedder {
             .max_length(max_length)
             .prefix_cache(prefix_cache)
             .cache_dir(cache_dir)
-            .ort_lib(ort_lib);
+            .ort_lib(ort_lib)
+            .memory_limit(memory_limit);
         let embedder = detached(py, || icl_embed::Embedder::new(&model, &options))?;
         let info = describe(&embedder, &variant, threads, max_length, prefix_cache);
         Ok(PyEmbedder {
@@ -491,13 +495,14 @@ fn describe(
     let package = e.encoder().package();
     let m = &package.manifest;
     let model = e.model();
-    let mut reason = match asked {
-        Variant::Auto if model.device().is_gpu() => {
-            "auto: fp16 preferred on a GPU, else fp32".to_string()
-        }
-        Variant::Auto => format!("auto: {}", icl_embed::auto_cpu_variant(m).1),
+    let mut reason = match (asked, model.variant_reason()) {
+        (Variant::Auto, Some(why)) => format!("auto: {why}"),
+        (Variant::Auto, None) => "auto: fp16 preferred on a GPU, else fp32".to_string(),
         _ => "asked for".to_string(),
     };
+    if let Some(warning) = model.memory_warning() {
+        reason.push_str(&format!("; {warning}"));
+    }
     if !model.notes().is_empty() {
         reason.push_str(&format!(
             "; devices passed over: {}",

@@ -158,6 +158,10 @@ def test_errors_keep_their_kind(icl, tiny, smollm2, tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 3, proc.stderr
     assert "libonnxruntime.so" in proc.stdout
+    with pytest.raises(ValueError, match="memory_limit"):
+        icl.Embedder(tiny, device="cpu", memory_limit="lots")
+    with pytest.raises(MemoryError, match="needs"):
+        icl.Embedder(tiny, device="cpu", memory_limit="1K")
     assert issubclass(icl.PackageError, icl.IclEmbedError) and issubclass(icl.IclEmbedError, RuntimeError)
 
     embedder = icl.Embedder(tiny, variant="fp32", device="cpu", threads=1)
