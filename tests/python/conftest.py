@@ -61,3 +61,46 @@ def require_module() -> Callable[[str], object]:
         return pytest.importorskip(name)
 
     return get
+
+
+BIN = Path(__file__).resolve().parents[2] / "target" / "debug" / "icl-embed"
+
+
+@pytest.fixture(scope="session")
+def tiny_cli(require) -> Path:
+    """The tiny package (ICL_TINY_PKG), for tests that also run the CLI (target/debug/icl-embed)."""
+    require(bool(os.environ.get("ICL_TINY_PKG")), "ICL_TINY_PKG is not set (tests/run.sh builds the fixtures)")
+    require(BIN.exists(), f"{BIN} is not built (cargo build)")
+    return Path(os.environ["ICL_TINY_PKG"])
+
+
+@pytest.fixture(scope="session")
+def cli_embed() -> Callable[..., object]:
+    """`cli_embed(package, texts, tmp, variant, *flags)`: the CLI's embeddings of `texts` (JSON lines in,
+    `.npy` out, on the CPU with 1 thread), as a numpy array."""
+    import json  # noqa: PLC0415  (only the CLI tests need these)
+    import subprocess  # noqa: PLC0415
+
+    import numpy as np  # noqa: PLC0415
+
+    def run(package: Path, texts: list[str], tmp: Path, variant: str = "fp32", *flags) -> np.ndarray:
+        src, out = tmp / "cli-in.jsonl", tmp / "cli-out.npy"
+        src.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
+        args = [BIN, "embed", "-q", "--model", package, "--input", src, "--output", out]
+        subprocess.run([*args, "--variant", variant, "--device", "cpu", "--threads", "1", *flags], check=True)
+        return np.load(out)
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def min_cosine() -> Callable[..., float]:
+    """`min_cosine(a, b)`: the smallest cosine between the rows of two arrays of one shape."""
+
+    def cosine(a, b) -> float:
+        assert a.shape == b.shape, (a.shape, b.shape)
+        dots = (a * b).sum(axis=1)
+        norms = (a * a).sum(axis=1) ** 0.5 * (b * b).sum(axis=1) ** 0.5
+        return float((dots / norms).min())
+
+    return cosine

@@ -41,13 +41,6 @@ def icl(require_module):
 
 
 @pytest.fixture(scope="module")
-def tiny(require) -> Path:
-    require(bool(os.environ.get("ICL_TINY_PKG")), "ICL_TINY_PKG is not set (tests/run.sh builds the fixtures)")
-    require(BIN.exists(), f"{BIN} is not built (cargo build)")
-    return Path(os.environ["ICL_TINY_PKG"])
-
-
-@pytest.fixture(scope="module")
 def smollm2(require) -> Path:
     require(bool(os.environ.get("ICL_SMOLLM2_PKG")), "ICL_SMOLLM2_PKG is not set (tests/run.sh builds the fixtures)")
     return Path(os.environ["ICL_SMOLLM2_PKG"])
@@ -58,23 +51,8 @@ def examples() -> list[dict]:
     return json.loads(EXAMPLES.read_text(encoding="utf-8"))[:3]
 
 
-def cli_embed(package: Path, texts: list[str], tmp: Path, variant: str, *extra: str) -> np.ndarray:
-    src = tmp / "in.jsonl"
-    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
-    out = tmp / "out.npy"
-    args = [BIN, "embed", "-q", "--model", package, "--input", src, "--output", out]
-    args += ["--variant", variant, "--device", "cpu", "--threads", "1", *extra]
-    subprocess.run(args, check=True)
-    return np.load(out)
-
-
-def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
-    assert a.shape == b.shape
-    return float(np.min(np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))))
-
-
-@pytest.mark.parametrize(("which", "variant"), [("tiny", "fp32"), ("tiny", "int8"), ("smollm2", "fp32")])
-def test_documents_and_queries_match_the_cli(icl, request, which, variant, examples, tmp_path):
+@pytest.mark.parametrize(("which", "variant"), [("tiny_cli", "fp32"), ("tiny_cli", "int8"), ("smollm2", "fp32")])
+def test_documents_and_queries_match_the_cli(icl, request, which, variant, examples, tmp_path, cli_embed, min_cosine):
     package = request.getfixturevalue(which)
     embedder = icl.Embedder(package, variant=variant, device="cpu", threads=1)
     assert embedder.info.variant == variant
@@ -99,8 +77,8 @@ def test_documents_and_queries_match_the_cli(icl, request, which, variant, examp
     np.testing.assert_array_equal(again, queries)
 
 
-def test_encoder_ids_match_cli_tokenize(icl, tiny, examples, tmp_path):
-    encoder = icl.Encoder(tiny)
+def test_encoder_ids_match_cli_tokenize(icl, tiny_cli, examples, tmp_path):
+    encoder = icl.Encoder(tiny_cli)
     src = tmp_path / "in.txt"
     src.write_text("".join(t + "\n" for t in QUERIES), encoding="utf-8")
     example_file = tmp_path / "examples.json"
@@ -108,7 +86,7 @@ def test_encoder_ids_match_cli_tokenize(icl, tiny, examples, tmp_path):
 
     def tokenize(*extra) -> list[list[int]]:
         out = subprocess.run(
-            [BIN, "tokenize", "--model", tiny, "--input", src, *extra], check=True, capture_output=True, text=True
+            [BIN, "tokenize", "--model", tiny_cli, "--input", src, *extra], check=True, capture_output=True, text=True
         ).stdout
         return [json.loads(line)["ids"] for line in out.splitlines()]
 
@@ -119,8 +97,8 @@ def test_encoder_ids_match_cli_tokenize(icl, tiny, examples, tmp_path):
     assert all(q[: len(prompt.prefix_ids)] == prompt.prefix_ids for q in encoder.queries(prompt, QUERIES))
 
 
-def test_inputs_of_every_shape(icl, tiny):
-    embedder = icl.Embedder(tiny, variant="fp32", device="cpu", threads=1)
+def test_inputs_of_every_shape(icl, tiny_cli):
+    embedder = icl.Embedder(tiny_cli, variant="fp32", device="cpu", threads=1)
     hidden = embedder.info.hidden_size
     base = embedder.embed_documents(DOCS[:2])
     # A generator, a tuple and a numpy array of strings are iterables like a list.
@@ -133,7 +111,7 @@ def test_inputs_of_every_shape(icl, tiny):
     assert embedder.embed_queries(None, QUERIES).shape == (len(QUERIES), hidden)
 
 
-def test_errors_keep_their_kind(icl, tiny, smollm2, tmp_path):
+def test_errors_keep_their_kind(icl, tiny_cli, smollm2, tmp_path):
     with pytest.raises(icl.PackageError, match="not a directory"):
         icl.Embedder(tmp_path / "missing", device="cpu")
     broken = tmp_path / "broken"
@@ -142,16 +120,16 @@ def test_errors_keep_their_kind(icl, tiny, smollm2, tmp_path):
     with pytest.raises(icl.PackageError, match="embedder.json"):
         icl.Encoder(broken)
     with pytest.raises(ValueError, match="variant"):
-        icl.Embedder(tiny, variant="no such variant!", device="cpu")
+        icl.Embedder(tiny_cli, variant="no such variant!", device="cpu")
     with pytest.raises(ValueError, match="device"):
-        icl.Embedder(tiny, device="gpu9")
+        icl.Embedder(tiny_cli, device="gpu9")
     with pytest.raises(ValueError, match="threads"):
-        icl.Embedder(tiny, device="cpu", threads=0)
+        icl.Embedder(tiny_cli, device="cpu", threads=0)
     # ONNX Runtime is loaded once per process: a library that cannot load, in a fresh one.
     code = (
         "import sys, icl_embed\n"
         "try:\n"
-        f"    icl_embed.Embedder({str(tiny)!r}, device='cpu', ort_lib={str(tmp_path / 'libonnxruntime.so')!r})\n"
+        f"    icl_embed.Embedder({str(tiny_cli)!r}, device='cpu', ort_lib={str(tmp_path / 'libonnxruntime.so')!r})\n"
         "except icl_embed.RuntimeUnavailableError as e:\n"
         "    print(e); sys.exit(3)\n"
     )
@@ -159,12 +137,12 @@ def test_errors_keep_their_kind(icl, tiny, smollm2, tmp_path):
     assert proc.returncode == 3, proc.stderr
     assert "libonnxruntime.so" in proc.stdout
     with pytest.raises(ValueError, match="memory_limit"):
-        icl.Embedder(tiny, device="cpu", memory_limit="lots")
+        icl.Embedder(tiny_cli, device="cpu", memory_limit="lots")
     with pytest.raises(MemoryError, match="needs"):
-        icl.Embedder(tiny, device="cpu", memory_limit="1K")
+        icl.Embedder(tiny_cli, device="cpu", memory_limit="1K")
     assert issubclass(icl.PackageError, icl.IclEmbedError) and issubclass(icl.IclEmbedError, RuntimeError)
 
-    embedder = icl.Embedder(tiny, variant="fp32", device="cpu", threads=1)
+    embedder = icl.Embedder(tiny_cli, variant="fp32", device="cpu", threads=1)
     with pytest.raises(ValueError, match=r"texts\[1\]: expected str, got int"):
         embedder.embed_documents(["fine", 3])
     with pytest.raises(ValueError, match=r"examples\[0\]: missing 'response'"):
@@ -180,16 +158,16 @@ def test_errors_keep_their_kind(icl, tiny, smollm2, tmp_path):
     assert embedder.embed_documents(["fine"]).shape[0] == 1
 
 
-def test_info_says_what_runs(icl, tiny):
-    info = icl.Embedder(tiny, device="cpu", threads=1, max_length=64).info
+def test_info_says_what_runs(icl, tiny_cli):
+    info = icl.Embedder(tiny_cli, device="cpu", threads=1, max_length=64).info
     assert info.device == "cpu" and info.variant in ("fp32", "int8")
     assert info.variant_reason.startswith("auto: ")
     assert info.max_length_documents == info.max_length_queries == 64
     assert info.threads == 1 and info.prefix_cache
-    assert info.model == tiny.resolve() or info.model == tiny
+    assert info.model in (tiny_cli, tiny_cli.resolve())
     assert info.onnxruntime is not None and "onnxruntime" in info.onnxruntime.name
     assert "variant=" in repr(info)
-    asked = icl.Embedder(tiny, variant="fp32", device="cpu", threads=1).info
+    asked = icl.Embedder(tiny_cli, variant="fp32", device="cpu", threads=1).info
     assert asked.variant == "fp32" and asked.variant_reason == "asked for"
 
 
@@ -224,9 +202,9 @@ def test_the_gil_is_released_while_the_engine_runs(icl, smollm2):
     assert during > 10_000, f"the counter advanced {during} times during a {seconds:.2f}s call"
 
 
-def test_two_threads_at_once(icl, tiny, examples):
-    one = icl.Embedder(tiny, variant="fp32", device="cpu", threads=1)
-    two = icl.Embedder(tiny, variant="fp32", device="cpu", threads=1)
+def test_two_threads_at_once(icl, tiny_cli, examples):
+    one = icl.Embedder(tiny_cli, variant="fp32", device="cpu", threads=1)
+    two = icl.Embedder(tiny_cli, variant="fp32", device="cpu", threads=1)
     prompt = one.query_prompt(TASK, examples)
     docs = one.embed_documents(DOCS)
     queries = one.embed_queries(prompt, QUERIES)

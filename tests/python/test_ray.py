@@ -8,8 +8,6 @@ follow its `num_cpus`.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -19,17 +17,9 @@ import pyarrow.parquet as pq
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-BIN = ROOT / "target" / "debug" / "icl-embed"
 QA = ROOT / "tests" / "data" / "flagembedding-icl-examples" / "AIR-Bench" / "qa"
 EXAMPLES = ROOT / "tests" / "data" / "flagembedding-icl-examples" / "MTEB" / "MSMARCO.json"
 TASK = "Given a web search query, retrieve relevant passages that answer the query"
-
-
-@pytest.fixture(scope="module")
-def tiny(require) -> Path:
-    require(bool(os.environ.get("ICL_TINY_PKG")), "ICL_TINY_PKG is not set (tests/run.sh builds the fixtures)")
-    require(BIN.exists(), f"{BIN} is not built (cargo build)")
-    return Path(os.environ["ICL_TINY_PKG"])
 
 
 @pytest.fixture(scope="module")
@@ -53,22 +43,8 @@ def examples() -> list[dict]:
     return json.loads(EXAMPLES.read_text(encoding="utf-8"))[:3]
 
 
-def cli_embed(package: Path, texts: list[str], tmp: Path, *extra) -> np.ndarray:
-    src = tmp / "cli.jsonl"
-    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
-    out = tmp / "cli.npy"
-    args = [BIN, "embed", "-q", "--model", package, "--input", src, "--output", out]
-    subprocess.run([*args, "--variant", "fp32", "--device", "cpu", "--threads", "1", *extra], check=True)
-    return np.load(out)
-
-
-def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return float(np.min(np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))))
-
-
-def test_each_batch_layout_and_the_prefix_cache_across_batches(icl_ray, tiny, rows, examples):
-    embed = icl_ray.Embed(tiny, variant="fp32", device="cpu", threads=1)
+def test_each_batch_layout_and_the_prefix_cache_across_batches(icl_ray, tiny_cli, rows, examples):
+    embed = icl_ray.Embed(tiny_cli, variant="fp32", device="cpu", threads=1)
     texts = [r["text"] for r in rows[:4]]
     ids = np.array([r["id"] for r in rows[:4]])
     want = embed.embedder.embed_documents(texts)
@@ -80,11 +56,13 @@ def test_each_batch_layout_and_the_prefix_cache_across_batches(icl_ray, tiny, ro
     table = embed(pa.table({"id": ids, "text": texts}))
     np.testing.assert_array_equal(np.array(table["embedding"].to_pylist(), dtype=np.float32), want)
     with pytest.raises(ValueError, match="text column 'passage' is not in the batch"):
-        icl_ray.Embed(tiny, text_column="passage", device="cpu", threads=1)({"text": np.array(texts)})
+        icl_ray.Embed(tiny_cli, text_column="passage", device="cpu", threads=1)({"text": np.array(texts)})
     with pytest.raises(ValueError, match="queries=True"):
-        icl_ray.Embed(tiny, task=TASK, device="cpu")
+        icl_ray.Embed(tiny_cli, task=TASK, device="cpu")
 
-    queries = icl_ray.Embed(tiny, queries=True, task=TASK, examples=examples, variant="fp32", device="cpu", threads=1)
+    queries = icl_ray.Embed(
+        tiny_cli, queries=True, task=TASK, examples=examples, variant="fp32", device="cpu", threads=1
+    )
     for start in range(0, 8, 4):
         queries({"text": np.array([r["query"] for r in rows[start : start + 4]])})
     stats = queries.embedder.prefix_stats
@@ -102,7 +80,9 @@ def ray_cluster(require_module):
     ray.shutdown()
 
 
-def test_map_batches_on_a_local_cluster(icl_ray, ray_cluster, tiny, rows, examples, tmp_path):
+def test_map_batches_on_a_local_cluster(
+    icl_ray, ray_cluster, tiny_cli, rows, examples, tmp_path, cli_embed, min_cosine
+):
     ray = ray_cluster
     # A corpus in four parquet files, named in row order, in four blocks so that both actors get work.
     source = tmp_path / "passages"
@@ -122,7 +102,7 @@ def test_map_batches_on_a_local_cluster(icl_ray, ray_cluster, tiny, rows, exampl
         .materialize()
         .map_batches(
             icl_ray.Embed,
-            fn_constructor_kwargs={"model": str(tiny), "variant": "fp32", "device": "cpu"},
+            fn_constructor_kwargs={"model": str(tiny_cli), "variant": "fp32", "device": "cpu"},
             compute=ray.data.ActorPoolStrategy(size=2),
             num_cpus=1,
             batch_size=5,
@@ -133,14 +113,14 @@ def test_map_batches_on_a_local_cluster(icl_ray, ray_cluster, tiny, rows, exampl
     got = ray.data.read_parquet(str(out)).to_pandas()
     assert list(got["id"]) == [r["id"] for r in rows], "row order or ids changed"
     vectors = np.stack(got["embedding"].to_numpy()).astype(np.float32)
-    assert min_cosine(vectors, cli_embed(tiny, [r["text"] for r in rows], tmp_path)) >= 0.99999
+    assert min_cosine(vectors, cli_embed(tiny_cli, [r["text"] for r in rows], tmp_path, "fp32")) >= 0.99999
 
     example_file = tmp_path / "examples.json"
     example_file.write_text(json.dumps(examples), encoding="utf-8")
     questions = ray.data.from_items([{"id": r["id"], "text": r["query"]} for r in rows]).map_batches(
         icl_ray.Embed,
         fn_constructor_kwargs={
-            "model": str(tiny),
+            "model": str(tiny_cli),
             "queries": True,
             "task": TASK,
             "examples": examples,
@@ -154,12 +134,12 @@ def test_map_batches_on_a_local_cluster(icl_ray, ray_cluster, tiny, rows, exampl
     got = questions.to_pandas()
     assert list(got["id"]) == [r["id"] for r in rows]
     reference = cli_embed(
-        tiny, [r["query"] for r in rows], tmp_path, "--queries", "--task", TASK, "--examples", example_file
+        tiny_cli, [r["query"] for r in rows], tmp_path, "fp32", "--queries", "--task", TASK, "--examples", example_file
     )
     assert min_cosine(np.stack(got["embedding"].to_numpy()), reference) >= 0.99999
 
 
-def test_actor_threads_follow_num_cpus(icl_ray, ray_cluster, tiny):
+def test_actor_threads_follow_num_cpus(icl_ray, ray_cluster, tiny_cli):
     ray = ray_cluster
 
     @ray.remote(num_cpus=1)
@@ -170,5 +150,5 @@ def test_actor_threads_follow_num_cpus(icl_ray, ray_cluster, tiny):
     def threads_of_two_cpus(model: str):
         return icl_ray.Embed(model, device="cpu").embedder.info.threads
 
-    assert ray.get(threads_of_one_cpu.remote(str(tiny))) == 1
-    assert ray.get(threads_of_two_cpus.remote(str(tiny))) == 2
+    assert ray.get(threads_of_one_cpu.remote(str(tiny_cli))) == 1
+    assert ray.get(threads_of_two_cpus.remote(str(tiny_cli))) == 2

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import signal
 import subprocess
 from pathlib import Path
@@ -33,10 +32,8 @@ KEY = "test-key"
 
 
 @pytest.fixture(scope="module")
-def package(require) -> Path:
-    require(bool(os.environ.get("ICL_TINY_PKG")), "ICL_TINY_PKG is not set (tests/run.sh builds the fixtures)")
-    require(BIN.exists(), f"{BIN} is not built (cargo build)")
-    return Path(os.environ["ICL_TINY_PKG"])
+def package(tiny_cli) -> Path:
+    return tiny_cli
 
 
 @pytest.fixture(scope="module")
