@@ -760,4 +760,5 @@ def test_blockwise_int8_recipe_is_chosen_recorded_and_runs_in_the_cli(package, t
     want = last_token(onnx_hidden(session(copy / entry["file"]), batch, states), batch.attention_mask)
     np.testing.assert_allclose(np.load(out), want, rtol=0, atol=1e-4)
     info = subprocess.run([BIN, "info", "--model", copy], capture_output=True, text=True, check=True).stdout
-    assert "recipe nbits8-acc4-b128" in info and "int8" in info.split("--variant auto on the CPU:")[1], info
+    auto = info.split("--variant auto on the CPU:")[1]
+    assert auto.startswith(" int8 (recipe nbits8-acc4-b128") and "block-wise int8 x int8" in auto, info
