@@ -49,7 +49,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--int8-recipes",
         default=None,
         help="comma-separated int8 recipes to choose from, fastest first (default: every recipe "
-        "of export/int8/recipes.py; e.g. nbits8-acc1 for the weight-only one)",
+        "of export/int8/recipes.py's CANDIDATES; e.g. nbits8-acc4-b32 for the block-wise one)",
     )
     parser.add_argument("-v", "--verbose", action="store_true")
     # Tests use this to force a verification failure.

@@ -9,7 +9,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .recipes import RECIPES
+from .recipes import CANDIDATES, RECIPES
 from .select import add_int8
 
 
@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--add-to", type=Path, required=True, help="package whose int8 variant is (re)written from its fp32 graph"
     )
-    parser.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated: " + ", ".join(RECIPES))
+    parser.add_argument("--recipes", default=",".join(CANDIDATES), help="comma-separated: " + ", ".join(RECIPES))
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)

@@ -15,9 +15,15 @@ against another (`at_least_as_precise`, which lets the selection skip recipes).
   - `embeddings: "int8"` (every w8a8 recipe): the token embedding table as int8 rows with one
     fp32 scale per row (Gather, Cast, times the gathered scale): a quarter of its fp32 size, which
     is most of a shallow stand-in's weights and 0.5 GB of bge-en-icl's.
-- `nbits8-acc1` (method "matmulnbits", `rewrite.rewrite_nbits`): 8-bit weight-only
-  `MatMulNBits`, blocks of 32, fp32 compute: faithful on every model measured, but slower than
-  fp32 (it expands the weights on every run). The last resort.
+- `nbits8-acc4-b128`, `nbits8-acc4-b32` (method "matmulnbits", `rewrite.rewrite_nbits`): block-wise
+  int8 x int8, llama.cpp q8_0-like: `com.microsoft.MatMulNBits` with symmetric 8-bit weights, one
+  fp32 scale per block of `block_size` along K, and `accuracy_level` 4, under which ONNX Runtime
+  quantizes the activations to int8 per block of the same size at run time and takes integer dot
+  products (kernel class "matmulnbits-int8"). An outlier channel widens the step of its block only,
+  so they are faithful where per-token activations are not, at about half the w8a8 recipes'
+  speed, above fp32's. The last candidates.
+- `nbits8-acc1`: the same weights with `accuracy_level` 1 (fp32 compute, "matmulnbits-fp32"),
+  weight-only. Not in `CANDIDATES`: ONNX Runtime expands the weights to fp32 on every run.
 
 u8 x s8 and CPUs without VNNI: ONNX Runtime's AVX2 u8 x s8 kernel sums pairs of products in int16
 (`vpmaddubsw`) and saturates with full-range 8-bit weights. The session option
@@ -71,16 +77,35 @@ _W8A8 = {
 # saturate: 2 x 255 x 63 < 32767), so it runs there as is, 1.84x fp32 on slice7b against 1.35x for
 # 8-bit weights, which need the slower exact u8 x u8 kernel; with VNNI both run the same kernel.
 # They cost fidelity, so `choose` takes the first that is faithful on the model being exported;
-# the last resort is weight-only int8.
+# after them come the block-wise int8 x int8 recipes.
 RECIPES = {
     f"w{bits}a8{suffix}": _w8(f"w{bits}a8{suffix}", **extra, **({"weight_bits": 7} if bits == 7 else {}))
     for suffix, extra in _W8A8.items()
     for bits in (7, 8)
 }
-RECIPES["nbits8-acc1"] = Recipe(
-    "nbits8-acc1", "matmulnbits", {"bits": 8, "block_size": 32, "symmetric": True, "accuracy_level": 1}
-)
+NBITS8_BLOCKS = (128, 32)
+
+
+def _nbits8(name: str, block: int, accuracy_level: int) -> Recipe:
+    return Recipe(
+        name,
+        "matmulnbits",
+        {"bits": 8, "block_size": block, "symmetric": True, "accuracy_level": accuracy_level},
+    )
+
+
+# Block-wise int8 x int8 (llama.cpp q8_0-like): faithful where per-token activations are not (an
+# outlier channel widens the step of its block only), slower than the w8a8 recipes (a float scale
+# per block of every product), faster than fp32. Larger blocks are faster (fewer scales) and less
+# precise (export/README.md, tests/bench/nbits_kernels.py); the 32-wide one is q8_0's layout.
+for _block in NBITS8_BLOCKS:
+    RECIPES[f"nbits8-acc4-b{_block}"] = _nbits8(f"nbits8-acc4-b{_block}", _block, 4)
+# The default selection: the recipes above, fastest first. `nbits8-acc1` (weight-only, fp32
+# compute) left it: ONNX Runtime expands its 8-bit weights to fp32 on every run (1 x 8 tokens
+# 12x slower than fp32, so minutes per short text at bge-en-icl's size); it stays a recipe that
+# can be asked for by name.
 CANDIDATES = list(RECIPES)
+RECIPES["nbits8-acc1"] = _nbits8("nbits8-acc1", 32, 1)
 
 
 _PRECISION = ("weight_bits", "outliers", "outliers_by_kind", "keep")
@@ -108,7 +133,16 @@ def at_least_as_precise(a: Recipe, b: Recipe) -> bool:
     precision, weights of at least as many bits, and for each MatMul kind either fp32 in `a` or,
     in both int8, at least as many outlier channels in `a` (the top-k channel lists are nested,
     and masking more of them leaves a finer per-token step for the rest). A heuristic over a deep
-    network, not a bound: `select.choose` skips `b` once `a` has missed."""
+    network, not a bound: `select.choose` skips `b` once `a` has missed. Two `matmulnbits` recipes:
+    the same bits and symmetry, blocks at most as wide in `a`, and `a`'s compute at least as
+    precise (accuracy level 1, fp32 activations, or the same level)."""
+    if a.method == b.method == "matmulnbits":
+        sa, sb = a.settings, b.settings
+        return (
+            (sa["bits"], sa["symmetric"]) == (sb["bits"], sb["symmetric"])
+            and sa["block_size"] <= sb["block_size"]
+            and sa["accuracy_level"] in (1, sb["accuracy_level"])
+        )
     if a.method != "w8a8" or b.method != "w8a8":
         return False
     if {k: v for k, v in a.settings.items() if k not in _PRECISION} != {

@@ -326,12 +326,12 @@ def save(
     onnx.save(model, os.fspath(dst))
 
 
-# --- weight-only: MatMulNBits ---------------------------------------------------------------------
+# --- block-wise: MatMulNBits ---------------------------------------------------------------------
 
 
 def rewrite_nbits(model: onnx.ModelProto, load: Load, dst: Path, s: dict, raw: Raw | None = None) -> None:
-    """Every eligible MatMul(x, W) of `model` as `com.microsoft.MatMulNBits` (weight-only, blocks
-    along K), written one weight at a time like `W8A8Rewriter`: no whole fp32 graph in memory."""
+    """Every eligible MatMul(x, W) of `model` as `com.microsoft.MatMulNBits` (8-bit weights in
+    blocks along K; int8 compute at `accuracy_level` 4, fp32 at 1), written one weight at a time like `W8A8Rewriter`: no whole fp32 graph in memory."""
     g = model.graph
     inits = {t.name: t for t in g.initializer}
     nodes = eligible(g, inits)  # held, so that their ids stay theirs

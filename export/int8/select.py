@@ -36,10 +36,10 @@ log = logging.getLogger(__name__)
 # The int8 variant must meet both on the calibration texts (the export's sample check stays at
 # verify.THRESHOLDS["int8"]).
 FIDELITY = {"min_cosine": 0.99, "mean_cosine": 0.999}
-# The weight-only candidate expands its weights on every run, so it runs the calibration texts in
-# batches of this many padded tokens (slice7b: 52 s against 260 s alone). 1024 rather than 4096:
+# The weight-only recipe (`nbits8-acc1`, asked for by name) expands its weights on every run, so it
+# runs the calibration texts in batches of this many padded tokens (slice7b: 52 s against 260 s alone). 1024 rather than 4096:
 # at 8 layers 87 s against 126 s, and 1.2 GiB of activations against 2.1 (less padding, smaller
-# attention scores). The w8a8 candidates have no per-run cost and run each text alone: batched,
+# attention scores). The other candidates have no per-run cost and run each text alone: batched,
 # the padding made them 1.3x slower (smollm2: 12.3 s against 9.2 s).
 SELECTION_BATCH_TOKENS = 1024
 # A candidate runs these shortest calibration texts first, and the others only if it can still
@@ -127,7 +127,7 @@ class _Selection:
         recipe, measured, dst = RECIPES[name], self.measured, self.dst
         self.fp32.quantize(recipe, dst, measured.stats)
         self.on_disk = name
-        batch_tokens = SELECTION_BATCH_TOKENS if recipe.method == "matmulnbits" else 0
+        batch_tokens = SELECTION_BATCH_TOKENS if recipe.kernel == "matmulnbits-fp32" else 0
         # The last candidate is taken whatever it measures, so its figures cover every text.
         fid = measure_candidate(
             dst,
@@ -236,7 +236,16 @@ def choose(
             return sel.chosen(name)
         failed.append(name)
     sel.attempt(names[-1], final=True)
-    return sel.chosen(names[-1])
+    quantization = sel.chosen(names[-1])
+    if not quantization["selection"]["faithful"]:
+        log.warning(
+            "int8: no candidate met the thresholds (min cosine %s, mean %s); keeping the last, %s, "
+            "recorded as not faithful (the runtime's --variant auto then prefers fp32)",
+            thresholds["min_cosine"],
+            thresholds["mean_cosine"],
+            names[-1],
+        )
+    return quantization
 
 
 def add_int8(model_dir: Path, package: Path, names: list[str], threads: int = 2) -> dict:

@@ -39,12 +39,14 @@ def outlier_channels(channel_max: np.ndarray, k: int) -> np.ndarray:
     return np.sort(np.argsort(-channel_max, kind="stable")[:k]).astype(np.int64)
 
 
-def quantize_nbits_weight(w: np.ndarray, s: dict) -> tuple[np.ndarray, np.ndarray]:
+def quantize_nbits_weight(w: np.ndarray, s: dict, zero_points: bool = False) -> tuple[np.ndarray, ...]:
     """One fp32 `[K, N]` MatMul weight as `MatMulNBits`' `B` (uint8 `[N, K / block, block]`) and
     scales (`[N, K / block]`), by ONNX Runtime's own kernel (`quantize_matmul_8bits`, what its
-    `MatMulNBitsQuantizer` calls for each weight), so the bytes are the quantizer's."""
-    if s["bits"] != 8 or not s["symmetric"]:
-        raise ValueError(f"MatMulNBits recipes take symmetric 8-bit weights, not {s}")
+    `MatMulNBitsQuantizer` calls for each weight), so the bytes are the quantizer's. With
+    `zero_points`, also the zero points (uint8 `[N, K / block]`: 128 when symmetric, the block's own
+    otherwise, which `MatMulNBits` takes as its fourth input)."""
+    if s["bits"] != 8:
+        raise ValueError(f"MatMulNBits recipes take 8-bit weights, not {s}")
     if w.ndim != 2 or w.dtype != np.float32:
         raise ValueError(f"expected a 2-D float32 weight, got {w.dtype} {w.shape}")
     k, n = w.shape
@@ -54,8 +56,13 @@ def quantize_nbits_weight(w: np.ndarray, s: dict) -> tuple[np.ndarray, np.ndarra
         w = np.pad(w, ((0, blocks * block - k), (0, 0)))
     packed = np.zeros((n, blocks, block), dtype=np.uint8)
     scales = np.zeros((n, blocks), dtype=np.float32)
-    zero_points = np.zeros((n, blocks), dtype=np.uint8)  # unused when symmetric
-    quantize_matmul_8bits(packed, np.ascontiguousarray(w), scales, zero_points, block, n, blocks * block, True)
+    zps = np.zeros((n, blocks), dtype=np.uint8)
+    symmetric = bool(s["symmetric"])
+    quantize_matmul_8bits(packed, np.ascontiguousarray(w), scales, zps, block, n, blocks * block, symmetric)
+    if zero_points:
+        return packed, scales, zps
+    if not symmetric:
+        raise ValueError("asymmetric MatMulNBits weights need their zero points (zero_points=True)")
     return packed, scales
 
 

@@ -263,6 +263,14 @@ pub fn cpu_preference(manifest: &Manifest) -> (Option<String>, String) {
                 format!("{summary}; this CPU is {cpu} ({kernel})"),
             )
         }
+        Some("matmulnbits-int8") => (
+            Some("int8".into()),
+            format!(
+                "{summary}; this CPU is {cpu} (block-wise int8 x int8, MatMulNBits with int8 compute: \
+                 bge-en-icl's MatMuls at 512 tokens 1.1x (blocks of 32) to 1.5x (128) fp32, about 2x \
+                 on short inputs, measured with AVX-512 VNNI)"
+            ),
+        ),
         _ => (Some("int8".into()), summary),
     }
 }

@@ -145,9 +145,11 @@ impl VariantSpec {
     /// The int8 kernel class the exporter recorded (`quantization.kernel`): `"u8s8"` (per-token
     /// uint8 activations x int8 weights, `MatMulIntegerToFloat`: faster than fp32 on x86-64, fastest
     /// with VNNI), `"u8s7"` (the same with 7-bit weights: as fast with VNNI, and exact without it on
-    /// the same kernel, where 8-bit weights need the slower u8 x u8 one) or `"matmulnbits-fp32"`
-    /// (weight-only, fp32 compute: slower than fp32). Packages from before the field: derived from
-    /// `method` / `accuracy_level`; `None` for fp32/fp16.
+    /// the same kernel, where 8-bit weights need the slower u8 x u8 one), `"matmulnbits-int8"`
+    /// (block-wise int8 x int8, `MatMulNBits` at accuracy level 4, llama.cpp q8_0-like: faster
+    /// than fp32, slower than `"u8s8"`) or `"matmulnbits-fp32"` (weight-only, fp32 compute:
+    /// slower than fp32). Packages from before the field: derived from `method` /
+    /// `accuracy_level`; `None` for fp32/fp16.
     pub fn int8_kernel(&self) -> Option<String> {
         let q = &self.quantization;
         if let Some(k) = q.get("kernel").and_then(|k| k.as_str()) {

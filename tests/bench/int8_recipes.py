@@ -1,9 +1,13 @@
 """Every int8 recipe against the fp32 graph of one model: fidelity on the calibration set and speed
-(each text alone), alternating recipes within each run so that a shared machine's load hits them
+(each text alone, on the fp32 start states as the selection measures), alternating recipes within each run so that a shared machine's load hits them
 alike; medians. Asserts nothing; prints a Markdown table.
 
     PYTHONPATH=. .venv/bin/python tests/bench/int8_recipes.py --model DIR --fp32 PKG/fp32/model.onnx
         [--recipes w8a8,w7a8,...] [--runs 3] [--threads 2]
+
+`--recipes` also takes block-wise recipes at any block size, `nbits8-acc4-b64` (int8 compute) or
+`nbits8-acc1-b32` (weight-only). Speeds here are the calibration texts run one at a time (most
+are short); documents from the CLI: tests/bench/int8.py.
 
 (formerly `python -m export.quantize --model DIR --fp32 GRAPH`).
 """
@@ -13,6 +17,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -20,12 +25,24 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
+from export import verify
 from export.int8.calibrate import Fp32Model, calibration_rows, quantize
-from export.int8.recipes import RECIPES
+from export.int8.recipes import RECIPES, Recipe
 from export.int8.select import fidelity
 from export.ortrun.batched import embed_rows
 
 log = logging.getLogger("int8_recipes")
+
+
+def recipe_named(name: str) -> Recipe:
+    """A recipe of RECIPES, or a block-wise one at any block size: `nbits8-acc{1,4}-b{block}`."""
+    if name in RECIPES:
+        return RECIPES[name]
+    m = re.fullmatch(r"nbits8-acc([14])-b(\d+)", name)
+    if m is None:
+        raise SystemExit(f"unknown recipe {name!r}; known: {', '.join(RECIPES)}, nbits8-acc{{1,4}}-b{{block}}")
+    settings = {"bits": 8, "block_size": int(m.group(2)), "symmetric": True, "accuracy_level": int(m.group(1))}
+    return Recipe(name, "matmulnbits", settings)
 
 
 def compare(model_dir: Path, fp32_graph: Path, names: list[str], runs: int = 3, threads: int = 2) -> list[dict]:
@@ -34,21 +51,24 @@ def compare(model_dir: Path, fp32_graph: Path, names: list[str], runs: int = 3, 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     rows = calibration_rows(tokenizer)
     tokens = sum(map(len, rows))
-    measured = Fp32Model.from_graph(fp32_graph).measure(rows, [], threads)
-    reference, stats = measured.reference, measured.stats
+    fp32 = Fp32Model.from_graph(fp32_graph)
+    # As the selection measures: on the fp32 states of the ids every text begins with (bge-en-icl's
+    # `<s>`; none for smollm2), the fp32 graph too.
+    measured = fp32.measure(rows, verify.start_ids(tokenizer, fp32.input_names()), threads)
+    reference, stats, start = measured.reference, measured.stats, measured.start
     table = {"fp32": {"recipe": "fp32 graph", "min_cosine": 1.0, "mean_cosine": 1.0, "times": []}}
     with tempfile.TemporaryDirectory(dir=fp32_graph.parent.parent) as tmp:
         graphs = {"fp32": fp32_graph}
         for name in names:
             dst = Path(tmp) / name / "model.onnx"
-            quantize(fp32_graph, dst, RECIPES[name], stats)
-            emb, _ = embed_rows(dst, rows, threads)
+            quantize(fp32_graph, dst, recipe_named(name), stats)
+            emb, _ = embed_rows(dst, rows, threads, start)
             table[name] = {"recipe": name, **fidelity(reference, emb, rows), "times": []}
             graphs[name] = dst
             log.info("%s", table[name])
         for _ in range(runs):
             for name, graph in graphs.items():
-                table[name]["times"].append(embed_rows(graph, rows, threads)[1])
+                table[name]["times"].append(embed_rows(graph, rows, threads, start)[1])
     if runs:
         fp32_speed = tokens / statistics.median(table["fp32"]["times"])
     for row in table.values():
