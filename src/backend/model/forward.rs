@@ -212,9 +212,9 @@ fn feed_inputs<'v>(
 }
 
 /// A copy of a prefix's state in memory of its own. The state lives on in the prefix store, and one
-/// live tensor keeps the whole arena region it was allocated in from being handed back: without the
-/// copy, smollm2 stayed 570 MiB above its level before a 3k-token few-shot prompt, with it
-/// (BENCHMARKS.md "Long inputs (issue 24)").
+/// live tensor keeps the whole arena region it was allocated in from being handed back: after a
+/// 3k-token few-shot prompt the smollm2 server (562 MiB before) stayed at 1,137 MiB without the
+/// copy, at 727 MiB with it, the rest mostly the kept states (BENCHMARKS.md "Long inputs (issue 24)").
 fn outside_arena(value: DynValue) -> Result<DynValue> {
     fn copy<T: ort::value::PrimitiveTensorElementType + Clone + std::fmt::Debug + 'static>(
         value: &DynValue,
