@@ -156,6 +156,9 @@ pub struct EmbedderOptions {
     /// The memory `auto` plans for on the CPU ([`MemoryLimit::Detect`] by default): it never
     /// takes a variant that will not fit.
     pub memory_limit: MemoryLimit,
+    /// Return ONNX Runtime's free CPU arena memory to the system after each batch (on by
+    /// default; see [`ModelOptions::shrink_arena`]).
+    pub shrink_arena: bool,
 }
 
 impl Default for EmbedderOptions {
@@ -173,6 +176,7 @@ impl Default for EmbedderOptions {
             prefix_cache_bytes: DEFAULT_PREFIX_CACHE_BYTES,
             prefix_cache_entries: None,
             memory_limit: MemoryLimit::Detect,
+            shrink_arena: true,
         }
     }
 }
@@ -202,6 +206,8 @@ setters!(EmbedderOptions {
     prefix_cache_entries: Option<usize>,
     /// Sets the memory `auto` plans for on the CPU.
     memory_limit: MemoryLimit,
+    /// Turns returning the CPU arena's free memory after each batch on or off.
+    shrink_arena: bool,
 });
 
 /// Makes a variant's files present (the hub client for a hub package; nothing for a directory).
@@ -267,7 +273,8 @@ impl Embedder {
             .cache_dir(options.cache_dir.clone())
             .max_rows(options.max_rows.max(1))
             .batch_tokens(options.batch_tokens.unwrap_or(limits.tokens))
-            .memory_limit(options.memory_limit);
+            .memory_limit(options.memory_limit)
+            .shrink_arena(options.shrink_arena);
         let model = Model::load(encoder.package(), &model_options, &mut fetch)?;
         Ok(Embedder::from_parts(encoder, model, options))
     }

@@ -1178,3 +1178,103 @@ fn several_tasks_keep_their_prefix_states_within_the_byte_bound() {
     // The two tasks' prefixes differ, so do their embeddings.
     assert!(cosine(&kept[0][0], &kept[1][0]) < 0.99999);
 }
+
+/// A field of `/proc/PID/status` in MiB.
+fn status_mib(pid: u32, field: &str) -> f64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with(&format!("{field}:")))
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"));
+    let kib: f64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    kib / 1024.0
+}
+
+/// A few-shot request whose prompt is about 7,000 tokens of the tiny package (under the default
+/// --max-prompt-tokens, 8192): ONNX Runtime needs about 2.9 GB for it.
+fn large_prompt() -> Value {
+    let examples: Vec<Value> = (0..125)
+        .map(|i| {
+            json!({"query": format!("what is the capital of country number {i} in the list"),
+                   "response": format!("The capital of country {i} is a city with a long name and history.")})
+        })
+        .collect();
+    json!({"inputs": "a query", "instruction": INSTRUCTION, "examples": examples})
+}
+
+#[test]
+fn memory_returns_after_a_large_prompt_and_an_allocation_failure_fails_only_its_request() {
+    // Issue 24: ONNX Runtime's CPU arena kept a large request's peak for good, and a request that
+    // cannot be allocated must fail alone.
+    let Some(fx) = fixtures() else { return };
+    let small = json!({"inputs": ["Paris is the capital of France.", "Rome is in Italy."]});
+    let (status, tokens) = Server::start(&fx.tiny_pkg, &[]).post("/tokenize", &large_prompt());
+    assert_eq!(status, 200, "{tokens}");
+    let n = tokens[0].as_array().unwrap().len();
+    assert!((6000..8192).contains(&n), "{n} tokens");
+    let large = |extra: &[&str]| {
+        let server = Server::start(&fx.tiny_pkg, extra);
+        let pid = server.child.id();
+        for _ in 0..4 {
+            assert_eq!(server.post("/embed", &small).0, 200);
+        }
+        let before = status_mib(pid, "VmRSS");
+        let (status, v) = server.post("/embed", &large_prompt());
+        assert_eq!(status, 200, "{v}");
+        let (after, peak) = (status_mib(pid, "VmRSS"), status_mib(pid, "VmHWM"));
+        (server, before, after, peak)
+    };
+    // The default hands the arena's memory back when the run ends.
+    let (server, before, after, peak) = large(&[]);
+    eprintln!("default: VmRSS {before:.0} MiB before, {after:.0} after, peak {peak:.0}");
+    assert!(
+        peak > before + 1000.0,
+        "the request needed little memory: {peak:.0} MiB peak"
+    );
+    assert!(
+        after < before + 100.0,
+        "{before:.0} MiB before, {after:.0} after"
+    );
+    assert_eq!(server.post("/embed", &small).0, 200);
+    drop(server);
+    // --keep-cpu-arena keeps it: what the default is measured against.
+    let (kept, before, after, _) = large(&["--keep-cpu-arena"]);
+    eprintln!("--keep-cpu-arena: VmRSS {before:.0} MiB before, {after:.0} after");
+    assert!(
+        after > before + 1000.0,
+        "{before:.0} MiB before, {after:.0} after"
+    );
+    drop(kept);
+
+    // The same request with the process's data segment bounded to what it holds plus 512 MiB
+    // (prlimit on the running server): ONNX Runtime cannot allocate it. That request gets a JSON
+    // 500 naming the failure; requests before and after it are answered, and its memory is back.
+    let server = Server::start(&fx.tiny_pkg, &[]);
+    let pid = server.child.id();
+    assert_eq!(server.post("/embed", &small).0, 200);
+    let limit = ((status_mib(pid, "VmData") + 512.0) * 1024.0 * 1024.0) as u64;
+    let set = Command::new("prlimit")
+        .args(["--pid", &pid.to_string(), &format!("--data={limit}:")])
+        .status()
+        .expect("prlimit (util-linux) is needed to bound the server's memory");
+    assert!(set.success(), "prlimit failed");
+    let before = status_mib(pid, "VmRSS");
+    let (status, v) = server.post("/embed", &large_prompt());
+    assert_eq!(status, 500, "{v}");
+    let message = v["error"].as_str().unwrap_or_default().to_lowercase();
+    assert!(message.contains("alloc"), "{v}");
+    let after = status_mib(pid, "VmRSS");
+    eprintln!(
+        "under RLIMIT_DATA: VmRSS {before:.0} MiB before the failed request, {after:.0} after; {v}"
+    );
+    assert!(
+        after < before + 100.0,
+        "{before:.0} MiB before, {after:.0} after"
+    );
+    for _ in 0..3 {
+        let (status, v) = server.post("/embed", &small);
+        assert_eq!(status, 200, "{v}");
+    }
+    assert_eq!(server.get("/health").0, 200);
+    assert!(!server.log().contains("panicked"), "{}", server.log());
+}

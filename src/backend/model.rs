@@ -327,6 +327,10 @@ pub struct ModelOptions {
     pub batch_tokens: usize,
     /// The memory `auto` plans for on the CPU: detected by default ([`MemoryLimit`]).
     pub memory_limit: MemoryLimit,
+    /// Hand the free memory of ONNX Runtime's CPU arena back to the system after every run on
+    /// the CPU (on by default): without it the arena keeps one large batch's peak for the life of
+    /// the process (issue 24).
+    pub shrink_arena: bool,
 }
 
 impl Default for ModelOptions {
@@ -340,6 +344,7 @@ impl Default for ModelOptions {
             max_rows: 64,
             batch_tokens: 4096,
             memory_limit: MemoryLimit::Detect,
+            shrink_arena: true,
         }
     }
 }
@@ -361,6 +366,8 @@ setters!(ModelOptions {
     batch_tokens: usize,
     /// Sets the memory `auto` plans for on the CPU.
     memory_limit: MemoryLimit,
+    /// Turns returning the CPU arena's free memory after each run on or off.
+    shrink_arena: bool,
 });
 
 /// `$XDG_CACHE_HOME/icl-embed`, else `~/.cache/icl-embed`.
@@ -402,6 +409,23 @@ impl fmt::Debug for Prefix {
     }
 }
 
+/// Run options; with `shrink_arena`, ONNX Runtime frees the CPU arena's unused regions when each
+/// run ends. Without it, the arena grows to the largest run's peak and keeps it: the server on the
+/// tiny stand-in stayed at 2.1 GB after one 6.7k-token few-shot prompt, from 95 MB before
+/// (tests/server.rs, BENCHMARKS.md "Long inputs (issue 24)"). Only the CPU's: a GPU session's CPU
+/// allocator may not be an arena, and ONNX Runtime refuses the run when the named arena is absent.
+fn run_options(shrink_arena: bool) -> Result<RunOptions> {
+    let mut options = RunOptions::new().map_err(Error::runtime("cannot create run options"))?;
+    if shrink_arena {
+        options
+            .set("memory.enable_memory_arena_shrinkage", "cpu:0")
+            .map_err(Error::runtime(
+                "cannot set memory.enable_memory_arena_shrinkage",
+            ))?;
+    }
+    Ok(options)
+}
+
 /// Prefix-state names of a graph, and the empty states fed when there is no prefix.
 struct PastLayout {
     /// (`past.*` input, `present.*` output) per layer, key then value.
@@ -421,6 +445,10 @@ pub struct Model {
     /// Fetches only `output`: the `present.*` states a batch also produces are not kept to the end
     /// of the run, nor copied back from a GPU (10 GB per 78k tokens at bge-en-icl's 32 layers).
     pooled_only: RunOptions<HasSelectedOutputs>,
+    /// Fetches every output (a prefix's states).
+    all_outputs: RunOptions,
+    /// Whether runs shrink the CPU arena ([`run_options`]).
+    shrink_arena: bool,
     hidden: usize,
     normalize: bool,
     sliding_window: Option<usize>,
@@ -478,7 +506,9 @@ impl Model {
             };
             match runtime::session(&package.path(&spec.file), &shape, device, &settings) {
                 Ok(session) => {
-                    let mut model = Model::checked(package, &name, spec, session, device, notes)?;
+                    let shrink = options.shrink_arena && !device.is_gpu();
+                    let mut model =
+                        Model::checked(package, &name, spec, session, device, shrink, notes)?;
                     model.variant_reason = resolved.reason;
                     model.warning = resolved.warning;
                     return Ok(model);
@@ -500,6 +530,7 @@ impl Model {
         spec: &VariantSpec,
         session: Session,
         device: Device,
+        shrink_arena: bool,
         notes: Vec<String>,
     ) -> Result<Model> {
         let (inputs, output) = check_graph(package, name, spec, &session)?;
@@ -515,8 +546,8 @@ impl Model {
             }
         };
         let m = &package.manifest;
-        let pooled_only = RunOptions::new()
-            .map_err(Error::runtime("cannot create run options"))?
+        let all_outputs = run_options(shrink_arena)?;
+        let pooled_only = run_options(shrink_arena)?
             .with_outputs(OutputSelector::no_default().with(output.as_str()));
         Ok(Model {
             session,
@@ -526,6 +557,8 @@ impl Model {
             inputs,
             output,
             pooled_only,
+            all_outputs,
+            shrink_arena,
             hidden: m.architecture.hidden,
             normalize: m.normalize,
             sliding_window: m.architecture.sliding_window,

@@ -43,6 +43,11 @@ pub struct RuntimeArgs {
     /// on top of its key/value states (for comparison; the cache is on by default).
     #[arg(long)]
     pub no_prefix_cache: bool,
+    /// Keep ONNX Runtime's CPU memory arena at its largest batch's size instead of returning its
+    /// free memory to the system after each batch (the default; its cost was within the noise of
+    /// small requests, BENCHMARKS.md).
+    #[arg(long)]
+    pub keep_cpu_arena: bool,
 }
 
 impl RuntimeArgs {
@@ -59,5 +64,6 @@ impl RuntimeArgs {
             .cache_dir(self.cache_dir.clone())
             .prefix_cache(!self.no_prefix_cache)
             .memory_limit(self.memory_limit)
+            .shrink_arena(!self.keep_cpu_arena)
     }
 }
