@@ -62,12 +62,10 @@ fn to_py(e: Error) -> PyErr {
 fn detached<T: Send>(py: Python<'_>, f: impl FnOnce() -> Result<T, Error> + Send) -> PyResult<T> {
     py.detach(|| catch_unwind(AssertUnwindSafe(f)))
         .map_err(|panic| {
-            let what = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "a panic".into());
-            IclEmbedError::new_err(format!("internal error (please report it): {what}"))
+            let what = icl_embed::engine::run::panic_message(panic.as_ref());
+            IclEmbedError::new_err(format!(
+                "internal error (please report it): a panic: {what}"
+            ))
         })?
         .map_err(to_py)
 }

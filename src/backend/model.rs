@@ -132,10 +132,7 @@ fn absent_files(package: &Package) -> Error {
         .manifest
         .variants
         .iter()
-        .filter_map(|(name, v)| {
-            let file = v.files().into_iter().find(|f| !package.path(f).is_file())?;
-            Some(format!("{name} ({file})"))
-        })
+        .filter_map(|(name, v)| Some(format!("{name} ({})", package.missing_file(v)?)))
         .collect();
     Error::package(
         &package.dir,
@@ -172,11 +169,7 @@ pub fn auto_cpu_variant(package: &Package, fit: &CpuFit) -> Result<(String, Stri
     for name in order {
         let spec = &variants[name];
         if !package.variant_available(name) {
-            let file = spec
-                .files()
-                .into_iter()
-                .find(|f| !package.path(f).is_file())
-                .unwrap_or_default();
+            let file = package.missing_file(spec).unwrap_or_default();
             passed.push(format!("{name}: {file} is not in the package directory"));
             continue;
         }

@@ -201,12 +201,17 @@ impl<'a> Batches<'a> {
 
 /// The error of a batch whose run panicked.
 fn panicked(rows: usize, panic: Box<dyn Any + Send>) -> Error {
-    let why = panic
+    let why = panic_message(panic.as_ref());
+    Error::internal(format!("a batch of {rows} rows panicked: {why}"))
+}
+
+/// The message a caught panic carries (`panic!`'s text), or "no message".
+pub fn panic_message(panic: &(dyn Any + Send)) -> String {
+    panic
         .downcast_ref::<&str>()
         .map(|s| s.to_string())
         .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "no message".into());
-    Error::internal(format!("a batch of {rows} rows panicked: {why}"))
+        .unwrap_or_else(|| "no message".into())
 }
 
 impl Iterator for Batches<'_> {

@@ -362,7 +362,12 @@ impl Package {
         self.manifest
             .variants
             .get(name)
-            .is_some_and(|v| self.from_hub || v.files().iter().all(|f| self.path(f).is_file()))
+            .is_some_and(|v| self.from_hub || self.missing_file(v).is_none())
+    }
+
+    /// The first file of `spec` (relative to the package) that is not in the package directory.
+    pub fn missing_file(&self, spec: &VariantSpec) -> Option<String> {
+        spec.files().into_iter().find(|f| !self.path(f).is_file())
     }
 
     /// The files of variant `name`, relative to the package ([`VariantSpec::files`]).
