@@ -34,6 +34,14 @@ fn package_with(
     dst.to_path_buf()
 }
 
+/// smollm2's fp32 and int8 (fp32 about 540 MB, int8 about half that: room between them for a
+/// limit), its int8 marked unfaithful so that auto prefers fp32 where it fits, in `dst`.
+fn smollm2_with_unfaithful_int8(smollm2: &Path, dst: &Path) -> PathBuf {
+    package_with(smollm2, dst, &["fp32", "int8"], |m| {
+        m["variants"]["int8"]["quantization"]["selection"]["faithful"] = false.into();
+    })
+}
+
 /// The binary with `args`, its data segment limited to `limit` bytes.
 fn run_limited(limit: u64, args: &[&str]) -> Output {
     Command::new("bash")
@@ -105,11 +113,7 @@ fn a_local_package_without_fp32_files_runs_auto_on_int8() {
 fn a_memory_limit_the_process_runs_under_makes_auto_take_int8_or_refuse() {
     let Some(f) = fixtures() else { return };
     let dir = tempfile::tempdir().unwrap();
-    // smollm2 (135M parameters): fp32 about 540 MB, int8 about half that: room between them for
-    // a limit. Its int8 marked unfaithful, so that auto prefers fp32 where it fits.
-    let pkg = package_with(&f.smollm2_pkg, dir.path(), &["fp32", "int8"], |m| {
-        m["variants"]["int8"]["quantization"]["selection"]["faithful"] = false.into();
-    });
+    let pkg = smollm2_with_unfaithful_int8(&f.smollm2_pkg, dir.path());
     let pkg = pkg.to_str().unwrap();
     let input = dir.path().join("in.txt");
     std::fs::write(&input, "hello\nworld\n").unwrap();
@@ -307,9 +311,7 @@ fn a_cgroup_memory_limit_makes_auto_take_int8() {
         Err(why) => panic!("ICL_REQUIRE_CGROUP is set but no memory cgroup could be made: {why}"),
     };
     let dir = tempfile::tempdir().unwrap();
-    let pkg = package_with(&f.smollm2_pkg, dir.path(), &["fp32", "int8"], |m| {
-        m["variants"]["int8"]["quantization"]["selection"]["faithful"] = false.into();
-    });
+    let pkg = smollm2_with_unfaithful_int8(&f.smollm2_pkg, dir.path());
     let pkg = pkg.to_str().unwrap();
     let input = dir.path().join("in.txt");
     std::fs::write(&input, "hello\n").unwrap();
