@@ -1,5 +1,5 @@
-//! The model package: `embedder.json` (format `icl-embed/1`, described in `export/FORMAT.md`) and the
-//! files it names. Opening checks the manifest and the tokenizer; the files of a variant are
+//! The model package: `embedder.json` (formats `icl-embed/1` and `icl-embed/2`, described in
+//! `export/FORMAT.md`) and the files it names. Opening checks the manifest and the tokenizer; the files of a variant are
 //! checked when that variant is chosen ([`Package::check_variant`]), and only that variant's.
 //!
 //! Checksums: a variant's weights are 8 to 28 GB at full size, so they are hashed when a package is
@@ -19,8 +19,14 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
 
-/// The manifest format this runtime reads.
-pub const FORMAT: &str = "icl-embed/1";
+/// The manifest format new packages are written in: format 1 plus the prompt procedure, the
+/// default task and shortened vectors (export/FORMAT.md).
+pub const FORMAT: &str = "icl-embed/2";
+/// The first format (bge-en-icl packages made before format 2), still read: its prompt is
+/// `flagembedding-icl`, without a default task or shortened vectors.
+pub const FORMAT_1: &str = "icl-embed/1";
+/// Every manifest format this runtime reads.
+pub const FORMATS: [&str; 2] = [FORMAT_1, FORMAT];
 /// The manifest's file name inside a package.
 pub const MANIFEST_FILE: &str = "embedder.json";
 
@@ -36,6 +42,9 @@ pub struct Manifest {
     #[serde(default = "right")]
     pub padding_side: String,
     pub prompt: PromptTemplate,
+    /// Shortened vectors (format 2): `None` where the model is not trained for them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dimensions: Option<Dimensions>,
     pub special_tokens: SpecialTokens,
     pub max_length: MaxLength,
     pub clean_up_tokenization_spaces: bool,
@@ -66,14 +75,55 @@ pub struct Architecture {
     pub sliding_window: Option<usize>,
 }
 
-/// The prompt layout of export/REFERENCE.md section 2; placeholders `{task}`, `{query}`, `{instruct}`,
-/// `{response}`.
+/// How a query becomes token ids (`prompt.procedure`; format 1 has only the first).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Procedure {
+    /// bge-en-icl's (export/REFERENCE.md section 2): few-shot prefix, the query text truncated,
+    /// decoded and encoded again, a suffix.
+    #[default]
+    #[serde(rename = "flagembedding-icl")]
+    FlagEmbeddingIcl,
+    /// Qwen3-Embedding's and e5-mistral's: the instruction template filled with the task and the
+    /// query, tokenized once with special tokens and truncated to the limit; no examples.
+    Instruct,
+}
+
+impl Procedure {
+    /// The name the manifest uses.
+    pub fn name(self) -> &'static str {
+        match self {
+            Procedure::FlagEmbeddingIcl => "flagembedding-icl",
+            Procedure::Instruct => "instruct",
+        }
+    }
+}
+
+/// The query prompt: its procedure and templates, with placeholders `{task}`, `{query}`, and in
+/// the few-shot templates `{instruct}`, `{response}`. The few-shot fields (`example`,
+/// `example_separator`, `suffix`) belong to `flagembedding-icl` and are empty for `instruct`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PromptTemplate {
+    #[serde(default)]
+    pub procedure: Procedure,
     pub query: String,
+    /// The task used for queries when the caller gives none (format 2); without one such a query
+    /// is its raw text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_task: Option<String>,
+    #[serde(default)]
     pub example: String,
+    #[serde(default)]
     pub example_separator: String,
+    #[serde(default)]
     pub suffix: String,
+}
+
+/// Shortened vectors a Matryoshka-trained model allows: the first N components of the pooled
+/// vector, renormalised, for `min <= N <= hidden`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Dimensions {
+    pub min: usize,
 }
 
 /// Token ids the tokenizer adds around a text, and the padding id.
@@ -236,6 +286,94 @@ fn float32() -> String {
     "float32".to_string()
 }
 
+impl Manifest {
+    /// Refuses format 2's fields in a format 1 manifest: they would be read as format 2 and the
+    /// package is not what its format says.
+    fn check_format_2_fields(&self) -> std::result::Result<(), String> {
+        if self.format != FORMAT_1 {
+            return Ok(());
+        }
+        let found = [
+            (
+                self.prompt.procedure != Procedure::FlagEmbeddingIcl,
+                "prompt.procedure",
+            ),
+            (self.prompt.default_task.is_some(), "prompt.default_task"),
+            (self.dimensions.is_some(), "dimensions"),
+        ];
+        match found.iter().find(|(set, _)| *set) {
+            Some((_, field)) => Err(format!(
+                "{field} is a field of format {FORMAT:?}, but the manifest says {FORMAT_1:?}"
+            )),
+            None => Ok(()),
+        }
+    }
+
+    fn check_dimensions_spec(&self) -> std::result::Result<(), String> {
+        let hidden = self.architecture.hidden;
+        match self.dimensions {
+            Some(d) if d.min == 0 || d.min > hidden => Err(format!(
+                "dimensions.min is {}, outside 1..={hidden} (architecture.hidden)",
+                d.min
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Checks a request for vectors shortened to `n` components (`what` names the option in the
+    /// error: `--dimensions`, `dimensions`): the manifest must allow shortened vectors (`dimensions`)
+    /// and `n` lie in `min..=hidden`. The one place this is decided, for the CLI, the server and
+    /// the APIs.
+    pub fn check_dimensions(&self, n: usize, what: &str) -> Result<()> {
+        let hidden = self.architecture.hidden;
+        match self.dimensions {
+            None => Err(Error::input(
+                what,
+                "not supported: the model is not trained for shortened vectors (its package allows none); leave it out",
+            )),
+            Some(d) if n < d.min || n > hidden => Err(Error::input(
+                what,
+                format!(
+                    "{n} is outside {}..={hidden}, the shortened vectors this model allows",
+                    d.min
+                ),
+            )),
+            Some(_) => Ok(()),
+        }
+    }
+}
+
+impl PromptTemplate {
+    /// The templates' consistency with the procedure: every query template takes `{query}`;
+    /// `instruct` has no few-shot templates; `flagembedding-icl` has an example template.
+    fn check(&self) -> std::result::Result<(), String> {
+        if !self.query.contains("{query}") {
+            return Err(format!(
+                "prompt.query {:?} has no {{query}} placeholder",
+                self.query
+            ));
+        }
+        let few_shot = [
+            ("prompt.example", &self.example),
+            ("prompt.example_separator", &self.example_separator),
+            ("prompt.suffix", &self.suffix),
+        ];
+        match self.procedure {
+            Procedure::Instruct => match few_shot.iter().find(|(_, v)| !v.is_empty()) {
+                Some((field, _)) => Err(format!(
+                    "{field} is set, but the prompt procedure \"instruct\" takes no few-shot examples or suffix"
+                )),
+                None => Ok(()),
+            },
+            Procedure::FlagEmbeddingIcl if !self.example.contains("{query}") => Err(format!(
+                "prompt.example {:?} has no {{query}} placeholder (procedure \"flagembedding-icl\")",
+                self.example
+            )),
+            Procedure::FlagEmbeddingIcl => Ok(()),
+        }
+    }
+}
+
 /// The input names a graph may take; `input_ids` and `attention_mask` are required.
 pub const GRAPH_INPUTS: [&str; 3] = ["input_ids", "attention_mask", "position_ids"];
 
@@ -302,12 +440,17 @@ impl Package {
     fn check_manifest(&self) -> Result<()> {
         let m = &self.manifest;
         let fail = |reason: String| Err(Error::package(&self.dir, reason));
-        if m.format != FORMAT {
+        if !FORMATS.contains(&m.format.as_str()) {
             return fail(format!(
-                "manifest format is {:?}, this runtime reads {FORMAT:?}",
-                m.format
+                "manifest format is {:?}, this runtime reads {}",
+                m.format,
+                FORMATS.map(|f| format!("{f:?}")).join(" and ")
             ));
         }
+        m.check_format_2_fields()
+            .and_then(|()| m.prompt.check())
+            .and_then(|()| m.check_dimensions_spec())
+            .or_else(fail)?;
         if m.pooling != "last_token" {
             return fail(format!(
                 "pooling {:?} is not supported (only last_token)",
@@ -572,4 +715,145 @@ pub fn sha256_file(path: &Path) -> Result<String> {
         hasher.update(&buf[..n]);
     }
     Ok(hex(&hasher.finalize()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// A manifest as the exporter writes it, in `format`, with `prompt` and `extra` fields.
+    fn manifest(format: &str, prompt: serde_json::Value, extra: serde_json::Value) -> Manifest {
+        let mut m = json!({
+            "format": format,
+            "architecture": {"layers": 2, "hidden": 64, "heads": 4, "kv_heads": 2, "head_dim": 16,
+                             "vocab": 1000},
+            "pooling": "last_token", "normalize": true, "padding_side": "right",
+            "prompt": prompt,
+            "special_tokens": {"prepend": [1], "append": [2], "pad_id": 0},
+            "max_length": {"query": 512, "document": 512},
+            "clean_up_tokenization_spaces": false,
+            "tokenizer": {"file": "tokenizer.json", "sha256": "00"},
+            "variants": {"fp32": {"file": "fp32/model.onnx", "data": null, "dtype": "float32",
+                                  "inputs": ["input_ids", "attention_mask"], "output": "h",
+                                  "sha256": {}}},
+        });
+        for (k, v) in extra.as_object().into_iter().flatten() {
+            m[k] = v.clone();
+        }
+        serde_json::from_value(m).unwrap()
+    }
+
+    fn bge_prompt() -> serde_json::Value {
+        json!({"query": "<instruct>{task}\n<query>{query}",
+               "example": "<instruct>{instruct}\n<query>{query}\n<response>{response}",
+               "example_separator": "\n\n", "suffix": "\n<response>"})
+    }
+
+    fn instruct_prompt() -> serde_json::Value {
+        json!({"procedure": "instruct", "query": "Instruct: {task}\nQuery:{query}",
+               "default_task": "Given a web search query, retrieve relevant passages"})
+    }
+
+    fn check(m: Manifest) -> Result<()> {
+        let package = Package {
+            dir: PathBuf::from("pkg"),
+            manifest: m,
+            manifest_sha256: String::new(),
+            from_hub: false,
+        };
+        package.check_manifest()
+    }
+
+    #[test]
+    fn format_1_reads_as_before() {
+        let m = manifest(FORMAT_1, bge_prompt(), json!({}));
+        assert_eq!(m.prompt.procedure, Procedure::FlagEmbeddingIcl);
+        assert_eq!(
+            (m.prompt.default_task.as_deref(), m.dimensions),
+            (None, None)
+        );
+        assert_eq!(m.prompt.suffix, "\n<response>");
+        check(m.clone()).unwrap();
+        let err = m.check_dimensions(32, "--dimensions").unwrap_err();
+        assert!(err.is_input(), "{err}");
+        assert!(
+            err.to_string().starts_with("--dimensions: not supported"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn format_2_reads_procedure_default_task_and_dimensions() {
+        let m = manifest(
+            FORMAT,
+            instruct_prompt(),
+            json!({"dimensions": {"min": 32}}),
+        );
+        assert_eq!(m.prompt.procedure, Procedure::Instruct);
+        assert_eq!(
+            m.prompt.default_task.as_deref(),
+            Some("Given a web search query, retrieve relevant passages")
+        );
+        assert_eq!(m.dimensions, Some(Dimensions { min: 32 }));
+        assert_eq!(
+            (m.prompt.example.as_str(), m.prompt.suffix.as_str()),
+            ("", "")
+        );
+        check(m.clone()).unwrap();
+        m.check_dimensions(32, "dimensions").unwrap();
+        m.check_dimensions(64, "dimensions").unwrap();
+        for n in [31, 65, 0] {
+            let err = m.check_dimensions(n, "dimensions").unwrap_err().to_string();
+            assert!(
+                err.contains("dimensions: ") && err.contains("32..=64"),
+                "{err}"
+            );
+        }
+        let bge = manifest(FORMAT, bge_prompt(), json!({"dimensions": null}));
+        check(bge).unwrap();
+    }
+
+    #[test]
+    fn inconsistent_manifests_are_package_errors_naming_the_field() {
+        let mut no_query = instruct_prompt();
+        no_query["query"] = json!("Instruct: {task}");
+        let mut with_suffix = instruct_prompt();
+        with_suffix["suffix"] = json!("\n<response>");
+        let cases = [
+            (manifest(FORMAT, no_query, json!({})), "prompt.query"),
+            (manifest(FORMAT, with_suffix, json!({})), "prompt.suffix"),
+            (
+                manifest(FORMAT_1, instruct_prompt(), json!({})),
+                "prompt.procedure",
+            ),
+            (
+                manifest(FORMAT_1, bge_prompt(), json!({"dimensions": {"min": 8}})),
+                "dimensions",
+            ),
+            (
+                manifest(
+                    FORMAT,
+                    instruct_prompt(),
+                    json!({"dimensions": {"min": 65}}),
+                ),
+                "dimensions.min",
+            ),
+            (
+                manifest("icl-embed/3", bge_prompt(), json!({})),
+                "\"icl-embed/1\" and \"icl-embed/2\"",
+            ),
+        ];
+        for (m, field) in cases {
+            let err = check(m).unwrap_err().to_string();
+            assert!(err.contains(field), "{field}: {err}");
+        }
+    }
+
+    #[test]
+    fn unknown_procedure_is_refused_when_read() {
+        let m = json!({"procedure": "pooled", "query": "{query}"});
+        let err = serde_json::from_value::<PromptTemplate>(m).unwrap_err();
+        assert!(err.to_string().contains("instruct"), "{err}");
+    }
 }

@@ -1,6 +1,7 @@
 //! Prompt text for queries, exactly as FlagEmbedding's `ICLLLMEmbedder` builds it (export/REFERENCE.md
 //! section 2): the task instruction wraps each query, the few-shot examples form a prefix ending in
-//! the example separator, and a fixed suffix follows. Pure string functions, byte-for-byte.
+//! the example separator, and a fixed suffix follows. The `instruct` procedure uses the first part
+//! only (the instruction template). Pure string functions, byte-for-byte.
 
 use serde::{Deserialize, Serialize};
 
@@ -104,7 +105,9 @@ mod tests {
 
     fn template() -> PromptTemplate {
         PromptTemplate {
+            procedure: crate::package::Procedure::FlagEmbeddingIcl,
             query: "<instruct>{task}\n<query>{query}".into(),
+            default_task: None,
             example: "<instruct>{instruct}\n<query>{query}\n<response>{response}".into(),
             example_separator: "\n\n".into(),
             suffix: "\n<response>".into(),

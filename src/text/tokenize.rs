@@ -1,14 +1,16 @@
 //! Token ids exactly as the reference produces them (export/REFERENCE.md section 2). Documents: the text with
-//! the tokenizer's special tokens, truncated. Queries: the instruction-wrapped text is truncated,
-//! decoded back to a string (special tokens kept, transformers' clean-up applied when the tokenizer
-//! asks for it), then prefix + decoded + suffix is tokenized again with special tokens. That
-//! decode/re-encode round trip is not an identity for every tokenizer; it is replicated, not fixed,
-//! because the model was trained on it.
+//! the tokenizer's special tokens, truncated. Queries, by the package's prompt procedure:
+//! `flagembedding-icl` (bge-en-icl) truncates the instruction-wrapped text, decodes it back to a
+//! string (special tokens kept, transformers' clean-up applied when the tokenizer asks for it),
+//! then tokenizes prefix + decoded + suffix again with special tokens. That decode/re-encode round
+//! trip is not an identity for every tokenizer; it is replicated, not fixed, because the model was
+//! trained on it. `instruct` (Qwen3-Embedding, e5-mistral) tokenizes the instruction-wrapped text
+//! once, as documents are.
 
 use std::path::Path;
 
 use crate::error::{Error, Result};
-use crate::package::{PromptTemplate, SpecialTokens};
+use crate::package::{Procedure, PromptTemplate, SpecialTokens};
 use crate::text::cut::{Added, CutRule};
 use crate::text::prompt::Example;
 
@@ -243,17 +245,18 @@ fn check_max_length(max_length: usize, at_least: usize) -> Result<()> {
     Ok(())
 }
 
-/// Everything about a query prompt that does not depend on the query: the few-shot prefix and
-/// the suffix, with the two length limits the reference derives from them.
+/// Everything about a query prompt that does not depend on the query: the task in effect (the
+/// caller's, else the package's default), and for `flagembedding-icl` the few-shot prefix and the
+/// suffix with the two length limits the reference derives from them.
 #[derive(Debug, Clone)]
 pub struct QueryPrompt {
     task: Option<String>,
     template: PromptTemplate,
-    /// Few-shot prefix text ("" without examples).
+    /// Few-shot prefix text ("" without examples, and always for `instruct`).
     pub prefix: String,
     /// Ids of the prefix alone, without special tokens.
     pub prefix_ids: Vec<u32>,
-    /// Limit on the query text's own ids (before the decode step).
+    /// Limit on the query text's own ids (before the decode step of `flagembedding-icl`).
     pub text_max: usize,
     /// Limit on the whole prompt's ids, special tokens included.
     pub total_max: usize,
@@ -262,8 +265,31 @@ pub struct QueryPrompt {
 }
 
 impl QueryPrompt {
-    /// Prepares the prompt for `task` and `examples` with the reference's `max_length`.
+    /// Prepares the prompt for `task` (the template's `default_task` when `None`) and `examples`
+    /// with the reference's `max_length`, by the template's procedure. The `instruct` procedure
+    /// refuses examples.
     pub fn new(
+        tokenizer: &TextTokenizer,
+        template: &PromptTemplate,
+        task: Option<&str>,
+        examples: &[Example],
+        max_length: usize,
+    ) -> Result<QueryPrompt> {
+        let task = task.or(template.default_task.as_deref());
+        let mut prompt = match template.procedure {
+            Procedure::FlagEmbeddingIcl => {
+                QueryPrompt::few_shot(tokenizer, template, task, examples, max_length)?
+            }
+            Procedure::Instruct => {
+                QueryPrompt::instruct(tokenizer, template, task, examples, max_length)?
+            }
+        };
+        prompt.shared = prompt.find_shared_prefix(tokenizer)?;
+        Ok(prompt)
+    }
+
+    /// FlagEmbedding's few-shot prompt: the prefix of the examples, and its two limits.
+    fn few_shot(
         tokenizer: &TextTokenizer,
         template: &PromptTemplate,
         task: Option<&str>,
@@ -280,7 +306,7 @@ impl QueryPrompt {
             .len();
         check_max_length(max_length, len_1 + len_2 + 1)?;
         let total_max = (prefix_ids.len() + suffix_len + max_length + 8) / 8 * 8 + 8;
-        let mut prompt = QueryPrompt {
+        Ok(QueryPrompt {
             task: task.map(str::to_string),
             template: template.clone(),
             prefix,
@@ -288,21 +314,62 @@ impl QueryPrompt {
             text_max: max_length - len_1 - len_2,
             total_max,
             shared: None,
-        };
-        prompt.shared = prompt.find_shared_prefix(tokenizer)?;
-        Ok(prompt)
+        })
+    }
+
+    /// The instruction prompt: the filled template with the special tokens, at most `max_length`
+    /// ids in all (transformers' `truncation=True, max_length=N`).
+    fn instruct(
+        tokenizer: &TextTokenizer,
+        template: &PromptTemplate,
+        task: Option<&str>,
+        examples: &[Example],
+        max_length: usize,
+    ) -> Result<QueryPrompt> {
+        if !examples.is_empty() {
+            return Err(Error::input(
+                "examples",
+                "this package's prompt procedure `instruct` takes no few-shot examples; leave them out",
+            ));
+        }
+        check_max_length(max_length, tokenizer.special_count() + 1)?;
+        Ok(QueryPrompt {
+            task: task.map(str::to_string),
+            template: template.clone(),
+            prefix: String::new(),
+            prefix_ids: Vec::new(),
+            text_max: max_length - tokenizer.special_count(),
+            total_max: max_length,
+            shared: None,
+        })
+    }
+
+    /// The task in effect: the one the prompt was made with, else the package's default task.
+    pub fn task(&self) -> Option<&str> {
+        self.task.as_deref()
+    }
+
+    /// The query texts before truncation: each query in the instruction template when a task is
+    /// in effect, else the query itself.
+    pub fn query_texts(&self, queries: &[&str]) -> Vec<String> {
+        queries
+            .iter()
+            .map(|q| self.template.query_text(self.task(), q))
+            .collect()
     }
 
     /// The leading ids that every query of this prompt starts with and that a prefix cache may
-    /// compute once, or `None` without few-shot examples (or when they would cover only the special
-    /// tokens). Decided once, when the prompt is made.
+    /// compute once, or `None` when nothing but special tokens is shared: `flagembedding-icl`
+    /// without few-shot examples, `instruct` without a task. Decided once, when the prompt is
+    /// made.
     pub fn shared_prefix(&self) -> Option<&[u32]> {
         self.shared.as_deref()
     }
 
     /// Each candidate ([`QueryPrompt::candidate_prefixes`]) is cut to what a probe query's ids
     /// share with it (a tokenizer may merge the prefix's last tokens with the query's first:
-    /// smollm2's byte-level BPE splits a closing "\n\n" differently when text follows it), and the
+    /// smollm2's byte-level BPE splits a closing "\n\n" differently when text follows it, Qwen's
+    /// pre-tokenizer keeps "Query:" apart from "Query" only when a letter follows), and the
     /// longest cut wins. The probe, not the input, decides, so the choice is the same for every
     /// chunk of a run, for a resumed one and for every request of a server.
     fn find_shared_prefix(&self, tokenizer: &TextTokenizer) -> Result<Option<Vec<u32>>> {
@@ -322,17 +389,23 @@ impl QueryPrompt {
         Ok((best > tokenizer.prepend.len()).then(|| probe[..best].to_vec()))
     }
 
-    /// Query-independent leading ids worth computing once (the prefix cache), longest first: the
-    /// wrapped prefix plus the instruction part of the query text, then the wrapped prefix alone.
-    /// Empty without few-shot examples. A caller must still check that a query's ids start with the
-    /// one it uses: a tokenizer may merge tokens across the boundary.
+    /// Query-independent leading ids worth computing once (the prefix cache), longest first. For
+    /// `flagembedding-icl`: the wrapped prefix plus the instruction part of the query text, then
+    /// the wrapped prefix alone; none without few-shot examples. For `instruct`: the special
+    /// tokens and the template filled with the task and an empty query; none without a task. A
+    /// caller must still check that a query's ids start with the one it uses: a tokenizer may
+    /// merge tokens across the boundary.
     fn candidate_prefixes(&self, tokenizer: &TextTokenizer) -> Result<Vec<Vec<u32>>> {
-        if self.prefix_ids.is_empty() {
-            return Ok(Vec::new());
-        }
-        let head = self.template.query_text(self.task.as_deref(), "");
+        let head = self.template.query_text(self.task(), "");
+        let texts = match self.template.procedure {
+            Procedure::Instruct if self.task.is_some() => vec![head],
+            Procedure::FlagEmbeddingIcl if !self.prefix_ids.is_empty() => {
+                vec![format!("{}{head}", self.prefix), self.prefix.clone()]
+            }
+            _ => Vec::new(),
+        };
         let mut out = Vec::new();
-        for text in [format!("{}{head}", self.prefix), self.prefix.clone()] {
+        for text in texts {
             let mut ids = tokenizer.prepend.clone();
             ids.extend(tokenizer.encode_plain(&text)?);
             if !out.contains(&ids) {
@@ -342,36 +415,165 @@ impl QueryPrompt {
         Ok(out)
     }
 
-    /// Final ids of each query.
+    /// Final ids of each query. `instruct`: the query text truncated, wrapped in the special
+    /// tokens. `flagembedding-icl`: the query text truncated, decoded, put between the prefix and
+    /// the suffix and tokenized again.
     pub fn ids(&self, tokenizer: &TextTokenizer, queries: &[&str]) -> Result<Vec<Vec<u32>>> {
-        let texts: Vec<String> = queries
-            .iter()
-            .map(|q| self.template.query_text(self.task.as_deref(), q))
-            .collect();
+        let texts = self.query_texts(queries);
         let plain = tokenizer.encode_plain_head(
             &texts.iter().map(String::as_str).collect::<Vec<_>>(),
             self.text_max,
         )?;
+        let full = match self.template.procedure {
+            Procedure::Instruct => plain,
+            Procedure::FlagEmbeddingIcl => self.decode_and_encode(tokenizer, &plain)?,
+        };
+        Ok(full
+            .iter()
+            .map(|ids| tokenizer.wrap(ids, self.total_max))
+            .collect())
+    }
+
+    /// FlagEmbedding's round trip: each truncated query decoded, between prefix and suffix, and
+    /// tokenized again (without special tokens).
+    fn decode_and_encode(
+        &self,
+        tokenizer: &TextTokenizer,
+        plain: &[Vec<u32>],
+    ) -> Result<Vec<Vec<u32>>> {
         let mut prompts = Vec::with_capacity(plain.len());
-        for ids in &plain {
+        for ids in plain {
             let decoded = tokenizer.decode(ids)?;
             prompts.push(format!(
                 "{}{}{}",
                 self.prefix, decoded, self.template.suffix
             ));
         }
-        let full = tokenizer
-            .encode_plain_batch(&prompts.iter().map(String::as_str).collect::<Vec<_>>())?;
-        Ok(full
-            .iter()
-            .map(|ids| tokenizer.wrap(ids, self.total_max))
-            .collect())
+        tokenizer.encode_plain_batch(&prompts.iter().map(String::as_str).collect::<Vec<_>>())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::package::Procedure;
+
+    /// A word-level tokenizer (whitespace and punctuation split, unknown words id 0) with `<s>` 1
+    /// and `</s>` 2 around every text, in a file of its own.
+    fn word_tokenizer(name: &str) -> TextTokenizer {
+        let words = [
+            "[UNK]", "<s>", "</s>", "Instruct", ":", "Query", "find", "it", "what", "is", "a", "b",
+            "c", "d", "e", "f", "default", "task",
+        ];
+        let vocab: serde_json::Map<String, serde_json::Value> = words
+            .iter()
+            .enumerate()
+            .map(|(i, w)| (w.to_string(), i.into()))
+            .collect();
+        let json = serde_json::json!({
+            "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+            "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null,
+            "decoder": null, "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"},
+        });
+        let dir = std::env::temp_dir().join(format!("icl-tok-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("tokenizer.json");
+        std::fs::write(&path, json.to_string()).unwrap();
+        let specials = SpecialTokens {
+            prepend: vec![1],
+            append: vec![2],
+            pad_id: 0,
+            added: Default::default(),
+        };
+        let tokenizer = TextTokenizer::from_file(&path, &specials, false).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        tokenizer
+    }
+
+    fn instruct_template(default_task: Option<&str>) -> PromptTemplate {
+        PromptTemplate {
+            procedure: Procedure::Instruct,
+            query: "Instruct: {task}\nQuery: {query}".into(),
+            default_task: default_task.map(str::to_string),
+            example: String::new(),
+            example_separator: String::new(),
+            suffix: String::new(),
+        }
+    }
+
+    #[test]
+    fn instruct_ids_are_one_encoding_with_special_tokens() {
+        let tok = word_tokenizer("one");
+        let prompt =
+            QueryPrompt::new(&tok, &instruct_template(None), Some("find it"), &[], 64).unwrap();
+        let ids = prompt.ids(&tok, &["what is a", "b"]).unwrap();
+        for (row, q) in ids.iter().zip(["what is a", "b"]) {
+            let mut want = vec![1];
+            want.extend(
+                tok.encode_plain(&format!("Instruct: find it\nQuery: {q}"))
+                    .unwrap(),
+            );
+            want.push(2);
+            assert_eq!(row, &want);
+        }
+        // The instruction is shared by every query, and computed once by a prefix cache.
+        let shared = prompt.shared_prefix().expect("an instruction prefix");
+        assert_eq!(shared, &[1, 3, 4, 6, 7, 5, 4]);
+        assert!(ids.iter().all(|r| r.starts_with(shared)));
+    }
+
+    #[test]
+    fn instruct_truncation_keeps_the_end_token() {
+        let tok = word_tokenizer("cut");
+        let prompt =
+            QueryPrompt::new(&tok, &instruct_template(None), Some("find it"), &[], 10).unwrap();
+        let ids = prompt.ids(&tok, &["a b c d e f"]).unwrap().remove(0);
+        assert_eq!(ids, [1, 3, 4, 6, 7, 5, 4, 10, 11, 2]);
+        assert_eq!((prompt.text_max, prompt.total_max), (8, 10));
+        let err = QueryPrompt::new(&tok, &instruct_template(None), None, &[], 2).unwrap_err();
+        assert!(err.to_string().contains("--max-length"), "{err}");
+    }
+
+    #[test]
+    fn instruct_refuses_examples_and_applies_the_default_task() {
+        let tok = word_tokenizer("default");
+        let template = instruct_template(Some("default task"));
+        let err =
+            QueryPrompt::new(&tok, &template, None, &[Example::new("q", "r")], 64).unwrap_err();
+        assert!(err.is_input(), "{err}");
+        assert!(
+            err.to_string()
+                .contains("`instruct` takes no few-shot examples"),
+            "{err}"
+        );
+        let by_default = QueryPrompt::new(&tok, &template, None, &[], 64).unwrap();
+        let given = QueryPrompt::new(&tok, &template, Some("default task"), &[], 64).unwrap();
+        assert_eq!(by_default.task(), Some("default task"));
+        assert_eq!(
+            by_default.ids(&tok, &["what"]).unwrap(),
+            given.ids(&tok, &["what"]).unwrap()
+        );
+        // Without any task a query is its raw text, and nothing but `<s>` is shared.
+        let raw = QueryPrompt::new(&tok, &instruct_template(None), None, &[], 64).unwrap();
+        assert_eq!(raw.ids(&tok, &["what is"]).unwrap(), [vec![1, 8, 9, 2]]);
+        assert_eq!(raw.shared_prefix(), None);
+    }
+
+    #[test]
+    fn few_shot_prompt_takes_the_default_task_and_shares_nothing_without_examples() {
+        let tok = word_tokenizer("fewshot");
+        let template = PromptTemplate {
+            procedure: Procedure::FlagEmbeddingIcl,
+            query: "Instruct: {task}\nQuery: {query}".into(),
+            default_task: Some("default task".into()),
+            example: "{instruct} {query} {response}".into(),
+            example_separator: "\n".into(),
+            suffix: "\n".into(),
+        };
+        let prompt = QueryPrompt::new(&tok, &template, None, &[], 64).unwrap();
+        assert_eq!(prompt.task(), Some("default task"));
+        assert_eq!(prompt.shared_prefix(), None);
+    }
 
     #[test]
     fn clean_up_follows_transformers_order() {
