@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use ndarray::Array2;
 
+use crate::backend::pooling::shorten;
 use crate::backend::runtime::Device;
 use crate::backend::{MemoryLimit, Model, ModelOptions, Variant};
 use crate::engine::plan::{self, BatchLimits};
@@ -83,8 +84,9 @@ impl Encoder {
         )
     }
 
-    /// The query prompt for a task and its few-shot examples: made once, used for any number of
-    /// queries ([`Encoder::queries`], [`Embedder::embed_queries`]).
+    /// The query prompt for a task (the package's default task when `None`) and its few-shot
+    /// examples (refused by the `instruct` procedure): made once, used for any number of queries
+    /// ([`Encoder::queries`], [`Embedder::embed_queries`]).
     pub fn query_prompt(
         &self,
         task: Option<&str>,
@@ -159,6 +161,11 @@ pub struct EmbedderOptions {
     /// Return ONNX Runtime's free CPU arena memory to the system after each batch (on by
     /// default; see [`ModelOptions::shrink_arena`]).
     pub shrink_arena: bool,
+    /// Shortened vectors: every row this embedder returns is the first N components of the
+    /// pooled vector, renormalised ([`crate::shorten`]); the package must allow N
+    /// ([`crate::Manifest::check_dimensions`]). `None` (the default): the whole vector. To shorten
+    /// per call instead, apply [`crate::shorten`] to the rows returned.
+    pub dimensions: Option<usize>,
 }
 
 impl Default for EmbedderOptions {
@@ -177,6 +184,7 @@ impl Default for EmbedderOptions {
             prefix_cache_entries: None,
             memory_limit: MemoryLimit::Detect,
             shrink_arena: true,
+            dimensions: None,
         }
     }
 }
@@ -208,6 +216,8 @@ setters!(EmbedderOptions {
     memory_limit: MemoryLimit,
     /// Turns returning the CPU arena's free memory after each batch on or off.
     shrink_arena: bool,
+    /// Sets the length of shortened vectors.
+    dimensions: Option<usize>,
 });
 
 /// Makes a variant's files present (the hub client for a hub package; nothing for a directory).
@@ -240,6 +250,7 @@ pub struct Embedder {
     max_length: Option<usize>,
     use_prefix_cache: bool,
     prefixes: PrefixStore,
+    dimensions: Option<usize>,
 }
 
 impl Embedder {
@@ -264,6 +275,8 @@ impl Embedder {
                 (Package::open(model)?, Box::new(|_: &str| Ok(())))
             };
         let encoder = Encoder::from_package(package)?;
+        // Before the model loads: a refused length costs no load.
+        check_dimensions(&encoder, options.dimensions)?;
         let limits = BatchLimits::default_for(options.device);
         let model_options = ModelOptions::default()
             .variant(options.variant.clone())
@@ -276,13 +289,19 @@ impl Embedder {
             .memory_limit(options.memory_limit)
             .shrink_arena(options.shrink_arena);
         let model = Model::load(encoder.package(), &model_options, &mut fetch)?;
-        Ok(Embedder::from_parts(encoder, model, options))
+        Embedder::from_parts(encoder, model, options)
     }
 
-    /// An embedder from a loaded encoder and model (the same package).
-    pub fn from_parts(encoder: Encoder, model: Model, options: &EmbedderOptions) -> Embedder {
+    /// An embedder from a loaded encoder and model (the same package); refuses `dimensions` the
+    /// package does not allow.
+    pub fn from_parts(
+        encoder: Encoder,
+        model: Model,
+        options: &EmbedderOptions,
+    ) -> Result<Embedder> {
+        check_dimensions(&encoder, options.dimensions)?;
         let default = BatchLimits::default_for(model.device());
-        Embedder {
+        Ok(Embedder {
             encoder,
             model,
             limits: BatchLimits::new(
@@ -292,7 +311,14 @@ impl Embedder {
             max_length: options.max_length,
             use_prefix_cache: options.prefix_cache,
             prefixes: PrefixStore::new(options.prefix_cache_bytes, options.prefix_cache_entries),
-        }
+            dimensions: options.dimensions,
+        })
+    }
+
+    /// Components of every row this embedder returns: its `dimensions`, else the model's hidden
+    /// size.
+    pub fn width(&self) -> usize {
+        self.dimensions.unwrap_or(self.model.hidden())
     }
 
     /// The tokenizer side.
@@ -320,7 +346,8 @@ impl Embedder {
         self.model.notes()
     }
 
-    /// Embeddings of documents, in input order, one row each: `[texts.len(), hidden]`.
+    /// Embeddings of documents, in input order, one row each: `[texts.len(), width]`
+    /// ([`Embedder::width`]).
     pub fn embed_documents(&mut self, texts: &[&str]) -> Result<Array2<f32>> {
         let ids = self.encoder.documents(texts, self.max_length)?;
         self.embed_ids(&ids, None, &mut |_| {})
@@ -332,8 +359,9 @@ impl Embedder {
         self.encoder.query_prompt(task, examples, self.max_length)
     }
 
-    /// Embeddings of queries under `prompt`, in input order. With few-shot examples (and a variant
-    /// that supports it) the shared prefix is computed once and the queries on top of its states.
+    /// Embeddings of queries under `prompt`, in input order. With a shared prefix (few-shot
+    /// examples, or an `instruct` prompt's instruction) and a variant that supports it, the prefix
+    /// is computed once and the queries on top of its states.
     pub fn embed_queries(&mut self, prompt: &QueryPrompt, texts: &[&str]) -> Result<Array2<f32>> {
         let ids = self.encoder.queries(prompt, texts)?;
         let prefix = self.cached_prefix(prompt).map(<[u32]>::to_vec);
@@ -341,7 +369,8 @@ impl Embedder {
     }
 
     /// The leading ids of `prompt`'s queries that this embedder computes once, or `None` when the
-    /// cache does not apply: turned off, a graph without prefix states, or no few-shot examples.
+    /// cache does not apply: turned off, a graph without prefix states, or nothing shared
+    /// ([`QueryPrompt::shared_prefix`]).
     pub fn cached_prefix<'p>(&self, prompt: &'p QueryPrompt) -> Option<&'p [u32]> {
         if self.use_prefix_cache && self.model.supports_prefix() {
             prompt.shared_prefix()
@@ -385,26 +414,31 @@ impl Embedder {
             model,
             limits,
             prefixes,
+            dimensions,
             ..
         } = self;
         let held = match used {
             Some(p) => Some(prefixes.get(p, |ids| model.prefix(ids))?),
             None => None,
         };
-        let (pad_id, hidden) = (encoder.pad_id(), model.hidden());
+        let (pad_id, dimensions) = (encoder.pad_id(), *dimensions);
+        let width = dimensions.unwrap_or(model.hidden());
         let run = move |rows: &[usize]| {
             let states = held.as_ref().map(|h| prefixes.states(h));
             let (vectors, on_prefix) = run_rows(model, ids, rows, states, pad_id)?;
             if counted {
                 prefixes.count_rows(rows.len(), on_prefix);
             }
-            Ok((vectors, on_prefix))
+            Ok(match dimensions {
+                Some(n) => (shorten(&vectors, n), on_prefix),
+                None => (vectors, on_prefix),
+            })
         };
         Ok(Batches::with_runner(
             ids,
             used,
             *limits,
-            hidden,
+            width,
             Box::new(run),
         ))
     }
@@ -412,5 +446,13 @@ impl Embedder {
     /// What the prefix cache did so far.
     pub fn prefix_stats(&self) -> &PrefixStats {
         self.prefixes.stats()
+    }
+}
+
+/// Refuses shortened vectors the package does not allow (the Rust API's `dimensions` option).
+fn check_dimensions(encoder: &Encoder, dimensions: Option<usize>) -> Result<()> {
+    match dimensions {
+        Some(n) => encoder.package().manifest.check_dimensions(n, "dimensions"),
+        None => Ok(()),
     }
 }

@@ -55,14 +55,15 @@ pub mod package;
 pub mod text;
 
 pub use backend::{
-    auto_cpu_variant, cpu_preference, default_cache_dir, CpuFit, Device, MemoryLimit, Model,
-    ModelOptions, Prefix, Resolved, Variant,
+    auto_cpu_variant, cpu_preference, default_cache_dir, shorten, CpuFit, Device, MemoryLimit,
+    Model, ModelOptions, Prefix, Resolved, Variant,
 };
 pub use corpus::input::read_examples;
 pub use embedder::{Embedder, EmbedderOptions, Encoder, DEFAULT_PREFIX_CACHE_BYTES};
 pub use engine::{Batch, BatchLimits, Batches, Failed, Finished, PrefixStats, PrefixStore};
 pub use error::{Error, Result};
 pub use package::{
-    is_repo_id, locate, Architecture, Manifest, Package, Stamps, VariantSpec, MANIFEST_FILE,
+    is_repo_id, locate, Architecture, Dimensions, Manifest, Package, Procedure, PromptTemplate,
+    Stamps, VariantSpec, MANIFEST_FILE,
 };
 pub use text::{Example, QueryPrompt, TextTokenizer};

@@ -8,4 +8,5 @@ pub mod runtime;
 
 pub use memory::MemoryLimit;
 pub use model::*;
+pub use pooling::shorten;
 pub use runtime::Device;

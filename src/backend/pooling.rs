@@ -1,8 +1,8 @@
-//! Last-token pooling and L2 normalisation, in f32 whatever the graph's output dtype. Rows are
-//! right-padded, so a row's last real token sits at `length - 1`; a row of length 0 has no token
-//! to pool and is refused before the graph runs ([`crate::Model::forward`]).
+//! Last-token pooling and L2 normalisation, in f32 whatever the graph's output dtype, and shortened
+//! vectors. Rows are right-padded, so a row's last real token sits at `length - 1`; a row of
+//! length 0 has no token to pool and is refused before the graph runs ([`crate::Model::forward`]).
 
-use ndarray::Array2;
+use ndarray::{s, Array2};
 
 /// The hidden state at `length - 1` of each row of a `[rows, seq, hidden]` tensor, as f32:
 /// `[rows, hidden]`. Every length must be at least 1.
@@ -36,6 +36,17 @@ pub(crate) fn normalize_rows(rows: &mut Array2<f32>) {
     }
 }
 
+/// Shortened vectors (Matryoshka): the first `n` components of each pooled row, scaled to unit
+/// length again; `n` at or over the row length keeps the row whole, normalised. Normalising before
+/// or not changes nothing, as scaling a row scales its first `n` components alike. Check `n`
+/// against the package first ([`crate::Manifest::check_dimensions`]).
+pub fn shorten(rows: &Array2<f32>, n: usize) -> Array2<f32> {
+    let n = n.min(rows.ncols());
+    let mut out = rows.slice(s![.., ..n]).to_owned();
+    normalize_rows(&mut out);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -55,6 +66,23 @@ mod tests {
             .map(|&x| half::f16::from_f32(x))
             .collect();
         assert_eq!(last_token(&data, 1, 2, &[1]), array![[0.5, -2.0]]);
+    }
+
+    #[test]
+    fn shorten_keeps_the_first_components_renormalised() {
+        let close = |a: &Array2<f32>, b: &Array2<f32>| {
+            a.dim() == b.dim() && a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-6)
+        };
+        let full = array![[0.6f32, 0.0, 0.8, 0.0], [0.5, 0.5, 0.5, 0.5]];
+        assert!(close(&shorten(&full, 1), &array![[1.0], [1.0]]));
+        let half = 0.5f32.sqrt();
+        assert!(close(&shorten(&full, 2), &array![[1.0, 0.0], [half, half]]));
+        assert!(close(
+            &shorten(&(full.clone() * 5.0), 3),
+            &shorten(&full, 3)
+        ));
+        assert!(close(&shorten(&full, 4), &full));
+        assert_eq!(shorten(&full, 9).ncols(), 4);
     }
 
     #[test]

@@ -13,7 +13,7 @@ use icl_embed::corpus::output::OutputFormat;
 use icl_embed::corpus::run::{
     self as corpus, Progress, RunOptions, RunSettings, Shard, Source, Summary,
 };
-use icl_embed::{Embedder, Example, PrefixStats, QueryPrompt};
+use icl_embed::{Embedder, Example, Package, PrefixStats, QueryPrompt};
 
 use super::runtime::RuntimeArgs;
 use super::text::TextArgs;
@@ -28,6 +28,10 @@ pub struct EmbedArgs {
     output: PathBuf,
     #[arg(long, default_value = "auto")]
     output_format: OutputFormat,
+    /// Shortened vectors: the first N components of each, renormalised, for models trained for
+    /// them (the package's manifest says which N; `icl-embed info` shows the range).
+    #[arg(long, value_name = "N")]
+    dimensions: Option<usize>,
     #[command(flatten)]
     runtime: RuntimeArgs,
     /// Take every N-th record starting at K (`K/N`), for job arrays; `merge` joins the outputs.
@@ -53,8 +57,12 @@ pub fn run(args: EmbedArgs) -> Result<()> {
     let source = check_paths(&args)?;
     // Before the model loads, so that a second run on the same output is refused at once.
     let lock = OutputLock::acquire(&args.output)?;
-    let options = args.runtime.options(args.text.max_length);
+    let options = args
+        .runtime
+        .options(args.text.max_length)
+        .dimensions(args.dimensions);
     let examples = args.text.examples()?;
+    check_dimensions(&args)?;
     let mut embedder = Embedder::new(&args.text.model, &options)?;
     if let Some(warning) = embedder.model().memory_warning() {
         eprintln!("warning: {warning}");
@@ -87,6 +95,15 @@ pub fn run(args: EmbedArgs) -> Result<()> {
         if let Some(line) = prefix_cache_line(embedder.prefix_stats(), &cached_prefix) {
             eprintln!("{line}");
         }
+    }
+    Ok(())
+}
+
+/// Before the model loads: refuses `--dimensions` the package does not allow.
+fn check_dimensions(args: &EmbedArgs) -> Result<()> {
+    if let Some(n) = args.dimensions {
+        let package = Package::open(icl_embed::locate(&args.text.model)?)?;
+        package.manifest.check_dimensions(n, "--dimensions")?;
     }
     Ok(())
 }
@@ -210,6 +227,7 @@ fn run_settings(
         skip_invalid: args.skip_invalid,
         output_format: format!("{format:?}"),
         prefix_cache,
+        dimensions: args.dimensions,
     }
 }
 

@@ -38,6 +38,7 @@ pub(super) struct State {
     settings: String,
     input_size: u64,
     input_sha256: String,
+    /// Components per row: the model's hidden size, or the shortened length (`--dimensions`).
     hidden: usize,
     committed: Committed,
     /// Batches of the current chunk already in the pending file, and its length.

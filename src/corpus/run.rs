@@ -64,6 +64,11 @@ pub struct RunSettings {
     /// Whether queries run on a cached prefix: it changes the batch plan a resumed run must repeat.
     #[serde(default)]
     pub prefix_cache: bool,
+    /// Shortened vectors (`--dimensions`; the embedder's [`crate::EmbedderOptions::dimensions`]):
+    /// a resumed run with another length is refused. Left out of the fingerprint when `None`, so
+    /// that runs begun before the option resume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dimensions: Option<usize>,
 }
 
 impl RunSettings {
@@ -159,7 +164,8 @@ fn run_inner(embedder: &mut Embedder, options: RunOptions<'_>, paths: &Paths) ->
         warn,
         ..
     } = options;
-    let hidden = embedder.model().hidden();
+    // Components per row: shortened vectors (`--dimensions`) are journaled and written as such.
+    let hidden = embedder.width();
     let prefix: Option<Vec<u32>> = prompt
         .and_then(|p| embedder.cached_prefix(p))
         .map(<[u32]>::to_vec);
@@ -293,7 +299,7 @@ fn embed_chunk(
     done: HashMap<usize, Array2<f32>>,
     on_batch: &mut dyn FnMut(&Finished, usize) -> Result<()>,
 ) -> Result<Array2<f32>> {
-    let mut rows = Array2::<f32>::zeros((ids.len(), embedder.model().hidden()));
+    let mut rows = Array2::<f32>::zeros((ids.len(), embedder.width()));
     let mut finished_rows = 0;
     let mut batches = embedder.batches(ids, prefix)?.resume(done);
     for finished in batches.by_ref() {
