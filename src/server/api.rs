@@ -768,8 +768,9 @@ struct Usage {
     total_tokens: usize,
 }
 
-/// `POST /v1/embeddings`: OpenAI's schema, plus `task` / `instruction` / `examples`. Texts are
-/// truncated as the reference truncates them.
+/// `POST /v1/embeddings`: OpenAI's schema (`dimensions` where the package allows shortened
+/// vectors), plus `task` / `instruction` / `examples`. Texts are truncated as the reference
+/// truncates them.
 async fn openai_embeddings(
     State(s): State<Shared>,
     body: Result<Bytes, BytesRejection>,
@@ -784,14 +785,7 @@ async fn openai_inner(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let map = object(body)?;
-    if map.get("dimensions").is_some_and(|v| !v.is_null()) {
-        return Err(ApiError::field(
-            "dimensions",
-            None,
-            "not supported: the model is not trained for shortened vectors; leave it out",
-        )
-        .with_status(StatusCode::BAD_REQUEST));
-    }
+    let dimensions = parse_dimensions(&map, &s.frontend)?;
     opt_str(&map, "model")?;
     opt_str(&map, "user")?;
     let base64 = match opt_str(&map, "encoding_format")?.as_deref() {
@@ -809,7 +803,7 @@ async fn openai_inner(
     let task = parse_task(&map, s.frontend.as_ref())?;
     let (prompt, ids) = token_ids(s, inputs, task, true, "input").await?;
     let tokens = ids.iter().map(Vec::len).sum();
-    let rows = embed(s, prompt, ids).await?;
+    let rows = shortened(embed(s, prompt, ids).await?, dimensions);
     let data = rows
         .into_iter()
         .enumerate()
@@ -834,14 +828,49 @@ async fn openai_inner(
     .into_response())
 }
 
+/// `dimensions` (OpenAI's and TEI's field): `None` when absent or null, else a length the package
+/// allows for shortened vectors ([`icl_embed::Manifest::check_dimensions`]); refused with 400.
+fn parse_dimensions(
+    map: &Map<String, Value>,
+    frontend: &Frontend,
+) -> Result<Option<usize>, ApiError> {
+    let refuse = |message: String| {
+        ApiError::field("dimensions", None, message).with_status(StatusCode::BAD_REQUEST)
+    };
+    let n = match map.get("dimensions") {
+        None | Some(Value::Null) => return Ok(None),
+        Some(v) => v
+            .as_u64()
+            .and_then(|n| usize::try_from(n).ok())
+            .ok_or_else(|| refuse(format!("expected a positive integer, found {}", kind_of(v))))?,
+    };
+    match frontend.manifest().check_dimensions(n, "dimensions") {
+        Ok(()) => Ok(Some(n)),
+        Err(icl_embed::Error::Input { reason, .. }) => Err(refuse(reason)),
+        Err(e) => Err(refuse(e.to_string())),
+    }
+}
+
+/// The rows shortened to `dimensions` components, renormalised ([`icl_embed::shorten`]).
+fn shortened(rows: Vec<Vec<f32>>, dimensions: Option<usize>) -> Vec<Vec<f32>> {
+    let (Some(n), Some(width)) = (dimensions, rows.first().map(Vec::len)) else {
+        return rows;
+    };
+    let full = ndarray::Array2::from_shape_fn((rows.len(), width), |(i, j)| rows[i][j]);
+    icl_embed::shorten(&full, n)
+        .outer_iter()
+        .map(|r| r.to_vec())
+        .collect()
+}
+
 fn encode_base64(v: &[f32]) -> String {
     let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
 /// `POST /embed`: TEI's schema (`inputs`, `normalize`, `truncate`, `truncation_direction`,
-/// `prompt_name` naming a preset), plus `task` / `instruction` / `examples`; answers `[[f32]]`.
-/// As in TEI, a text over the limit without `"truncate": true` is refused with 413.
+/// `prompt_name` naming a preset, `dimensions`), plus `task` / `instruction` / `examples`; answers
+/// `[[f32]]`. As in TEI, a text over the limit without `"truncate": true` is refused with 413.
 async fn tei_embed(State(s): State<Shared>, body: Result<Bytes, BytesRejection>) -> Response {
     match tei_inner(&s, body).await {
         Ok(rows) => Json(rows).into_response(),
@@ -863,10 +892,11 @@ async fn tei_inner(
     }
     let truncate = opt_bool(&map, "truncate", false)?;
     check_direction(&map)?;
+    let dimensions = parse_dimensions(&map, &s.frontend)?;
     let inputs = parse_inputs(map.get("inputs"), "inputs", &s.frontend, false)?;
     let task = parse_task(&map, s.frontend.as_ref())?;
     let (prompt, ids) = token_ids(s, inputs, task, truncate, "inputs").await?;
-    embed(s, prompt, ids).await
+    Ok(shortened(embed(s, prompt, ids).await?, dimensions))
 }
 
 fn check_direction(map: &Map<String, Value>) -> Result<(), ApiError> {
@@ -912,9 +942,10 @@ async fn health(State(s): State<Shared>) -> Response {
     }
 }
 
-/// `GET /info`: the package, variant, device, limits and task presets.
+/// `GET /info`: the package, variant, device, prompt, limits and task presets.
 async fn info(State(s): State<Shared>) -> Response {
     let i = &s.frontend.info;
+    let m = s.frontend.manifest();
     Json(json!({
         "model_id": s.model_name,
         "version": env!("CARGO_PKG_VERSION"),
@@ -922,6 +953,9 @@ async fn info(State(s): State<Shared>) -> Response {
         "variant": i.variant,
         "device": i.device,
         "hidden": i.hidden,
+        "dimensions": m.dimensions.map(|d| d.min),
+        "procedure": m.prompt.procedure.name(),
+        "default_task": m.prompt.default_task,
         "vocab": i.vocab,
         "max_input_length": i.max_document_tokens,
         "max_query_length": i.max_query_tokens,

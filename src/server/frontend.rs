@@ -11,14 +11,18 @@ use icl_embed::{corpus::input, Encoder, Example, QueryPrompt};
 
 use super::config::{ExampleText, ExamplesSource, TaskPreset, TaskText};
 
-/// A few-shot query prompt (task instruction and examples), prepared once.
+/// The preset that embeds queries with the package's default task (`"task": "query"` or TEI's
+/// `"prompt_name": "query"`, the name sentence-transformers gives the query prompt), when the
+/// package has one: a request without task, instruction or examples is documents.
+pub const DEFAULT_TASK_PRESET: &str = "query";
+
+/// A query prompt (task instruction and few-shot examples), prepared once.
 pub struct Prompt {
     /// Equal for equal (instruction, examples): the batching task groups requests by it.
     pub key: String,
-    /// About how many leading tokens every query of the prompt shares (0 without examples: then
-    /// there is no prefix to share and the queries batch with documents).
+    /// About how many leading tokens every query of the prompt shares (0 when nothing is shared,
+    /// a few-shot prompt without examples: then the queries batch with documents).
     pub shared_len: usize,
-    task: Option<String>,
     query: QueryPrompt,
     /// The server keeps prefix states (`--prefix-cache-bytes`, and a graph that takes them).
     cached: bool,
@@ -104,7 +108,8 @@ pub struct Frontend {
 
 impl Frontend {
     /// The front end of `encoder` reporting `info`, with the `--tasks` presets checked against
-    /// the package's prompt.
+    /// the package's prompt, and the preset [`DEFAULT_TASK_PRESET`] of the package's default task
+    /// unless the tasks file names one so.
     pub fn new(
         encoder: Encoder,
         info: ModelInfo,
@@ -118,6 +123,20 @@ impl Frontend {
         for (name, preset) in presets {
             let prompt = frontend.preset_prompt(name, preset)?;
             frontend.presets.insert(name.clone(), prompt);
+        }
+        let default_task = frontend.manifest().prompt.default_task.clone();
+        if let (Some(task), false) = (
+            default_task,
+            frontend.presets.contains_key(DEFAULT_TASK_PRESET),
+        ) {
+            let preset = TaskPreset {
+                instruction: Some(task),
+                examples: ExamplesSource::Inline(Vec::new()),
+            };
+            let prompt = frontend.preset_prompt(DEFAULT_TASK_PRESET, &preset)?;
+            frontend
+                .presets
+                .insert(DEFAULT_TASK_PRESET.to_string(), prompt);
         }
         Ok(frontend)
     }
@@ -143,6 +162,11 @@ impl Frontend {
         self.prompt(&task, "")
             .map_err(|r| anyhow!("tasks: task {name:?}: {}: {}", r.field, r.message))?
             .ok_or_else(|| anyhow!("tasks: task {name:?} has neither instruction nor examples"))
+    }
+
+    /// The package's manifest (its prompt procedure, shortened vectors).
+    pub fn manifest(&self) -> &icl_embed::Manifest {
+        &self.encoder.package().manifest
     }
 
     pub fn preset(&self, name: &str) -> Option<Arc<Prompt>> {
@@ -183,7 +207,7 @@ impl Frontend {
                 format!("{field}examples"),
                 None,
                 format!(
-                    "the few-shot prefix is {shared_len} tokens, at or over {}, which counts prefix and query; send fewer or shorter examples",
+                    "the prefix every query shares (examples, instruction) is {shared_len} tokens, at or over {}, which counts prefix and query; send fewer or shorter examples",
                     self.info.prompt_bound()
                 ),
             ));
@@ -191,7 +215,6 @@ impl Frontend {
         Ok(Some(Arc::new(Prompt {
             key,
             shared_len,
-            task: task.instruction.clone(),
             query,
             cached: self.info.prefix_cache,
         })))
@@ -210,11 +233,7 @@ impl Frontend {
         let failed = |e: icl_embed::Error| Refusal::new(field, None, e.to_string());
         let (head, limit) = match prompt {
             Some(p) => {
-                let template = &self.encoder.package().manifest.prompt;
-                let wrapped: Vec<String> = texts
-                    .iter()
-                    .map(|t| template.query_text(p.task.as_deref(), t))
-                    .collect();
+                let wrapped = p.query.query_texts(texts);
                 let refs: Vec<&str> = wrapped.iter().map(String::as_str).collect();
                 (
                     tokenizer.encode_plain_head(&refs, p.query.text_max + 1),
