@@ -48,6 +48,7 @@ fn describe_package(out: &mut impl Write, dir: &Path, limit: MemoryLimit) -> Res
         "  max length: queries {}, documents {}",
         m.max_length.query, m.max_length.document
     )?;
+    describe_prompt(out, m)?;
     for (name, v) in &m.variants {
         describe_variant(out, &package, name, v, &fit)?;
     }
@@ -59,6 +60,39 @@ fn describe_package(out: &mut impl Write, dir: &Path, limit: MemoryLimit) -> Res
     match icl_embed::auto_cpu_variant(&package, &fit) {
         Ok((choice, why)) => writeln!(out, "  --variant auto on the CPU: {choice} ({why})")?,
         Err(e) => writeln!(out, "  --variant auto on the CPU: none ({e})")?,
+    }
+    Ok(())
+}
+
+/// The manifest's format, its prompt procedure and default task, and the shortened vectors it
+/// allows.
+fn describe_prompt(out: &mut impl Write, m: &icl_embed::Manifest) -> Result<()> {
+    let family = m
+        .source
+        .get("family")
+        .and_then(|f| f.as_str())
+        .map(|f| format!(", family {f}"))
+        .unwrap_or_default();
+    writeln!(out, "  format: {}{family}", m.format)?;
+    let task = match &m.prompt.default_task {
+        Some(t) => format!("default task {t:?}"),
+        None => "no default task (queries without --task are their raw text)".to_string(),
+    };
+    writeln!(
+        out,
+        "  prompt: procedure {}, {task}",
+        m.prompt.procedure.name()
+    )?;
+    match m.dimensions {
+        Some(d) => writeln!(
+            out,
+            "  shortened vectors: --dimensions {}..={}",
+            d.min, m.architecture.hidden
+        )?,
+        None => writeln!(
+            out,
+            "  shortened vectors: none (the model is not trained for them)"
+        )?,
     }
     Ok(())
 }
