@@ -150,37 +150,45 @@ class Embedder:
             str(memory_limit),
         )
 
-    def embed_documents(self, texts: Iterable[str] | str) -> np.ndarray:
+    def embed_documents(self, texts: Iterable[str] | str, dimensions: int | None = None) -> np.ndarray:
         """Embeddings of documents: float32 `[n, hidden]`, L2-normalised, in input order.
 
         `texts` is any iterable of `str` (a list, a generator, a numpy array of strings); a single
         `str` is one document. Texts longer than `max_length` tokens are truncated as the reference
-        does.
+        does. `dimensions=N`: shortened vectors `[n, N]`, the first N components renormalised, for
+        models trained for them (`info.dimensions` is the shortest allowed, None where the model
+        allows none; a length outside `info.dimensions..=info.hidden_size` raises ValueError).
         """
-        return self._native.embed_documents(_materialize(texts))
+        return self._native.embed_documents(_materialize(texts), dimensions)
 
     def query_prompt(self, task: str | None = None, examples: Iterable[ExampleLike] = ()) -> QueryPrompt:
         """The prompt for queries of one task: its instruction and few-shot examples, tokenized once.
 
-        `task` defaults to the package's default instruction. `examples` are `Example`s or dicts with
+        `task` defaults to the package's default task (`info.default_task`; without one a query is
+        its raw text). `examples` (refused by packages whose `info.procedure` is `"instruct"`) are `Example`s or dicts with
         `query`, `response` and an optional `instruct` (the layout of the examples files in
         `tests/data/flagembedding-icl-examples`). Reuse the prompt for any number of
         `embed_queries` calls: its prefix's states stay in the prefix cache.
         """
         return self._native.query_prompt(task, list(examples))
 
-    def embed_queries(self, prompt: QueryPrompt | None, texts: Iterable[str] | str) -> np.ndarray:
+    def embed_queries(
+        self, prompt: QueryPrompt | None, texts: Iterable[str] | str, dimensions: int | None = None
+    ) -> np.ndarray:
         """Embeddings of queries under `prompt` (from `query_prompt`; None: the default task, no
-        examples): float32 `[n, hidden]`, L2-normalised, in input order."""
+        examples): float32 `[n, hidden]`, L2-normalised, in input order; `dimensions` as in
+        `embed_documents`."""
         if prompt is None:
             prompt = self.query_prompt()
-        return self._native.embed_queries(prompt, _materialize(texts))
+        return self._native.embed_queries(prompt, _materialize(texts), dimensions)
 
     @property
     def info(self) -> Info:
         """What runs: `model`, `device`, `variant` and `variant_reason`, `hidden_size`,
         `max_length_documents`, `max_length_queries`, `window` (the attention window, or None),
-        `prefix_cache`, `threads`, `onnxruntime` (the library loaded)."""
+        `prefix_cache`, `threads`, `onnxruntime` (the library loaded), `procedure` (the prompt
+        procedure, `"flagembedding-icl"` or `"instruct"`), `default_task` (or None), `dimensions`
+        (the shortest shortened vectors allowed, or None)."""
         return self._native.info
 
     @property

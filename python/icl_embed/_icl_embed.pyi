@@ -50,6 +50,9 @@ class Info:
     prefix_cache: bool
     threads: int | None
     onnxruntime: Path | None
+    dimensions: int | None
+    procedure: str
+    default_task: str | None
 
 _Examples = Iterable[Example | Mapping[str, str | None]] | None
 
@@ -78,9 +81,13 @@ class Embedder:
         ort_lib: str | None,
         memory_limit: str,
     ) -> None: ...
-    def embed_documents(self, texts: Iterable[str] | str) -> npt.NDArray[np.float32]: ...
+    def embed_documents(
+        self, texts: Iterable[str] | str, dimensions: int | None = None
+    ) -> npt.NDArray[np.float32]: ...
     def query_prompt(self, task: str | None = None, examples: _Examples = None) -> QueryPrompt: ...
-    def embed_queries(self, prompt: QueryPrompt, texts: Iterable[str] | str) -> npt.NDArray[np.float32]: ...
+    def embed_queries(
+        self, prompt: QueryPrompt, texts: Iterable[str] | str, dimensions: int | None = None
+    ) -> npt.NDArray[np.float32]: ...
     @property
     def info(self) -> Info: ...
     @property

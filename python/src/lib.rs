@@ -187,8 +187,9 @@ fn examples(items: Option<&Bound<'_, PyAny>>) -> PyResult<Vec<icl_embed::Example
     Ok(out)
 }
 
-/// A query prompt made by `Embedder.query_prompt` or `Encoder.query_prompt`: the task and its
-/// few-shot examples, tokenized once. It belongs to the package that made it.
+/// A query prompt made by `Embedder.query_prompt` or `Encoder.query_prompt`: the task in effect
+/// (the caller's, else the package's default task) and its few-shot examples, tokenized once. It
+/// belongs to the package that made it.
 #[pyclass(module = "icl_embed", name = "QueryPrompt", frozen)]
 struct PyQueryPrompt {
     prompt: icl_embed::QueryPrompt,
@@ -202,7 +203,8 @@ struct PyQueryPrompt {
 
 #[pymethods]
 impl PyQueryPrompt {
-    /// Ids every query of this prompt starts with (the few-shot prefix), or None without examples.
+    /// Ids every query of this prompt starts with (the few-shot prefix, or an `instruct` prompt's
+    /// instruction), or None when nothing is shared.
     #[getter]
     fn prefix_ids(&self) -> Option<Vec<u32>> {
         self.prompt.shared_prefix().map(<[u32]>::to_vec)
@@ -219,16 +221,11 @@ impl PyQueryPrompt {
 }
 
 impl PyQueryPrompt {
-    fn made(
-        prompt: icl_embed::QueryPrompt,
-        package: PathBuf,
-        task: Option<String>,
-        examples: usize,
-    ) -> Self {
+    fn made(prompt: icl_embed::QueryPrompt, package: PathBuf, examples: usize) -> Self {
         PyQueryPrompt {
+            task: prompt.task().map(str::to_string),
             prompt,
             package,
-            task,
             examples,
         }
     }
@@ -287,7 +284,6 @@ impl PyEncoder {
         Ok(PyQueryPrompt::made(
             prompt,
             self.encoder.package().dir.clone(),
-            task,
             n,
         ))
     }
@@ -324,13 +320,19 @@ struct PyInfo {
     prefix_cache: bool,
     threads: Option<usize>,
     onnxruntime: Option<PathBuf>,
+    /// The shortest shortened vectors the package allows (`dimensions=`), or None.
+    dimensions: Option<usize>,
+    /// The prompt procedure: "flagembedding-icl" or "instruct".
+    procedure: String,
+    /// The task queries take when none is given, or None.
+    default_task: Option<String>,
 }
 
 #[pymethods]
 impl PyInfo {
     fn __repr__(&self) -> String {
         format!(
-            "Info(model={:?}, device={:?}, variant={:?} ({}), hidden_size={}, max_length documents/queries={}/{}, window={}, prefix_cache={})",
+            "Info(model={:?}, device={:?}, variant={:?} ({}), hidden_size={}, max_length documents/queries={}/{}, window={}, prefix_cache={}, procedure={}, dimensions={})",
             self.model.display().to_string(),
             self.device,
             self.variant,
@@ -340,6 +342,9 @@ impl PyInfo {
             self.max_length_queries,
             self.window.map_or("none".into(), |w| w.to_string()),
             self.prefix_cache,
+            self.procedure,
+            self.dimensions
+                .map_or("none".into(), |d| format!("{d}..={}", self.hidden_size)),
         )
     }
 }
@@ -416,13 +421,22 @@ impl PyEmbedder {
         })
     }
 
+    #[pyo3(signature = (texts, dimensions=None))]
     fn embed_documents<'py>(
         &self,
         py: Python<'py>,
         texts: &Bound<'py, PyAny>,
+        dimensions: Option<usize>,
     ) -> PyResult<Bound<'py, PyArray2<f32>>> {
         let texts = self::texts("texts", texts)?;
-        let vectors = detached(py, || lock(&self.embedder).embed_documents(&refs(&texts)))?;
+        let vectors = detached(py, || {
+            let mut embedder = lock(&self.embedder);
+            check_dimensions(&embedder, dimensions)?;
+            Ok(shortened(
+                embedder.embed_documents(&refs(&texts))?,
+                dimensions,
+            ))
+        })?;
         Ok(vectors.into_pyarray(py))
     }
 
@@ -438,24 +452,26 @@ impl PyEmbedder {
         let prompt = detached(py, || {
             lock(&self.embedder).query_prompt(task.as_deref(), &examples)
         })?;
-        Ok(PyQueryPrompt::made(
-            prompt,
-            self.info.model.clone(),
-            task,
-            n,
-        ))
+        Ok(PyQueryPrompt::made(prompt, self.info.model.clone(), n))
     }
 
+    #[pyo3(signature = (prompt, texts, dimensions=None))]
     fn embed_queries<'py>(
         &self,
         py: Python<'py>,
         prompt: &PyQueryPrompt,
         texts: &Bound<'py, PyAny>,
+        dimensions: Option<usize>,
     ) -> PyResult<Bound<'py, PyArray2<f32>>> {
         let prompt = prompt.check(&self.info.model)?;
         let texts = self::texts("texts", texts)?;
         let vectors = detached(py, || {
-            lock(&self.embedder).embed_queries(prompt, &refs(&texts))
+            let mut embedder = lock(&self.embedder);
+            check_dimensions(&embedder, dimensions)?;
+            Ok(shortened(
+                embedder.embed_queries(prompt, &refs(&texts))?,
+                dimensions,
+            ))
         })?;
         Ok(vectors.into_pyarray(py))
     }
@@ -479,6 +495,27 @@ impl PyEmbedder {
         d.set_item("cached_rows", s.cached)?;
         d.set_item("full_rows", s.fallback)?;
         Ok(d)
+    }
+}
+
+/// Refuses (a ValueError naming `dimensions`) a length the package does not allow, before any text
+/// is embedded.
+fn check_dimensions(e: &icl_embed::Embedder, dimensions: Option<usize>) -> Result<(), Error> {
+    match dimensions {
+        Some(n) => e
+            .encoder()
+            .package()
+            .manifest
+            .check_dimensions(n, "dimensions"),
+        None => Ok(()),
+    }
+}
+
+/// `vectors` shortened to `dimensions` components, renormalised (all of them with `None`).
+fn shortened(vectors: ndarray::Array2<f32>, dimensions: Option<usize>) -> ndarray::Array2<f32> {
+    match dimensions {
+        Some(n) => icl_embed::shorten(&vectors, n),
+        None => vectors,
     }
 }
 
@@ -519,6 +556,9 @@ fn describe(
         prefix_cache: prefix_cache && model.supports_prefix(),
         threads,
         onnxruntime: icl_embed::backend::runtime::loaded_library().map(PathBuf::from),
+        dimensions: m.dimensions.map(|d| d.min),
+        procedure: m.prompt.procedure.name().to_string(),
+        default_task: m.prompt.default_task.clone(),
     }
 }
 
