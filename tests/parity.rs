@@ -1,6 +1,9 @@
 //! Parity with FlagEmbedding (issue 3): the token ids `icl-embed tokenize` prints and the
 //! embeddings `icl-embed embed` writes, against the reference runner's outputs on the parity set
 //! (tests/parity/cases.py), on the `tiny` stand-in with both tokenizer layouts and on `smollm2`.
+//! Issue 27: the same against each model's own reference pipeline for the Qwen3-Embedding
+//! stand-in (sentence-transformers) and the e5-mistral one (the model card's transformers code);
+//! a case with `"task": null` runs `--queries` without `--task`, under the package's default task.
 
 mod common;
 
@@ -176,4 +179,89 @@ fn jsonl_output_holds_the_same_vectors_as_npy() {
         .map(|(_, e)| e)
         .collect();
     assert_eq!(rows, npy);
+}
+
+#[test]
+fn token_ids_equal_reference_qwen3_tiny() {
+    let Some(f) = fixtures() else { return };
+    let Some((pkg, golden)) = f.qwen3_tiny() else {
+        return;
+    };
+    tokenize_matches(&pkg, &golden);
+}
+
+#[test]
+fn fp32_embeddings_match_reference_qwen3_tiny() {
+    let Some(f) = fixtures() else { return };
+    let Some((pkg, golden)) = f.qwen3_tiny() else {
+        return;
+    };
+    embeddings_match(&pkg, &golden, "fp32", 0.99999);
+}
+
+#[test]
+fn token_ids_equal_reference_e5_tiny() {
+    let Some(f) = fixtures() else { return };
+    let Some((pkg, golden)) = f.e5_tiny() else {
+        return;
+    };
+    tokenize_matches(&pkg, &golden);
+}
+
+#[test]
+fn fp32_embeddings_match_reference_e5_tiny() {
+    let Some(f) = fixtures() else { return };
+    let Some((pkg, golden)) = f.e5_tiny() else {
+        return;
+    };
+    embeddings_match(&pkg, &golden, "fp32", 0.99999);
+}
+
+/// Shortened vectors (issue 27): `embed --dimensions N` against the first N components of the
+/// reference's full vector, renormalised, for the shortest N the package allows and one between.
+#[test]
+fn shortened_vectors_match_the_reference_prefix_qwen3_tiny() {
+    let Some(f) = fixtures() else { return };
+    let Some((pkg, golden)) = f.qwen3_tiny() else {
+        return;
+    };
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(pkg.join("embedder.json")).unwrap()).unwrap();
+    let least = manifest["dimensions"]["min"]
+        .as_u64()
+        .expect("the Qwen3 package allows shortened vectors") as usize;
+    let hidden = manifest["architecture"]["hidden"].as_u64().unwrap() as usize;
+    let dir = tempfile::tempdir().unwrap();
+    for n in [least, (least + hidden) / 2] {
+        for case in cases(&golden) {
+            let flag = n.to_string();
+            let extra = [
+                "--variant",
+                "fp32",
+                "--device",
+                "cpu",
+                "--dimensions",
+                &flag,
+            ];
+            let got = embed_case(&pkg, &golden, &case, &extra, dir.path());
+            let want: Vec<Vec<f32>> = read_npy(&golden.join(format!("{}.npy", case.name)))
+                .iter()
+                .map(|r| {
+                    let norm = r[..n].iter().map(|x| x * x).sum::<f32>().sqrt();
+                    r[..n].iter().map(|x| x / norm).collect()
+                })
+                .collect();
+            assert!(
+                got.iter().all(|r| r.len() == n),
+                "{}: {n} columns",
+                case.name
+            );
+            let m = min(&cosines(&got, &want));
+            assert!(
+                m >= 0.99999,
+                "{} --dimensions {n}: min cosine {m}",
+                case.name
+            );
+        }
+    }
 }

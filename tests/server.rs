@@ -1278,3 +1278,84 @@ fn memory_returns_after_a_large_prompt_and_an_allocation_failure_fails_only_its_
     assert_eq!(server.get("/health").0, 200);
     assert!(!server.log().contains("panicked"), "{}", server.log());
 }
+
+/// Issue 27: a format 2 `instruct` package ([`instruct_package`]): `dimensions` on both embedding
+/// routes (the first N components, renormalised; outside the package's range refused with 400),
+/// the default task as the preset `"query"` (TEI's `prompt_name`), on the prefix cache, equal to
+/// the CLI's `embed --queries` without `--task`; `/info` tells the procedure and the range.
+#[test]
+fn an_instruct_package_serves_shortened_vectors_and_its_default_task() {
+    let Some(fx) = fixtures() else { return };
+    let setup = Setup::new();
+    let pkg = instruct_package(&fx.tiny_pkg, setup.dir.path());
+    let input = setup.write_lines("in.txt", &QUERIES);
+    let out = setup.path("queries.npy");
+    let cli_args = [
+        "--variant",
+        "fp32",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--queries",
+    ];
+    ok(run(&embed_args(&pkg, &input, &out, &cli_args)));
+    let queries_cli = read_npy(&out);
+    let server = Server::start(&pkg, &[]);
+
+    let (status, full) = server.post("/v1/embeddings", &json!({"input": DOCS}));
+    assert_eq!(status, 200, "{full}");
+    let full = openai_rows(&full);
+    let n = INSTRUCT_MIN_DIMENSIONS;
+    let short_cli: Vec<Vec<f32>> = full
+        .iter()
+        .map(|r| {
+            let norm = r[..n].iter().map(|x| x * x).sum::<f32>().sqrt();
+            r[..n].iter().map(|x| x / norm).collect()
+        })
+        .collect();
+    let (status, v) = server.post("/v1/embeddings", &json!({"input": DOCS, "dimensions": n}));
+    assert_eq!(status, 200, "{v}");
+    assert!(openai_rows(&v).iter().all(|r| r.len() == n));
+    assert_close("openai dimensions", &openai_rows(&v), &short_cli);
+    let (status, v) = server.post("/embed", &json!({"inputs": DOCS, "dimensions": n}));
+    assert_eq!(status, 200, "{v}");
+    assert_close("tei dimensions", &rows(&v), &short_cli);
+
+    let hidden = full[0].len();
+    for (path, bad) in [("/v1/embeddings", n - 1), ("/embed", hidden + 1)] {
+        let body = match path {
+            "/embed" => json!({"inputs": "x", "dimensions": bad}),
+            _ => json!({"input": "x", "dimensions": bad}),
+        };
+        let (status, v) = server.post(path, &body);
+        assert_eq!(status, 400, "{v}");
+        assert!(v.to_string().contains(&format!("{n}..={hidden}")), "{v}");
+    }
+    let (status, v) = server.post("/embed", &json!({"inputs": "x", "dimensions": "8"}));
+    assert_eq!(status, 400, "{v}");
+
+    let (status, v) = server.post(
+        "/embed",
+        &json!({"inputs": QUERIES, "prompt_name": "query"}),
+    );
+    assert_eq!(status, 200, "{v}");
+    assert_close("default task", &rows(&v), &queries_cli);
+    let (status, v) = server.post(
+        "/v1/embeddings",
+        &json!({"input": QUERIES, "task": "query"}),
+    );
+    assert_eq!(status, 200, "{v}");
+    assert_close("default task, openai", &openai_rows(&v), &queries_cli);
+    let (_, metrics) = server.get("/metrics");
+    assert!(
+        metric(&metrics, "icl_embed_prefix_cache_hits_total") >= 1.0,
+        "{metrics}"
+    );
+
+    let (_, info) = server.get("/info");
+    let info: Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(info["procedure"], "instruct");
+    assert_eq!(info["default_task"], INSTRUCT_DEFAULT_TASK);
+    assert_eq!(info["dimensions"], json!(n));
+    assert_eq!(info["tasks"], json!(["query"]));
+}

@@ -13,6 +13,48 @@ pub struct Fixtures {
     pub golden_tiny: PathBuf,
     pub golden_tiny_legacy: PathBuf,
     pub golden_smollm2: PathBuf,
+    /// Issue 27's packages and their references' outputs (Qwen3-Embedding's and e5-mistral's
+    /// stand-ins), optional until every fixtures script makes them: see [`Fixtures::qwen3_tiny`].
+    pub qwen3_tiny_pkg: Option<PathBuf>,
+    pub golden_qwen3_tiny: Option<PathBuf>,
+    pub e5_tiny_pkg: Option<PathBuf>,
+    pub golden_e5_tiny: Option<PathBuf>,
+}
+
+impl Fixtures {
+    /// The Qwen3-Embedding stand-in and its golden dir (sentence-transformers' outputs).
+    pub fn qwen3_tiny(&self) -> Option<(PathBuf, PathBuf)> {
+        optional_pair(
+            (&self.qwen3_tiny_pkg, &self.golden_qwen3_tiny),
+            "ICL_QWEN3_TINY_PKG and ICL_GOLDEN_QWEN3_TINY",
+        )
+    }
+
+    /// The e5-mistral stand-in and its golden dir (the model card's transformers code).
+    pub fn e5_tiny(&self) -> Option<(PathBuf, PathBuf)> {
+        optional_pair(
+            (&self.e5_tiny_pkg, &self.golden_e5_tiny),
+            "ICL_E5_TINY_PKG and ICL_GOLDEN_E5_TINY",
+        )
+    }
+}
+
+/// A package and its golden dir when both variables are set; else `None` with a printed reason,
+/// or a failure under `ICL_REQUIRE_FIXTURES=1`.
+fn optional_pair(
+    (pkg, golden): (&Option<PathBuf>, &Option<PathBuf>),
+    vars: &str,
+) -> Option<(PathBuf, PathBuf)> {
+    match (pkg, golden) {
+        (Some(p), Some(g)) => Some((p.clone(), g.clone())),
+        _ if std::env::var_os("ICL_REQUIRE_FIXTURES").is_some() => {
+            panic!("ICL_REQUIRE_FIXTURES is set but {vars} are missing (run tests/fixtures.sh)")
+        }
+        _ => {
+            eprintln!("skipped: {vars} are not set (tests/fixtures.sh makes them)");
+            None
+        }
+    }
 }
 
 /// The fixtures, or `None` with a printed reason when `tests/run.sh` did not prepare them (plain
@@ -27,6 +69,10 @@ pub fn fixtures() -> Option<Fixtures> {
             golden_tiny: var("ICL_GOLDEN_TINY")?,
             golden_tiny_legacy: var("ICL_GOLDEN_TINY_LEGACY")?,
             golden_smollm2: var("ICL_GOLDEN_SMOLLM2")?,
+            qwen3_tiny_pkg: var("ICL_QWEN3_TINY_PKG"),
+            golden_qwen3_tiny: var("ICL_GOLDEN_QWEN3_TINY"),
+            e5_tiny_pkg: var("ICL_E5_TINY_PKG"),
+            golden_e5_tiny: var("ICL_GOLDEN_E5_TINY"),
         })
     })();
     if all.is_none() {
@@ -253,6 +299,40 @@ pub fn case_args(pkg: &Path, golden: &Path, case: &Case) -> Vec<String> {
         args.extend(["--max-length".into(), n.to_string()]);
     }
     args
+}
+
+/// The instruction template, default task and shortest shortened vectors of [`instruct_package`].
+pub const INSTRUCT_TEMPLATE: &str = "Instruct: {task}\nQuery: {query}";
+pub const INSTRUCT_DEFAULT_TASK: &str =
+    "Given a web search query, retrieve relevant passages that answer the query";
+pub const INSTRUCT_MIN_DIMENSIONS: usize = 8;
+
+/// `pkg` as a format 2 package with the `instruct` prompt procedure (issue 27): a directory in
+/// `dir` whose files link to `pkg`'s, and whose manifest is `pkg`'s with the prompt
+/// [`INSTRUCT_TEMPLATE`], the default task [`INSTRUCT_DEFAULT_TASK`] and shortened vectors from
+/// [`INSTRUCT_MIN_DIMENSIONS`]. The manifest is not among the hashed files, and the tokenizer and
+/// graphs are `pkg`'s own, so their sha256 still match.
+pub fn instruct_package(pkg: &Path, dir: &Path) -> PathBuf {
+    let out = dir.join("instruct-pkg");
+    std::fs::create_dir_all(&out).unwrap();
+    for entry in std::fs::read_dir(pkg).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_name() != "embedder.json" {
+            std::os::unix::fs::symlink(entry.path(), out.join(entry.file_name())).unwrap();
+        }
+    }
+    let mut manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(pkg.join("embedder.json")).unwrap()).unwrap();
+    manifest["format"] = "icl-embed/2".into();
+    manifest["source"]["family"] = "e5-mistral".into();
+    manifest["prompt"] = serde_json::json!({
+        "procedure": "instruct",
+        "query": INSTRUCT_TEMPLATE,
+        "default_task": INSTRUCT_DEFAULT_TASK,
+    });
+    manifest["dimensions"] = serde_json::json!({"min": INSTRUCT_MIN_DIMENSIONS});
+    std::fs::write(out.join("embedder.json"), manifest.to_string()).unwrap();
+    out
 }
 
 /// Runs `embed` for a case and returns the rows.
