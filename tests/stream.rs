@@ -223,6 +223,31 @@ fn a_changed_input_or_changed_settings_are_refused_on_resume() {
     assert!(!out.exists());
 }
 
+/// Issue 27: the run records `--dimensions`, so a resumed run with another length is refused and
+/// the same one finishes with rows of that length.
+#[test]
+fn a_resumed_run_keeps_its_dimensions() {
+    let Some(f) = fixtures() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let pkg = instruct_package(&f.tiny_pkg, dir.path());
+    let input = corpus(dir.path(), 3000);
+    let out = dir.path().join("out.npy");
+    let args = embed_args(&pkg, &input, &out, &["--dimensions", "8"]);
+    interrupted(&args, &out);
+    let err = fails(run(&embed_args(
+        &pkg,
+        &input,
+        &out,
+        &["--dimensions", "16"],
+    )));
+    assert!(err.contains("different settings"), "{err}");
+    let err = fails(run(&embed_args(&pkg, &input, &out, &[])));
+    assert!(err.contains("different settings"), "{err}");
+    ok(run(&args));
+    let rows = read_npy(&out);
+    assert_eq!((rows.len(), rows[0].len()), (3000, 8));
+}
+
 #[test]
 fn shards_merge_back_into_input_order() {
     let Some(f) = fixtures() else { return };
