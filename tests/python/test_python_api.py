@@ -232,3 +232,49 @@ def test_two_threads_at_once(icl, tiny_cli, examples):
     np.testing.assert_allclose(results["docs, shared embedder"], docs, atol=1e-6)
     np.testing.assert_allclose(results["docs, second embedder"], docs, atol=1e-6)
     np.testing.assert_allclose(results["queries, shared embedder"], queries, atol=1e-6)
+
+
+def _instruct_package(tiny: Path, tmp: Path) -> Path:
+    """`tiny` as a format 2 package with the `instruct` procedure, a default task and shortened vectors
+    from 8 (issue 27; the same rewrite as tests/common/mod.rs `instruct_package`): links to its files, a
+    rewritten manifest (not among the hashed files)."""
+    out = tmp / "instruct-pkg"
+    out.mkdir()
+    for entry in tiny.iterdir():
+        if entry.name != "embedder.json":
+            (out / entry.name).symlink_to(entry)
+    manifest = json.loads((tiny / "embedder.json").read_text(encoding="utf-8"))
+    manifest["format"] = "icl-embed/2"
+    manifest["prompt"] = {"procedure": "instruct", "query": "Instruct: {task}\nQuery: {query}", "default_task": TASK}
+    manifest["dimensions"] = {"min": 8}
+    (out / "embedder.json").write_text(json.dumps(manifest), encoding="utf-8")
+    return out
+
+
+def test_dimensions_shorten_vectors_where_the_package_allows_them(icl, tiny_cli, tmp_path, cli_embed, min_cosine):
+    package = _instruct_package(tiny_cli, tmp_path)
+    embedder = icl.Embedder(package, variant="fp32", device="cpu", threads=1)
+    info = embedder.info
+    assert (info.procedure, info.default_task, info.dimensions) == ("instruct", TASK, 8)
+    full = embedder.embed_documents(DOCS)
+    short = embedder.embed_documents(DOCS, dimensions=8)
+    assert short.shape == (len(DOCS), 8) and short.dtype == np.float32
+    first = full[:, :8] / np.linalg.norm(full[:, :8], axis=1, keepdims=True)
+    assert min_cosine(short, first) >= 0.99999
+    assert min_cosine(short, cli_embed(package, DOCS, tmp_path, "fp32", "--dimensions", "8")) >= 0.99999
+    # Queries: the default task when none is given, with examples refused by the procedure.
+    prompt = embedder.query_prompt()
+    assert prompt.task == TASK and prompt.prefix_ids
+    queries = embedder.embed_queries(prompt, QUERIES, dimensions=16)
+    reference = cli_embed(package, QUERIES, tmp_path, "fp32", "--queries", "--dimensions", "16")
+    assert queries.shape == (len(QUERIES), 16) and min_cosine(queries, reference) >= 0.99999
+    with pytest.raises(ValueError, match="takes no few-shot examples"):
+        embedder.query_prompt(TASK, [{"query": "q", "response": "r"}])
+    for bad in (7, info.hidden_size + 1):
+        with pytest.raises(ValueError, match=rf"^dimensions: {bad} is outside 8\.\.={info.hidden_size}"):
+            embedder.embed_documents(DOCS, dimensions=bad)
+    plain = icl.Embedder(tiny_cli, variant="fp32", device="cpu", threads=1)
+    assert (plain.info.procedure, plain.info.default_task, plain.info.dimensions) == ("flagembedding-icl", None, None)
+    with pytest.raises(ValueError, match="^dimensions: not supported"):
+        plain.embed_queries(None, QUERIES, dimensions=8)
+    assert plain.embed_documents(["fine"]).shape == (1, plain.info.hidden_size)
