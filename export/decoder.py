@@ -86,11 +86,14 @@ class _Layer(nn.Module):
         b, s = x.shape[0], x.shape[1]
         h = self.input_norm(x)
         # [b, s, kv, g, d] -> [b, kv, g, s, d]: query head kv*g + j uses key/value head kv.
+        # (Statements in this order so that a graph without q/k norms is traced node for node as before.)
         q = self.q(h).view(b, s, self.kv_heads, self.groups, self.head_dim)
-        k = self.k(h).view(b, s, self.kv_heads, self.head_dim)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+            q = self.q_norm(q)
         q = q.permute(0, 2, 3, 1, 4)
+        k = self.k(h).view(b, s, self.kv_heads, self.head_dim)
+        if self.k_norm is not None:
+            k = self.k_norm(k)
         k = k.transpose(1, 2)
         v = self.v(h).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
         q = q * cos.unsqueeze(1).unsqueeze(1) + _rotate_half(q) * sin.unsqueeze(1).unsqueeze(1)
