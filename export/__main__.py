@@ -13,6 +13,7 @@ import logging
 import sys
 from pathlib import Path
 
+from . import family
 from .int8.recipes import RECIPES
 from .package import DEFAULT_VARIANTS, VARIANTS, ExportError, Options, build_package
 from .verify import THRESHOLDS
@@ -42,7 +43,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--revision", default=None, help="hub revision (recorded in the manifest)")
     parser.add_argument("--force", action="store_true", help="replace an existing package")
-    parser.add_argument("--max-length", type=int, default=512, help="max tokens of a query and of a document")
+    parser.add_argument(
+        "--family",
+        choices=family.names(),
+        default=None,
+        help="model family (models/<family>.toml: prompt procedure, default task, max lengths, shortened "
+        "vectors; default: detected from the config's model_type or bge-en-icl's ICL tokens)",
+    )
+    parser.add_argument(
+        "--max-length",
+        type=int,
+        default=None,
+        help="max tokens of a query and of a document (default: the family's; bge-en-icl 512)",
+    )
     parser.add_argument("--source-id", default=None, help="model id to record (default: --model as given)")
     parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads for verification")
     parser.add_argument(
@@ -91,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             revision=args.revision,
             force=args.force,
             max_length=args.max_length,
+            family=args.family,
             source_id=args.source_id,
             int8_recipes=recipes,
             thresholds=parse_thresholds(args.threshold),

@@ -4,10 +4,11 @@
 py=.venv/bin/python
 cache=.cache
 hash_of() { cat "$@" | sha256sum | cut -c1-12; }
-models_key=$(hash_of export/requirements.txt export/standins.py)
+models_key=$(hash_of export/requirements.txt export/data-requirements.txt export/standins.py)
 # Every Python file of the exporter, sub-packages included (export/int8/, export/ortrun/), in one
-# fixed order so that the key does not depend on the file system's, and the int8 calibration texts.
-export_key=$(hash_of export/requirements.txt export/calibration.txt $(find export -name '*.py' | LC_ALL=C sort))
+# fixed order so that the key does not depend on the file system's, the int8 calibration texts and
+# the model families' recipes (models/*.toml).
+export_key=$(hash_of export/requirements.txt export/calibration.txt $(find export -name '*.py' | LC_ALL=C sort) $(ls models/*.toml | LC_ALL=C sort))
 models_dir=$cache/models-$models_key
 packages_dir=$cache/packages-$export_key-$models_key
 

@@ -1,7 +1,8 @@
 """The decoder the package ships, written out so that the prefix's key/value states can be fed back in.
 
-`Decoder` recomputes a Hugging Face `MistralModel` / `LlamaModel` forward from that model's own
-weights (same operations, same order, same dtypes as eager attention), with one addition: each
+`Decoder` recomputes a Hugging Face `MistralModel` / `LlamaModel` / `Qwen3Model` forward from that
+model's own weights (same operations, same order, same dtypes as eager attention; Qwen3 adds an
+RMSNorm over each query and key head, `q_norm` / `k_norm`, before RoPE), with one addition: each
 layer takes the key/value states of a prefix computed earlier (`past.{i}.key`, `past.{i}.value`,
 [1, kv_heads, past, head_dim], `past` may be 0) and returns the states of its own tokens
 (`present.{i}.key`, `present.{i}.value`, [batch, kv_heads, seq, head_dim]). The prefix is one
@@ -77,13 +78,23 @@ class _Layer(nn.Module):
         )
         self.gate, self.up, self.down = _Linear(mlp.gate_proj), _Linear(mlp.up_proj), _Linear(mlp.down_proj)
         self.act = mlp.act_fn
+        # Qwen3: RMSNorm over head_dim of every query and key head (weight [head_dim]), before RoPE.
+        norms = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+        self.q_norm, self.k_norm = (_RMSNorm(n) if n is not None else None for n in norms)
 
     def forward(self, x, cos, sin, mask, past_k, past_v):
         b, s = x.shape[0], x.shape[1]
         h = self.input_norm(x)
         # [b, s, kv, g, d] -> [b, kv, g, s, d]: query head kv*g + j uses key/value head kv.
-        q = self.q(h).view(b, s, self.kv_heads, self.groups, self.head_dim).permute(0, 2, 3, 1, 4)
-        k = self.k(h).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
+        # (Statements in this order so that a graph without q/k norms is traced node for node as before.)
+        q = self.q(h).view(b, s, self.kv_heads, self.groups, self.head_dim)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+        q = q.permute(0, 2, 3, 1, 4)
+        k = self.k(h).view(b, s, self.kv_heads, self.head_dim)
+        if self.k_norm is not None:
+            k = self.k_norm(k)
+        k = k.transpose(1, 2)
         v = self.v(h).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
         q = q * cos.unsqueeze(1).unsqueeze(1) + _rotate_half(q) * sin.unsqueeze(1).unsqueeze(1)
         k = k * cos.unsqueeze(1) + _rotate_half(k) * sin.unsqueeze(1)

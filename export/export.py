@@ -15,7 +15,7 @@ import torch
 
 INPUTS = ["input_ids", "attention_mask", "position_ids"]
 OUTPUT = "last_hidden_state"
-SUPPORTED = {"MistralModel", "LlamaModel"}
+SUPPORTED = {"MistralModel", "LlamaModel", "Qwen3Model"}
 OPSET = 18
 
 

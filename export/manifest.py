@@ -1,8 +1,10 @@
-"""The package manifest `embedder.json` (format `icl-embed/1`, see export/FORMAT.md).
+"""The package manifest `embedder.json` (format `icl-embed/2`, see export/FORMAT.md).
 
 Everything the runtime needs besides the graphs and tokenizer.json: architecture facts from the
-config, the prompt templates, the special tokens as the tokenizer really applies them (measured, not
-assumed), max lengths, and per variant its files, dtypes, names, checksums and parity.
+config, the model family's prompt procedure, templates, default task, max lengths and shortened
+vectors (`models/<family>.toml`, export/family.py), the special tokens as the tokenizer really
+applies them (measured, not assumed; plus eos where the family's procedure appends it itself), and
+per variant its files, dtypes, names, checksums and parity.
 """
 
 from __future__ import annotations
@@ -13,15 +15,10 @@ import os
 from pathlib import Path
 
 from .export import INPUTS, OUTPUT
+from .family import Family
 
-FORMAT = "icl-embed/1"
+FORMAT = "icl-embed/2"
 ICL_TOKENS = ("<instruct>", "<query>", "<response>")
-PROMPT = {
-    "query": "<instruct>{task}\n<query>{query}",
-    "example": "<instruct>{instruct}\n<query>{query}\n<response>{response}",
-    "example_separator": "\n\n",
-    "suffix": "\n<response>",
-}
 PROBE_TEXT = "Hello world, this is a probe."
 
 
@@ -87,8 +84,20 @@ def pad_token(tokenizer) -> tuple[str, int]:
     raise ValueError("the tokenizer has no pad, unk or eos token to pad with")
 
 
-def special_tokens(tokenizer) -> dict:
+def final_wrapping(tokenizer, family: Family | None = None) -> tuple[list[int], list[int]]:
+    """The ids the family's procedure puts around every text: the tokenizer's own, plus eos at the
+    end when the family appends it and the tokenizer does not (e5-mistral's model card code)."""
     prepend, append = wrapping(tokenizer)
+    eos = tokenizer.eos_token_id
+    if family is not None and family.append_eos and append[-1:] != [eos]:
+        if eos is None:
+            raise ValueError(f"family {family.name} ends every row with eos, but the tokenizer has none")
+        append = append + [eos]
+    return prepend, append
+
+
+def special_tokens(tokenizer, family: Family | None = None) -> dict:
+    prepend, append = final_wrapping(tokenizer, family)
     pad, pad_id = pad_token(tokenizer)
     return {
         "bos": tokenizer.bos_token,
@@ -139,17 +148,26 @@ def variant_entry(
     return entry
 
 
-def build(config, tokenizer, package: Path, source: dict, max_length: int, variants: dict[str, dict]) -> dict:
+def build(
+    config,
+    tokenizer,
+    package: Path,
+    source: dict,
+    family: Family,
+    max_length: dict[str, int],
+    variants: dict[str, dict],
+) -> dict:
     return {
         "format": FORMAT,
-        "source": source,
+        "source": {**source, "family": family.name},
         "architecture": architecture(config),
         "pooling": "last_token",
         "normalize": True,
         "padding_side": "right",
-        "prompt": dict(PROMPT),
-        "special_tokens": special_tokens(tokenizer),
-        "max_length": {"query": max_length, "document": max_length},
+        "prompt": dict(family.prompt),
+        "dimensions": dict(family.dimensions) if family.dimensions else None,
+        "special_tokens": special_tokens(tokenizer, family),
+        "max_length": dict(max_length),
         "clean_up_tokenization_spaces": bool(tokenizer.clean_up_tokenization_spaces),
         "tokenizer": {"file": "tokenizer.json", "sha256": sha256(package / "tokenizer.json")},
         "variants": variants,

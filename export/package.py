@@ -13,6 +13,7 @@ variant one layer-sized segment at a time.
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import os
@@ -26,7 +27,7 @@ import torch
 from huggingface_hub import snapshot_download
 from transformers import AutoConfig, AutoTokenizer
 
-from . import export, manifest, samples, stream, verify
+from . import export, family, manifest, samples, stream, verify
 from .int8.calibrate import Fp32Model
 from .int8.select import choose
 from .ortrun.batch import last_token, right_padded
@@ -49,7 +50,10 @@ class Options:
     variants: list[str] = field(default_factory=lambda: list(DEFAULT_VARIANTS))
     revision: str | None = None
     force: bool = False
-    max_length: int = 512
+    # Max tokens of a query and of a document (None: the family's, models/<family>.toml).
+    max_length: int | None = None
+    # models/<family>.toml (None: detected, export/family.py).
+    family: str | None = None
     source_id: str | None = None
     thresholds: dict[str, float] = field(default_factory=lambda: dict(verify.THRESHOLDS))
     threads: int = 2
@@ -101,7 +105,16 @@ def _build(model: str, model_dir: Path, revision: str | None, tmp: Path, opts: O
     shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     config = AutoConfig.from_pretrained(model_dir)
-    rows = [s.ids for s in samples.samples(tokenizer, opts.max_length)]
+    try:
+        fam = family.resolve(opts.family, config, tokenizer)
+    except ValueError as e:
+        raise ExportError(str(e)) from e
+    max_length = (
+        {"query": opts.max_length, "document": opts.max_length} if opts.max_length is not None else fam.max_length
+    )
+    length = min(max_length["document"], samples.SAMPLE_MAX_LENGTH)
+    log.info("family %s (prompt procedure %s), max length %s", fam.name, fam.procedure, max_length)
+    rows = [s.ids for s in samples.samples(tokenizer, length, fam)]
     pad_id = manifest.pad_token(tokenizer)[1]
     batch = right_padded(rows, pad_id)
     log.info("%d sample texts, %d to %d tokens", len(rows), min(map(len, rows)), max(map(len, rows)))
@@ -118,10 +131,10 @@ def _build(model: str, model_dir: Path, revision: str | None, tmp: Path, opts: O
         peak_rss_gib(),
     )
     fp32 = _write_graphs(config, checkpoint, tmp, opts)
-    cache_rows = samples.prefix_sharing(tokenizer, opts.max_length)
+    cache_rows = samples.prefix_sharing(tokenizer, length, fam)
     entries = {}
     for name in opts.variants:
-        entries[name] = _finish_variant(name, tmp, opts, batch, reference, tokenizer, cache_rows, fp32)
+        entries[name] = _finish_variant(name, tmp, opts, batch, reference, tokenizer, cache_rows, fp32, fam, length)
 
     _readable(tmp)
     source = {
@@ -130,7 +143,7 @@ def _build(model: str, model_dir: Path, revision: str | None, tmp: Path, opts: O
         "model_type": config.model_type,
         "architecture": architecture,
     }
-    result = manifest.build(config, tokenizer, tmp, source, opts.max_length, entries)
+    result = manifest.build(config, tokenizer, tmp, source, fam, max_length, entries)
     manifest.write(tmp, result)
     return result
 
@@ -166,19 +179,28 @@ def _write_graphs(config, checkpoint: stream.Checkpoint, tmp: Path, opts: Option
 
 
 def _finish_variant(
-    name: str, tmp: Path, opts: Options, batch, reference, tokenizer, cache_rows, fp32: Fp32Model | None
+    name: str,
+    tmp: Path,
+    opts: Options,
+    batch,
+    reference,
+    tokenizer,
+    cache_rows,
+    fp32: Fp32Model | None,
+    fam: family.Family,
+    length: int,
 ) -> dict:
     quantization = None
     if name in QUANTIZED:
         quantization = _timed(
             f"quantize {name}",
-            choose,
+            functools.partial(choose, family=fam),
             fp32,
             tmp / name / "model.onnx",
             tokenizer,
             opts.int8_recipes,
             opts.threads,
-            opts.max_length,
+            length,
         )
     long_input = samples.long_ids(tokenizer, FP16_LONG_INPUT) if name == "fp16" else None
     start_states = verify.start_of(tmp / name / "model.onnx", quantization)

@@ -1,14 +1,24 @@
 """Built-in sample inputs for the export's parity check.
 
-A handful of queries with few-shot examples (rendered with the formula of export/REFERENCE.md section 2, the
-way FlagEmbedding's `ICLLLMEmbedder` tokenizes them) and documents, short and long, one of them
-long enough to hit the maximum length. The exact texts matter less than their spread: short and
-long rows in one right-padded batch, special ICL tokens, and a truncated row.
+A handful of queries and documents, short and long, one of them long enough to hit the maximum
+length. Queries follow the family's prompt procedure (export/family.py): for `flagembedding-icl`
+(bge-en-icl; also when no family is given) with few-shot examples, rendered with the formula of
+export/REFERENCE.md section 2, the way FlagEmbedding's `ICLLLMEmbedder` tokenizes them; for
+`instruct` (Qwen3-Embedding, e5-mistral) the task template, tokenized once and truncated from the
+right. The exact texts matter less than their spread: short and long rows in one right-padded
+batch, special tokens, a shared prompt prefix (the prefix cache check), and a truncated row.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from .family import Family
+
+# The samples are truncated at the package's document max length, but at most this: a batch of nine
+# rows padded to Qwen3-Embedding's 8192 tokens would cost minutes of verification and show nothing
+# that 512 does not (the fp16 range check runs its own 4096-token row).
+SAMPLE_MAX_LENGTH = 512
 
 TASK = "Given a web search query, retrieve relevant passages that answer the query."
 
@@ -89,8 +99,26 @@ def encode_query(tokenizer, query: str, task: str, examples: list[dict[str, str]
     return tokenizer(prefix + decoded + suffix, truncation=True, max_length=new_max)["input_ids"]
 
 
-def encode_document(tokenizer, text: str, max_length: int) -> list[int]:
-    return tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
+def encode_document(tokenizer, text: str, max_length: int, family: Family | None = None) -> list[int]:
+    """The text with the tokenizer's special tokens, truncated to `max_length` ids; a family that
+    ends every row with eos where the tokenizer does not (e5-mistral) gets it after truncating to
+    one id fewer, as its model card's code does."""
+    eos = [tokenizer.eos_token_id] if family is not None and family.append_eos else []
+    ids = tokenizer(text, truncation=True, max_length=max_length - len(eos))["input_ids"]
+    if eos and ids[-1:] == eos:  # the tokenizer appends eos itself
+        return tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
+    return ids + eos
+
+
+def encode_instruct_query(tokenizer, family: Family, query: str, task: str | None, max_length: int) -> list[int]:
+    """An `instruct` query: the template (or the raw text without a task) as one text."""
+    return encode_document(tokenizer, family.query_text(query, task), max_length, family)
+
+
+def encode_for(tokenizer, family: Family | None, query: str, examples: list[dict[str, str]], max_length: int):
+    if family is None or family.procedure == "flagembedding-icl":
+        return encode_query(tokenizer, query, TASK, examples, max_length)
+    return encode_instruct_query(tokenizer, family, query, TASK, max_length)
 
 
 def long_text(tokenizer, min_tokens: int) -> str:
@@ -100,23 +128,24 @@ def long_text(tokenizer, min_tokens: int) -> str:
     return text
 
 
-def samples(tokenizer, max_length: int = 512) -> list[Sample]:
-    """The parity inputs: queries (with and without examples) and documents, one truncated."""
+def samples(tokenizer, max_length: int = 512, family: Family | None = None) -> list[Sample]:
+    """The parity inputs: queries (the first two sharing a few-shot prefix, or for `instruct` the
+    task's prefix) and documents, one truncated."""
     out = []
     for i, query in enumerate(QUERIES):
         examples = EXAMPLES if i < 2 else []
-        out.append(Sample("query", f"query-{i}", encode_query(tokenizer, query, TASK, examples, max_length)))
+        out.append(Sample("query", f"query-{i}", encode_for(tokenizer, family, query, examples, max_length)))
     for i, doc in enumerate(DOCUMENTS):
-        out.append(Sample("document", f"document-{i}", encode_document(tokenizer, doc, max_length)))
+        out.append(Sample("document", f"document-{i}", encode_document(tokenizer, doc, max_length, family)))
     long_doc = long_text(tokenizer, max_length + 64)
-    out.append(Sample("document", "document-long", encode_document(tokenizer, long_doc, max_length)))
-    out.append(Sample("document", "document-medium", encode_document(tokenizer, long_doc, max_length // 3)))
+    out.append(Sample("document", "document-long", encode_document(tokenizer, long_doc, max_length, family)))
+    out.append(Sample("document", "document-medium", encode_document(tokenizer, long_doc, max_length // 3, family)))
     return out
 
 
-def prefix_sharing(tokenizer, max_length: int = 512) -> list[int]:
-    """Indexes (into `samples()`) of the queries that share one few-shot prefix: the prefix cache check."""
-    return [i for i, s in enumerate(samples(tokenizer, max_length)) if s.kind == "query" and i < 2]
+def prefix_sharing(tokenizer, max_length: int = 512, family: Family | None = None) -> list[int]:
+    """Indexes (into `samples()`) of the queries that share one prompt prefix: the prefix cache check."""
+    return [i for i, s in enumerate(samples(tokenizer, max_length, family)) if s.kind == "query" and i < 2]
 
 
 def long_ids(tokenizer, length: int = 4096) -> list[int]:

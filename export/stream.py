@@ -154,8 +154,10 @@ def source_of(param: str) -> tuple[str, bool]:
         "down": "mlp.down_proj",
         "input_norm": "input_layernorm",
         "post_norm": "post_attention_layernorm",
+        "q_norm": "self_attn.q_norm",
+        "k_norm": "self_attn.k_norm",
     }
-    return f"layers.{layer}.{names[part]}.{kind}", kind == "weight" and part not in ("input_norm", "post_norm")
+    return f"layers.{layer}.{names[part]}.{kind}", kind == "weight" and not part.endswith("norm")
 
 
 # --- tracing --------------------------------------------------------------------------------------

@@ -37,11 +37,12 @@ SHORT_TEXTS = ["", "ok", "No", "cat", "Why?", "blue sky", "It works.",
 # fmt: on
 
 
-def calibration_rows(tokenizer, max_length: int = 512) -> list[list[int]]:
-    """Token ids of the calibration texts as documents, then the short texts (one and two tokens)."""
+def calibration_rows(tokenizer, max_length: int = 512, family=None) -> list[list[int]]:
+    """Token ids of the calibration texts as documents, then the short texts (one and two tokens);
+    `family` (export/family.py) for the ids its procedure puts around a text."""
     texts = [t.strip("\n") for t in CALIBRATION.read_text(encoding="utf-8").split("\n----\n") if t.strip()]
-    rows = [samples.encode_document(tokenizer, t, max_length) for t in texts]
-    rows += [samples.encode_document(tokenizer, t, max_length) for t in SHORT_TEXTS]
+    rows = [samples.encode_document(tokenizer, t, max_length, family) for t in texts]
+    rows += [samples.encode_document(tokenizer, t, max_length, family) for t in SHORT_TEXTS]
     return [r for r in rows if r]
 
 

@@ -21,13 +21,14 @@ from pathlib import Path
 import numpy as np
 from transformers import AutoTokenizer
 
-from .. import manifest, samples, verify
+from .. import family, manifest, samples, verify
 from ..cpu import cpu_class
 from ..manifest import START_FILE
 from ..ortrun.batch import last_token, right_padded
 from ..ortrun.batched import batched, embed_segmented
 from ..ortrun.segmented import SegmentedGraph
 from ..ortrun.session import onnx_hidden, session
+from ..samples import SAMPLE_MAX_LENGTH
 from .calibrate import CALIBRATION, SHORT_TEXTS, Fp32Measure, Fp32Model, calibration_rows
 from .recipes import CANDIDATES, RECIPES, at_least_as_precise, more_precise
 
@@ -188,6 +189,7 @@ def choose(
     threads: int = 2,
     max_length: int = 512,
     thresholds: dict = FIDELITY,
+    family=None,
 ) -> dict:
     """Quantize `dst` with the first (fastest) recipe of `candidates` that is faithful on the
     calibration texts; returns the manifest's `quantization` field (the recipe and the selection).
@@ -208,7 +210,7 @@ def choose(
     names = candidates or CANDIDATES
     if not names:
         raise ValueError("no int8 candidates")
-    rows = calibration_rows(tokenizer, max_length)
+    rows = calibration_rows(tokenizer, max_length, family)
     ids = verify.start_ids(tokenizer, fp32.input_names())
     measured = fp32.measure(rows, ids, threads)
     log.info("fp32 reference over %d calibration texts in %.1f s (one layer at a time)", len(rows), measured.seconds)
@@ -254,10 +256,13 @@ def add_int8(model_dir: Path, package: Path, names: list[str], threads: int = 2)
     recipe without exporting again. The parity reference is the fp32 graph, not PyTorch."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     meta = json.loads((package / "embedder.json").read_text(encoding="utf-8"))
+    # Format 1 packages are all bge-en-icl's.
+    fam = family.load(meta["source"].get("family", "bge-en-icl"))
+    length = min(meta["max_length"]["document"], SAMPLE_MAX_LENGTH)
     fp32 = package / "fp32" / "model.onnx"
     dst = package / "int8" / "model.onnx"
-    quantization = choose(Fp32Model.from_graph(fp32), dst, tokenizer, names, threads)
-    rows = [s.ids for s in samples.samples(tokenizer)]
+    quantization = choose(Fp32Model.from_graph(fp32), dst, tokenizer, names, threads, length, family=fam)
+    rows = [s.ids for s in samples.samples(tokenizer, length, fam)]
     batch = right_padded(rows, meta["special_tokens"]["pad_id"])
     reference = last_token(onnx_hidden(session(fp32, threads), batch), batch.attention_mask)
     start = verify.start_of(dst, quantization)
@@ -269,7 +274,7 @@ def add_int8(model_dir: Path, package: Path, names: list[str], threads: int = 2)
         verify.THRESHOLDS["int8"],
         None,
         threads,
-        samples.prefix_sharing(tokenizer),
+        samples.prefix_sharing(tokenizer, length, fam),
         start,
     )
     parity["reference"] = "fp32 graph"

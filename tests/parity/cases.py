@@ -1,9 +1,12 @@
-"""The parity set: inputs, tasks and few-shot examples that `icl-embed` must tokenize and embed
-exactly as FlagEmbedding does (issue 3).
+"""The parity sets: inputs, tasks and few-shot examples that `icl-embed` must tokenize and embed
+exactly as each model's reference pipeline does (issues 3 and 27).
 
-`write_cases(out)` lays the inputs out under `out/` and writes `out/cases.json`, which the Rust
-integration tests read. Real text comes from tests/data/flagembedding-icl-examples (the few-shot
-example sets FlagEmbedding publishes); the hand-written edge cases live in `edge.jsonl` beside this file.
+`cases()` is bge-en-icl's set (FlagEmbedding's few-shot procedure); `instruct_cases()` the set of
+the `instruct` families (Qwen3-Embedding, e5-mistral): documents, and queries with a task, with the
+default task (`task` null) and truncated, never examples. `write_cases(out)` lays a set's inputs
+out under `out/` and writes `out/cases.json`, which the Rust integration tests read. Real text comes
+from tests/data/flagembedding-icl-examples (the few-shot example sets FlagEmbedding publishes); the
+hand-written edge cases live in `edge.jsonl` beside this file.
 """
 
 from __future__ import annotations
@@ -86,6 +89,44 @@ def cases() -> list[dict]:
     ]
 
 
+# Other vocabularies' special tokens as text: for Qwen's tokenizer they are single tokens (the
+# runtime must split them out as the reference does), for Mistral's plain text.
+INSTRUCT_EDGE = [
+    "text with <|endoftext|> inside and <|im_start|>user after it",
+    "ends with the end token<|endoftext|>",
+    "<|im_end|><think>\n</think> tool tokens <tool_call>",
+    "Query:no space after the colon",
+]
+
+
+def instruct_cases() -> list[dict]:
+    """The `instruct` procedure's cases: `task` None means the package's default task; `max_length`
+    None the package's (8192 for Qwen3-Embedding, 4096 for e5-mistral)."""
+    qa = qa_rows()
+    queries = [r["query"] for r in qa]
+    passages = [r["pos"] for r in qa]
+    edge = edge_texts() + INSTRUCT_EDGE
+    long = long_texts()
+    return [
+        {"name": "docs_edge", "texts": edge, "queries": False},
+        {"name": "docs_passages", "texts": passages + long, "queries": False},
+        {"name": "docs_truncated", "texts": passages[:6] + long + edge[4:12], "queries": False, "max_length": 48},
+        {"name": "q_task", "texts": queries + edge, "queries": True, "task": SCIFACT_TASK},
+        {"name": "q_default_task", "texts": queries + edge, "queries": True},
+        {
+            "name": "q_truncated",
+            "texts": queries[:6] + long + edge[4:12],
+            "queries": True,
+            "task": ARGUANA_TASK,
+            "max_length": 40,
+        },
+        {"name": "q_truncated_default_task", "texts": queries[:4] + long, "queries": True, "max_length": 32},
+    ]
+
+
+SETS = {"flagembedding-icl": cases, "instruct": instruct_cases}
+
+
 def spread(items: list, n: int) -> list:
     """n of items spread evenly, the first and the last included (all of them when n >= len)."""
     if n >= len(items):
@@ -95,13 +136,18 @@ def spread(items: list, n: int) -> list:
     return [items[round(i * (len(items) - 1) / (n - 1))] for i in range(n)]
 
 
-def write_cases(out: Path, only: set[str] | None = None, max_texts: dict[str, int] | None = None) -> list[dict]:
+def write_cases(
+    out: Path,
+    only: set[str] | None = None,
+    max_texts: dict[str, int] | None = None,
+    procedure: str = "flagembedding-icl",
+) -> list[dict]:
     """Writes each case's input (JSON lines) and examples file under `out`, and `out/cases.json`;
-    `only` restricts the set to the named cases, `max_texts` cuts a case to that many of its texts
-    (spread over it)."""
+    `procedure` picks the set (`SETS`), `only` restricts it to the named cases, `max_texts` cuts a
+    case to that many of its texts (spread over it)."""
     out.mkdir(parents=True, exist_ok=True)
     listed = []
-    for case in cases():
+    for case in SETS[procedure]():
         if only is not None and case["name"] not in only:
             continue
         name = case["name"]

@@ -87,8 +87,9 @@ def test_tokenizer_copied_unchanged(package, tiny_dir):
 
 
 def test_manifest_fields(package, meta):
-    assert meta["format"] == "icl-embed/1"
-    assert set(meta["source"]) == {"model", "revision", "model_type", "architecture"}
+    assert meta["format"] == "icl-embed/2"
+    assert set(meta["source"]) == {"model", "revision", "model_type", "architecture", "family"}
+    assert meta["source"]["family"] == "bge-en-icl"  # detected by its three ICL tokens
     assert meta["source"]["model_type"] == "mistral"
     assert meta["source"]["architecture"] == "MistralModel"
     arch = meta["architecture"]
@@ -106,7 +107,16 @@ def test_manifest_fields(package, meta):
     }  # the tiny stand-in's config has no window
     assert isinstance(arch["intermediate"], int) and isinstance(arch["rms_norm_eps"], float)
     assert meta["pooling"] == "last_token" and meta["normalize"] is True and meta["padding_side"] == "right"
-    assert meta["prompt"] == manifest.PROMPT
+    # bge-en-icl's prompt as format 1 wrote it (issue 27: unchanged), plus the procedure and no default task.
+    assert meta["prompt"] == {
+        "procedure": "flagembedding-icl",
+        "query": "<instruct>{task}\n<query>{query}",
+        "default_task": None,
+        "example": "<instruct>{instruct}\n<query>{query}\n<response>{response}",
+        "example_separator": "\n\n",
+        "suffix": "\n<response>",
+    }
+    assert meta["dimensions"] is None
     assert meta["max_length"] == {"query": 512, "document": 512}
     assert isinstance(meta["clean_up_tokenization_spaces"], bool)
     assert meta["tokenizer"]["file"] == "tokenizer.json"
