@@ -132,8 +132,17 @@ pub struct SpecialTokens {
     pub prepend: Vec<u32>,
     pub append: Vec<u32>,
     pub pad_id: u32,
-    #[serde(default)]
+    /// Added tokens the prompt uses by name (bge-en-icl's `<instruct>`, `<query>`, `<response>`);
+    /// `null` or absent when the family has none (Qwen3-Embedding, e5-mistral).
+    #[serde(default, deserialize_with = "null_as_empty")]
     pub added: BTreeMap<String, u32>,
+}
+
+fn null_as_empty<'de, D>(d: D) -> std::result::Result<BTreeMap<String, u32>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    Ok(Option::<BTreeMap<String, u32>>::deserialize(d)?.unwrap_or_default())
 }
 
 /// Default maximum lengths, in tokens.
