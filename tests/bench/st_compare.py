@@ -12,8 +12,11 @@ what export/standins.py writes for the Qwen3 stand-ins and the hub repository of
 
 What each figure covers, on the same token count (the CLI's `done:` line's):
 - icl-embed: the `done:` time (reading, tokenizing, batching, forwards, writing; not the load).
-- sentence-transformers: one `encode` call (tokenizing, its batches of 32 sorted by length, the
-  forwards, pooling, normalising) after the model was loaded, `torch.set_num_threads(threads)`.
+- sentence-transformers: one `encode` call (tokenizing, its batches sorted by length, the forwards,
+  pooling, normalising) after the model was loaded, `torch.set_num_threads(threads)`. Batches of
+  `--st-batch` (8) texts: sentence-transformers pads each batch to its longest text, so its default of
+  32 on 32 sample texts would pad all of them to the longest (1,737 of Qwen's tokens here, 7x the
+  real tokens), which a large corpus, sorted into batches of similar lengths, does not do.
 - Peak RSS: the whole process (`ru_maxrss` of the child), load included.
 Queries use the task below through the package's `instruct` prompt and sentence-transformers'
 `prompt=` argument with the same text. Nothing here asserts a timing.
@@ -77,7 +80,7 @@ def cli(a: argparse.Namespace, kind: str, variant: str, scratch: Path) -> dict:
 def st(a: argparse.Namespace, kind: str, scratch: Path) -> dict:
     n = a.docs if kind == "documents" else a.queries
     out = scratch / f"{kind}-st.npy"
-    cmd = [sys.executable, __file__, "worker", kind, a.model, str(a.threads), str(n), str(out)]
+    cmd = [sys.executable, __file__, "worker", kind, a.model, str(a.threads), str(n), str(out), str(a.st_batch)]
     proc, rss = run_measured(cmd, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     r["rss"] = rss
@@ -85,8 +88,8 @@ def st(a: argparse.Namespace, kind: str, scratch: Path) -> dict:
 
 
 def worker(argv: list[str]) -> int:
-    """One measured sentence-transformers process: `worker KIND MODEL THREADS N OUT`."""
-    kind, model, threads, n, out = argv
+    """One measured sentence-transformers process: `worker KIND MODEL THREADS N OUT BATCH`."""
+    kind, model, threads, n, out, batch = argv
     import torch
     from sentence_transformers import SentenceTransformer
 
@@ -98,7 +101,9 @@ def worker(argv: list[str]) -> int:
     prompt = f"Instruct: {TASK}\nQuery:" if kind == "queries" else None
     start = time.perf_counter()
     with torch.inference_mode():
-        vectors = m.encode(texts, prompt=prompt, batch_size=32, convert_to_numpy=True, normalize_embeddings=True)
+        vectors = m.encode(
+            texts, prompt=prompt, batch_size=int(batch), convert_to_numpy=True, normalize_embeddings=True
+        )
     seconds = time.perf_counter() - start
     np.save(out, vectors.astype(np.float32))
     print(json.dumps({"seconds": seconds, "load": load}))
@@ -135,7 +140,9 @@ def measure(a: argparse.Namespace) -> tuple[dict[str, dict[str, list]], dict[str
                     r = st(a, kind, scratch) if engine == "st" else cli(a, kind, engine, scratch)
                     for key, value in r.items():
                         results.setdefault(f"{kind}/{engine}", {}).setdefault(key, []).append(value)
-                    print(f"rep {rep} {kind:9} {engine:5} {r} load {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
+                    print(
+                        f"rep {rep} {kind:9} {engine:5} {r} load {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True
+                    )
                 for v in a.variants:
                     agreement[f"{kind}/{v}"] = cosines(scratch, kind, v)
     return results, agreement
@@ -143,8 +150,12 @@ def measure(a: argparse.Namespace) -> tuple[dict[str, dict[str, list]], dict[str
 
 def report(a: argparse.Namespace, results: dict, agreement: dict) -> None:
     med = statistics.median
-    print(f"\n{a.threads} threads, medians of {a.runs}; tokens/s on the CLI's token count\n")
-    print("| workload | engine | tokens | seconds | tokens/s | against sentence-transformers | peak RSS MiB | cosine with ST (min / mean) |")
+    print(
+        f"\n{a.threads} threads, medians of {a.runs}; sentence-transformers batch_size {a.st_batch}; tokens/s on the CLI's token count\n"
+    )
+    print(
+        "| workload | engine | tokens | seconds | tokens/s | against sentence-transformers | peak RSS MiB | cosine with ST (min / mean) |"
+    )
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |")
     for kind in ("documents", "queries"):
         tokens = results[f"{kind}/{a.variants[0]}"]["tokens"][0]
@@ -174,6 +185,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--docs", type=int, default=32)
     p.add_argument("--queries", type=int, default=32)
     p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--st-batch", type=int, default=8, help="sentence-transformers' batch_size")
     a = p.parse_args(argv)
     a.variants = a.variants.split(",")
     cpu = sorted(set(re.findall(r"avx512_vnni|avx512f|avx2", Path("/proc/cpuinfo").read_text())))
