@@ -256,6 +256,16 @@ pub fn cpu_preference(manifest: &Manifest) -> (Option<String>, String) {
                 format!("{summary}; this CPU is {cpu} ({kernel})"),
             )
         }
+        // Without VNNI, ONNX Runtime's MatMulNBits int8 kernel is slower than fp32 (0.6x on
+        // bge-en-icl's MatMuls at 512 tokens with CPUID masked to AVX2, BENCHMARKS.md).
+        Some("matmulnbits-int8") if has_fp32 && !runtime::cpu_has_vnni() => (
+            Some("fp32".into()),
+            format!(
+                "fp32: the int8 variant ({summary}) is block-wise int8 x int8, and this CPU is {cpu}: \
+                 without VNNI MatMulNBits measured 0.6x fp32 on bge-en-icl's MatMuls at 512 tokens \
+                 with CPUID masked to AVX2 (pass --variant int8 for a third of the memory)"
+            ),
+        ),
         Some("matmulnbits-int8") => (
             Some("int8".into()),
             format!(
@@ -715,6 +725,11 @@ mod auto_tests {
         let blockwise = || V("int8", "int8", int8("matmulnbits-int8", true), 1100, true);
         let weight_only = || V("int8", "int8", int8("matmulnbits-fp32", true), 1000, true);
         let unfaithful = || V("int8", "int8", int8("u8s8", false), 1000, true);
+        let blockwise_choice = if runtime::cpu_has_vnni() {
+            "int8"
+        } else {
+            "fp32"
+        };
         let cases: Vec<Case> = vec![
             (
                 "fast int8, unlimited",
@@ -741,9 +756,15 @@ mod auto_tests {
                 Ok("int8"),
             ),
             (
-                "block-wise int8 is fast",
+                "block-wise int8 is fast with VNNI; without, fp32 when it fits",
                 vec![fp32(), blockwise()],
                 Some(8000),
+                Ok(blockwise_choice),
+            ),
+            (
+                "block-wise int8 when fp32 does not fit, with or without VNNI",
+                vec![fp32(), blockwise()],
+                Some(4000),
                 Ok("int8"),
             ),
             (
