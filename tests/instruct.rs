@@ -59,23 +59,11 @@ fn queries_file(dir: &Path) -> PathBuf {
     jsonl(dir, "queries.jsonl", &texts)
 }
 
-fn tokenize(pkg: &Path, input: &Path, extra: &[&str]) -> Vec<Vec<u32>> {
-    let mut args = vec![
-        "tokenize".to_string(),
-        "--model".into(),
-        pkg.display().to_string(),
-        "--input".into(),
-        input.display().to_string(),
-    ];
-    args.extend(extra.iter().map(|s| s.to_string()));
-    read_ids(&ok(run(&args)))
-}
-
 #[test]
 fn a_query_is_one_encoding_of_the_filled_template_with_special_tokens() {
     let Some(p) = packages() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let queries = tokenize(
+    let queries = tokenize_ids(
         &p.instruct,
         &queries_file(dir.path()),
         &["--queries", "--task", TASK],
@@ -85,7 +73,7 @@ fn a_query_is_one_encoding_of_the_filled_template_with_special_tokens() {
         .iter()
         .map(|q| format!("Instruct: {TASK}\nQuery: {q}"))
         .collect();
-    let documents = tokenize(
+    let documents = tokenize_ids(
         &p.instruct,
         &jsonl(dir.path(), "filled.jsonl", &filled),
         &[],
@@ -103,14 +91,14 @@ fn queries_without_a_task_take_the_default_task() {
     let Some(p) = packages() else { return };
     let dir = tempfile::tempdir().unwrap();
     let input = queries_file(dir.path());
-    let default = tokenize(&p.instruct, &input, &["--queries"]);
-    let given = tokenize(
+    let default = tokenize_ids(&p.instruct, &input, &["--queries"]);
+    let given = tokenize_ids(
         &p.instruct,
         &input,
         &["--queries", "--task", INSTRUCT_DEFAULT_TASK],
     );
     assert_eq!(default, given);
-    let other = tokenize(&p.instruct, &input, &["--queries", "--task", TASK]);
+    let other = tokenize_ids(&p.instruct, &input, &["--queries", "--task", TASK]);
     assert_ne!(default, other);
 }
 
@@ -120,10 +108,10 @@ fn a_long_query_is_cut_to_max_length_keeping_the_end_token() {
     let dir = tempfile::tempdir().unwrap();
     let long = vec!["word ".repeat(400)];
     let input = jsonl(dir.path(), "long.jsonl", &long);
-    let ids = tokenize(&p.instruct, &input, &["--queries", "--max-length", "40"]);
+    let ids = tokenize_ids(&p.instruct, &input, &["--queries", "--max-length", "40"]);
     assert_eq!(ids[0].len(), 40);
     assert_eq!((ids[0][0], ids[0][39]), (1, 2), "{:?}", ids[0]);
-    let full = tokenize(&p.instruct, &input, &["--queries", "--max-length", "4000"]);
+    let full = tokenize_ids(&p.instruct, &input, &["--queries", "--max-length", "4000"]);
     assert_eq!(ids[0][..39], full[0][..39]);
 }
 

@@ -325,19 +325,12 @@ impl Setup {
     fn cli_tokenize(&self, pkg: &Path, texts: &[&str], queries: bool) -> Vec<Vec<u32>> {
         let input = self.write_lines("in.txt", texts);
         let examples = self.path("examples.json").display().to_string();
-        let mut args = vec![
-            "tokenize".to_string(),
-            "--model".into(),
-            pkg.display().to_string(),
-            "--input".into(),
-            input.display().to_string(),
-        ];
-        if queries {
-            args.extend(
-                ["--queries", "--task", INSTRUCTION, "--examples", &examples].map(String::from),
-            );
-        }
-        read_ids(&ok(run(&args)))
+        let extra: &[&str] = if queries {
+            &["--queries", "--task", INSTRUCTION, "--examples", &examples]
+        } else {
+            &[]
+        };
+        tokenize_ids(pkg, &input, extra)
     }
 }
 

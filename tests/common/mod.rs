@@ -206,6 +206,19 @@ pub fn read_jsonl_embeddings(path: &Path) -> Vec<(serde_json::Value, Vec<f32>)> 
 }
 
 /// `{"index": i, "ids": [...]}` lines.
+/// The final ids `icl-embed tokenize` prints for `input` with the package `pkg` and `extra` options.
+pub fn tokenize_ids(pkg: &Path, input: &Path, extra: &[&str]) -> Vec<Vec<u32>> {
+    let mut args = vec![
+        "tokenize".to_string(),
+        "--model".into(),
+        pkg.display().to_string(),
+        "--input".into(),
+        input.display().to_string(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    read_ids(&ok(run(&args)))
+}
+
 pub fn read_ids(text: &str) -> Vec<Vec<u32>> {
     text.lines()
         .enumerate()
