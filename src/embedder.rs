@@ -66,6 +66,16 @@ impl Encoder {
         &self.package
     }
 
+    /// Refuses shortened vectors (`dimensions`, the Rust and Python APIs' name) that the package
+    /// does not allow; `None` (the whole vector) always passes
+    /// ([`crate::Manifest::check_dimensions`]).
+    pub fn check_dimensions(&self, dimensions: Option<usize>) -> Result<()> {
+        match dimensions {
+            Some(n) => self.package.manifest.check_dimensions(n, "dimensions"),
+            None => Ok(()),
+        }
+    }
+
     /// The lower-level tokenizer (plain encoding, decoding).
     pub fn tokenizer(&self) -> &TextTokenizer {
         &self.tokenizer
@@ -276,7 +286,7 @@ impl Embedder {
             };
         let encoder = Encoder::from_package(package)?;
         // Before the model loads: a refused length costs no load.
-        check_dimensions(&encoder, options.dimensions)?;
+        encoder.check_dimensions(options.dimensions)?;
         let limits = BatchLimits::default_for(options.device);
         let model_options = ModelOptions::default()
             .variant(options.variant.clone())
@@ -299,7 +309,7 @@ impl Embedder {
         model: Model,
         options: &EmbedderOptions,
     ) -> Result<Embedder> {
-        check_dimensions(&encoder, options.dimensions)?;
+        encoder.check_dimensions(options.dimensions)?;
         let default = BatchLimits::default_for(model.device());
         Ok(Embedder {
             encoder,
@@ -446,13 +456,5 @@ impl Embedder {
     /// What the prefix cache did so far.
     pub fn prefix_stats(&self) -> &PrefixStats {
         self.prefixes.stats()
-    }
-}
-
-/// Refuses shortened vectors the package does not allow (the Rust API's `dimensions` option).
-fn check_dimensions(encoder: &Encoder, dimensions: Option<usize>) -> Result<()> {
-    match dimensions {
-        Some(n) => encoder.package().manifest.check_dimensions(n, "dimensions"),
-        None => Ok(()),
     }
 }

@@ -431,7 +431,7 @@ impl PyEmbedder {
         let texts = self::texts("texts", texts)?;
         let vectors = detached(py, || {
             let mut embedder = lock(&self.embedder);
-            check_dimensions(&embedder, dimensions)?;
+            embedder.encoder().check_dimensions(dimensions)?;
             Ok(shortened(
                 embedder.embed_documents(&refs(&texts))?,
                 dimensions,
@@ -467,7 +467,7 @@ impl PyEmbedder {
         let texts = self::texts("texts", texts)?;
         let vectors = detached(py, || {
             let mut embedder = lock(&self.embedder);
-            check_dimensions(&embedder, dimensions)?;
+            embedder.encoder().check_dimensions(dimensions)?;
             Ok(shortened(
                 embedder.embed_queries(prompt, &refs(&texts))?,
                 dimensions,
@@ -495,19 +495,6 @@ impl PyEmbedder {
         d.set_item("cached_rows", s.cached)?;
         d.set_item("full_rows", s.fallback)?;
         Ok(d)
-    }
-}
-
-/// Refuses (a ValueError naming `dimensions`) a length the package does not allow, before any text
-/// is embedded.
-fn check_dimensions(e: &icl_embed::Embedder, dimensions: Option<usize>) -> Result<(), Error> {
-    match dimensions {
-        Some(n) => e
-            .encoder()
-            .package()
-            .manifest
-            .check_dimensions(n, "dimensions"),
-        None => Ok(()),
     }
 }
 
