@@ -55,8 +55,8 @@ pub mod package;
 pub mod text;
 
 pub use backend::{
-    auto_cpu_variant, cpu_preference, default_cache_dir, shorten, CpuFit, Device, MemoryLimit,
-    Model, ModelOptions, Prefix, Resolved, Variant,
+    auto_cpu_variant, cpu_preference, default_cache_dir, shorten, shorten_row, CpuFit, Device,
+    MemoryLimit, Model, ModelOptions, Prefix, Resolved, Variant,
 };
 pub use corpus::input::read_examples;
 pub use embedder::{Embedder, EmbedderOptions, Encoder, DEFAULT_PREFIX_CACHE_BYTES};

@@ -8,5 +8,5 @@ pub mod runtime;
 
 pub use memory::MemoryLimit;
 pub use model::*;
-pub use pooling::shorten;
+pub use pooling::{shorten, shorten_row};
 pub use runtime::Device;

@@ -2,7 +2,7 @@
 //! vectors. Rows are right-padded, so a row's last real token sits at `length - 1`; a row of
 //! length 0 has no token to pool and is refused before the graph runs ([`crate::Model::forward`]).
 
-use ndarray::{s, Array2};
+use ndarray::{s, Array2, ArrayViewMut1};
 
 /// The hidden state at `length - 1` of each row of a `[rows, seq, hidden]` tensor, as f32:
 /// `[rows, hidden]`. Every length must be at least 1.
@@ -23,17 +23,20 @@ pub(crate) fn last_token<T: Copy + Into<f32>>(
     out
 }
 
-/// Scales each row to unit length (as torch's `normalize`, eps 1e-12); sums are taken in f64.
+/// Scales each row to unit length ([`unit_length`]).
 pub(crate) fn normalize_rows(rows: &mut Array2<f32>) {
-    for mut v in rows.rows_mut() {
-        let norm = v
-            .iter()
-            .map(|&x| f64::from(x) * f64::from(x))
-            .sum::<f64>()
-            .sqrt()
-            .max(1e-12);
-        v.mapv_inplace(|x| (f64::from(x) / norm) as f32);
-    }
+    rows.rows_mut().into_iter().for_each(unit_length);
+}
+
+/// Scales a vector to unit length (as torch's `normalize`, eps 1e-12); sums are taken in f64.
+fn unit_length(mut v: ArrayViewMut1<f32>) {
+    let norm = v
+        .iter()
+        .map(|&x| f64::from(x) * f64::from(x))
+        .sum::<f64>()
+        .sqrt()
+        .max(1e-12);
+    v.mapv_inplace(|x| (f64::from(x) / norm) as f32);
 }
 
 /// Shortened vectors (Matryoshka): the first `n` components of each pooled row, scaled to unit
@@ -45,6 +48,12 @@ pub fn shorten(rows: &Array2<f32>, n: usize) -> Array2<f32> {
     let mut out = rows.slice(s![.., ..n]).to_owned();
     normalize_rows(&mut out);
     out
+}
+
+/// [`shorten`] for one row held in a `Vec` (the server's rows), in place.
+pub fn shorten_row(row: &mut Vec<f32>, n: usize) {
+    row.truncate(n);
+    unit_length(ArrayViewMut1::from(row.as_mut_slice()));
 }
 
 #[cfg(test)]
@@ -90,5 +99,18 @@ mod tests {
         let mut v = array![[3.0f32, 4.0], [0.0, 0.0]];
         normalize_rows(&mut v);
         assert_eq!(v, array![[0.6, 0.8], [0.0, 0.0]]);
+    }
+
+    #[test]
+    fn a_shortened_row_is_the_shortened_matrix_row() {
+        let rows = array![[3.0f32, 4.0, 12.0], [1.0, 0.0, 5.0]];
+        for (i, row) in rows.outer_iter().enumerate() {
+            let mut v = row.to_vec();
+            shorten_row(&mut v, 2);
+            assert_eq!(v, shorten(&rows, 2).row(i).to_vec());
+        }
+        let mut v = vec![3.0f32, 4.0];
+        shorten_row(&mut v, 5);
+        assert_eq!(v, vec![0.6, 0.8]);
     }
 }

@@ -13,7 +13,7 @@ use icl_embed::corpus::output::OutputFormat;
 use icl_embed::corpus::run::{
     self as corpus, Progress, RunOptions, RunSettings, Shard, Source, Summary,
 };
-use icl_embed::{Embedder, Example, Package, PrefixStats, QueryPrompt};
+use icl_embed::{Embedder, Example, PrefixStats, QueryPrompt};
 
 use super::runtime::RuntimeArgs;
 use super::text::TextArgs;
@@ -62,8 +62,7 @@ pub fn run(args: EmbedArgs) -> Result<()> {
         .options(args.text.max_length)
         .dimensions(args.dimensions);
     let examples = args.text.examples()?;
-    check_dimensions(&args)?;
-    let mut embedder = Embedder::new(&args.text.model, &options)?;
+    let mut embedder = Embedder::new(&args.text.model, &options).map_err(dimensions_flag)?;
     if let Some(warning) = embedder.model().memory_warning() {
         eprintln!("warning: {warning}");
     }
@@ -99,13 +98,18 @@ pub fn run(args: EmbedArgs) -> Result<()> {
     Ok(())
 }
 
-/// Before the model loads: refuses `--dimensions` the package does not allow.
-fn check_dimensions(args: &EmbedArgs) -> Result<()> {
-    if let Some(n) = args.dimensions {
-        let package = Package::open(icl_embed::locate(&args.text.model)?)?;
-        package.manifest.check_dimensions(n, "--dimensions")?;
+/// `Embedder::new` refuses a `dimensions` the package does not allow before the model loads; the
+/// CLI's error names the flag.
+fn dimensions_flag(e: icl_embed::Error) -> icl_embed::Error {
+    match e {
+        icl_embed::Error::Input { what, reason } if what == "dimensions" => {
+            icl_embed::Error::Input {
+                what: "--dimensions".into(),
+                reason,
+            }
+        }
+        e => e,
     }
-    Ok(())
 }
 
 /// Before the model loads: refuses an output in a missing directory or naming a directory, an

@@ -851,16 +851,13 @@ fn parse_dimensions(
     }
 }
 
-/// The rows shortened to `dimensions` components, renormalised ([`icl_embed::shorten`]).
-fn shortened(rows: Vec<Vec<f32>>, dimensions: Option<usize>) -> Vec<Vec<f32>> {
-    let (Some(n), Some(width)) = (dimensions, rows.first().map(Vec::len)) else {
-        return rows;
-    };
-    let full = ndarray::Array2::from_shape_fn((rows.len(), width), |(i, j)| rows[i][j]);
-    icl_embed::shorten(&full, n)
-        .outer_iter()
-        .map(|r| r.to_vec())
-        .collect()
+/// The rows shortened to `dimensions` components, renormalised ([`icl_embed::shorten_row`]).
+fn shortened(mut rows: Vec<Vec<f32>>, dimensions: Option<usize>) -> Vec<Vec<f32>> {
+    if let Some(n) = dimensions {
+        rows.iter_mut()
+            .for_each(|row| icl_embed::shorten_row(row, n));
+    }
+    rows
 }
 
 fn encode_base64(v: &[f32]) -> String {
