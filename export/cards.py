@@ -143,14 +143,14 @@ def sentence_transformers_embed(
     hook = model[len(model) - 1].register_forward_hook(
         lambda _m, _args, out: seen.append((out["input_ids"], out["attention_mask"], out["sentence_embedding"]))
     )
+    if not queries:
+        prompt = {}
+    elif task is None:
+        prompt = {"prompt_name": "query"}
+    else:
+        prompt = {"prompt": template.format(task=task, query="")}
     try:
-        if queries and task is None:
-            embeddings = model.encode(list(texts), prompt_name="query", batch_size=batch_size, convert_to_numpy=True)
-        elif queries:
-            prompt = template.format(task=task, query="")
-            embeddings = model.encode(list(texts), prompt=prompt, batch_size=batch_size, convert_to_numpy=True)
-        else:
-            embeddings = model.encode(list(texts), batch_size=batch_size, convert_to_numpy=True)
+        embeddings = model.encode(list(texts), batch_size=batch_size, convert_to_numpy=True, **prompt)
     finally:
         hook.remove()
     rows: dict[bytes, list[int]] = {}
