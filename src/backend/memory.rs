@@ -409,7 +409,8 @@ impl fmt::Display for Need {
 /// kernels compute in fp32 and hold fp32 copies of the weights (the full-depth fp16 package, 14.2
 /// GB, grew past 21 GiB while its session was created, BENCHMARKS.md "full size"). fp32 and int8
 /// weights are packed into anonymous memory at about their size on disk (fp32 28.4 GB at full
-/// size; int8 ran within its 7.1 GB + 350 MiB). Runtime: [`RUNTIME_BASE`] and one batch's largest
+/// size; int8 ran within its 7.1 GB + 350 MiB); a block-wise int8 x int8 variant adds its block
+/// sums ([`block_sums`]). Runtime: [`RUNTIME_BASE`] and one batch's largest
 /// activations in fp32 (gate, up and their product over the MLP width, a few hidden-wide tensors,
 /// and the attention scores with their softmax).
 pub fn cpu_need(package: &Package, spec: &VariantSpec, batch_tokens: usize) -> Need {
@@ -426,7 +427,7 @@ pub fn cpu_need(package: &Package, spec: &VariantSpec, batch_tokens: usize) -> N
     let weights = if spec.dtype == "float16" {
         stored.saturating_mul(2)
     } else {
-        stored
+        stored.saturating_add(block_sums(a, spec))
     };
     Need {
         weights,
@@ -439,15 +440,48 @@ fn intermediate(a: &Architecture) -> u64 {
     a.intermediate.unwrap_or(a.hidden * 7 / 2) as u64
 }
 
-/// Bytes of weights the files of `spec` would hold: its parameters at the dtype's width (int8:
-/// one byte per MatMul weight, the embedding table in int8 or fp32 as the recipe says).
-fn estimated_weights(a: &Architecture, spec: &VariantSpec) -> u64 {
+/// The MatMul weights of one model: q, k, v, o, gate, up and down of every layer.
+fn matmul_weights(a: &Architecture) -> u64 {
     let h = a.hidden as u64;
     let q = (a.heads * a.head_dim) as u64;
     let kv = (a.kv_heads * a.head_dim) as u64;
-    let layer = h * q * 2 + h * kv * 2 + 3 * h * intermediate(a);
-    let matmuls = layer * a.layers as u64;
-    let embeddings = a.vocab as u64 * h;
+    (h * q * 2 + h * kv * 2 + 3 * h * intermediate(a)) * a.layers as u64
+}
+
+/// Bytes ONNX Runtime holds for a block-wise int8 x int8 variant (`matmulnbits-int8`) beyond its
+/// files: packing a `MatMulNBits` weight for int8 compute, MLAS keeps each block's 8-bit values
+/// and fp32 scale (what the file holds) and adds an fp32 sum of the block (4 bytes per block of
+/// `block_size`). Measured (BENCHMARKS.md "Block-wise int8 at full depth"): the full-depth
+/// package with blocks of 32 (7,990 MiB of files, 500 MiB of it the fp32 token table, which stays
+/// mapped) held 8,366 MiB of anonymous memory for one short text, against 8,318 MiB of packed
+/// MatMul weights by this count (6.98 G values, 218 M scales and 218 M sums); slice7b (2 layers)
+/// 553 MiB (blocks of 32) and 469 MiB (128) against 520 and 442.
+fn block_sums(a: &Architecture, spec: &VariantSpec) -> u64 {
+    if spec.int8_kernel().as_deref() != Some("matmulnbits-int8") {
+        return 0;
+    }
+    blocks(a, spec) * 4
+}
+
+/// The blocks of a `MatMulNBits` variant's MatMul weights (`quantization.block_size` along K, 32
+/// where the manifest does not say); 0 for other variants.
+fn blocks(a: &Architecture, spec: &VariantSpec) -> u64 {
+    if !spec
+        .int8_kernel()
+        .is_some_and(|k| k.starts_with("matmulnbits"))
+    {
+        return 0;
+    }
+    let block = spec.block_size().filter(|&b| b > 0).unwrap_or(32);
+    matmul_weights(a).div_ceil(block)
+}
+
+/// Bytes of weights the files of `spec` would hold: its parameters at the dtype's width (int8:
+/// one byte per MatMul weight, and an fp32 scale per block for the block-wise recipes; the
+/// embedding table in int8 or fp32 as the recipe says).
+fn estimated_weights(a: &Architecture, spec: &VariantSpec) -> u64 {
+    let matmuls = matmul_weights(a) + blocks(a, spec) * 4;
+    let embeddings = a.vocab as u64 * a.hidden as u64;
     let int8_embeddings =
         spec.quantization.get("embeddings").and_then(|e| e.as_str()) == Some("int8");
     match spec.dtype.as_str() {
@@ -758,7 +792,22 @@ Max address space         unlimited            unlimited            bytes
             14.22
         );
         let w7a8 = serde_json::json!({"method": "w8a8", "embeddings": "int8"});
-        assert_eq!(gb(estimated_weights(&a, &spec("int8", w7a8))), 7.11);
+        assert_eq!(gb(estimated_weights(&a, &spec("int8", w7a8.clone()))), 7.11);
+        assert_eq!(block_sums(&a, &spec("int8", w7a8)), 0);
+        // Blocks of 32, fp32 token table: 8.38 GB of files (7,990.1 MiB measured), and ONNX
+        // Runtime adds a 4-byte sum per block when it packs them (8,366 MiB of anonymous memory
+        // measured for the MatMuls' 8,318 MiB by this count).
+        let b32 = serde_json::json!({"method": "matmulnbits", "kernel": "matmulnbits-int8",
+            "block_size": 32, "accuracy_level": 4});
+        assert_eq!(gb(estimated_weights(&a, &spec("int8", b32.clone()))), 8.38);
+        assert_eq!(gb(block_sums(&a, &spec("int8", b32))), 0.87);
+        let b128 = serde_json::json!({"method": "matmulnbits", "kernel": "matmulnbits-int8",
+            "block_size": 128, "accuracy_level": 4});
+        assert_eq!(gb(block_sums(&a, &spec("int8", b128))), 0.22);
+        // The weight-only kernel computes in fp32 from the same files: no sums.
+        let acc1 = serde_json::json!({"method": "matmulnbits", "kernel": "matmulnbits-fp32",
+            "block_size": 32, "accuracy_level": 1});
+        assert_eq!(block_sums(&a, &spec("int8", acc1)), 0);
         // 512-token CPU batches: 121 MB of MLP and hidden-wide tensors, 67 MB of attention scores.
         assert_eq!(
             activations(&a, 512),

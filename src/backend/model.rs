@@ -256,24 +256,46 @@ pub fn cpu_preference(manifest: &Manifest) -> (Option<String>, String) {
                 format!("{summary}; this CPU is {cpu} ({kernel})"),
             )
         }
-        // Without VNNI, ONNX Runtime's MatMulNBits int8 kernel is slower than fp32 (0.6x on
-        // bge-en-icl's MatMuls at 512 tokens with CPUID masked to AVX2, BENCHMARKS.md).
-        Some("matmulnbits-int8") if has_fp32 && !runtime::cpu_has_vnni() => (
-            Some("fp32".into()),
-            format!(
-                "fp32: the int8 variant ({summary}) is block-wise int8 x int8, and this CPU is {cpu}: \
-                 without VNNI MatMulNBits measured 0.6x fp32 on bge-en-icl's MatMuls at 512 tokens \
-                 with CPUID masked to AVX2 (pass --variant int8 for a third of the memory)"
-            ),
-        ),
-        Some("matmulnbits-int8") => (
-            Some("int8".into()),
-            format!(
-                "{summary}; this CPU is {cpu} (block-wise int8 x int8, MatMulNBits with int8 compute: \
-                 bge-en-icl's MatMuls at 512 tokens 1.1x (blocks of 32) to 1.5x (128) fp32, about 2x \
-                 on short inputs, measured with AVX-512 VNNI)"
-            ),
-        ),
+        // ONNX Runtime's MatMulNBits int8 kernel, from the CLI on slice7b's documents
+        // (BENCHMARKS.md "Block-wise int8 on a quiet machine"): with VNNI blocks of 128 1.32x
+        // fp32 and blocks of 32 (llama.cpp q8_0's layout) 0.85x; without VNNI (CPUID masked to
+        // AVX2) 0.65x and 0.61x. So fp32 where it fits, but for blocks of 128 with VNNI.
+        Some("matmulnbits-int8") => {
+            let vnni = runtime::cpu_has_vnni();
+            let small = int8.block_size().is_some_and(|b| b <= 32);
+            let speed = match (vnni, small) {
+                (true, false) => {
+                    "blocks of 128 measured 1.32x fp32 on bge-en-icl's documents and 2.1x on a \
+                     short text with AVX-512 VNNI"
+                }
+                (true, true) => {
+                    "blocks of 32 measured 0.85x fp32 on bge-en-icl's documents (1.7x on a short \
+                     text) with AVX-512 VNNI"
+                }
+                (false, _) => {
+                    "without VNNI it measured 0.6x fp32 on bge-en-icl's documents with CPUID \
+                     masked to AVX2"
+                }
+            };
+            if has_fp32 && (small || !vnni) {
+                (
+                    Some("fp32".into()),
+                    format!(
+                        "fp32: the int8 variant ({summary}) is block-wise int8 x int8 and this CPU \
+                         is {cpu}: {speed} (pass --variant int8 for less memory: a third at \
+                         bge-en-icl's full size)"
+                    ),
+                )
+            } else {
+                (
+                    Some("int8".into()),
+                    format!(
+                        "{summary}; this CPU is {cpu} (block-wise int8 x int8, MatMulNBits with \
+                         int8 compute: {speed})"
+                    ),
+                )
+            }
+        }
         _ => (Some("int8".into()), summary),
     }
 }
@@ -654,6 +676,12 @@ mod auto_tests {
                "selection": {"faithful": faithful, "tried": []}})
     }
 
+    fn blocks(size: u64) -> serde_json::Value {
+        json!({"recipe": format!("nbits8-acc4-b{size}"), "method": "matmulnbits",
+               "kernel": "matmulnbits-int8", "block_size": size, "accuracy_level": 4,
+               "selection": {"faithful": true, "tried": []}})
+    }
+
     fn package(dir: &std::path::Path, variants: &[V]) -> Package {
         let tokenizer = b"{}";
         std::fs::write(dir.join("tokenizer.json"), tokenizer).unwrap();
@@ -722,7 +750,8 @@ mod auto_tests {
         let fp16 = || V("fp16", "float16", json!(null), 2000, true);
         let fast = || V("int8", "int8", int8("u8s8", true), 1000, true);
         let fast7 = || V("int8", "int8", int8("u8s7", true), 1000, true);
-        let blockwise = || V("int8", "int8", int8("matmulnbits-int8", true), 1100, true);
+        let blockwise = || V("int8", "int8", blocks(128), 1100, true);
+        let blocks32 = || V("int8", "int8", blocks(32), 1100, true);
         let weight_only = || V("int8", "int8", int8("matmulnbits-fp32", true), 1000, true);
         let unfaithful = || V("int8", "int8", int8("u8s8", false), 1000, true);
         let blockwise_choice = if runtime::cpu_has_vnni() {
@@ -764,6 +793,18 @@ mod auto_tests {
             (
                 "block-wise int8 when fp32 does not fit, with or without VNNI",
                 vec![fp32(), blockwise()],
+                Some(4000),
+                Ok("int8"),
+            ),
+            (
+                "block-wise int8 in blocks of 32 is slower than fp32 with or without VNNI",
+                vec![fp32(), blocks32()],
+                Some(8000),
+                Ok("fp32"),
+            ),
+            (
+                "blocks of 32 when fp32 does not fit",
+                vec![fp32(), blocks32()],
                 Some(4000),
                 Ok("int8"),
             ),

@@ -223,6 +223,12 @@ impl VariantSpec {
         }
     }
 
+    /// The block size along K of a block-wise recipe (`quantization.block_size`); `None` for
+    /// the others.
+    pub fn block_size(&self) -> Option<u64> {
+        self.quantization.get("block_size")?.as_u64()
+    }
+
     /// Whether the recipe met the exporter's fidelity thresholds on its calibration texts
     /// (`quantization.selection.faithful`); `None` when the package does not say.
     pub fn int8_faithful(&self) -> Option<bool> {
