@@ -453,7 +453,7 @@ fn matmul_weights(a: &Architecture) -> u64 {
 /// and fp32 scale (what the file holds) and adds an fp32 sum of the block (4 bytes per block of
 /// `block_size`). Measured (BENCHMARKS.md "Block-wise int8 at full depth"): the full-depth
 /// package with blocks of 32 (7,990 MiB of files, 500 MiB of it the fp32 token table, which stays
-/// mapped) held 8,366 MiB of anonymous memory for one short text, against 8,318 MiB of packed
+/// mapped) held 8,366 MiB of anonymous memory for one short text, against 8,320 MiB of packed
 /// MatMul weights by this count (6.98 G values, 218 M scales and 218 M sums); slice7b (2 layers)
 /// 553 MiB (blocks of 32) and 469 MiB (128) against 520 and 442.
 fn block_sums(a: &Architecture, spec: &VariantSpec) -> u64 {
@@ -796,7 +796,7 @@ Max address space         unlimited            unlimited            bytes
         assert_eq!(block_sums(&a, &spec("int8", w7a8)), 0);
         // Blocks of 32, fp32 token table: 8.38 GB of files (7,990.1 MiB measured), and ONNX
         // Runtime adds a 4-byte sum per block when it packs them (8,366 MiB of anonymous memory
-        // measured for the MatMuls' 8,318 MiB by this count).
+        // measured for the MatMuls' 8,320 MiB by this count).
         let b32 = serde_json::json!({"method": "matmulnbits", "kernel": "matmulnbits-int8",
             "block_size": 32, "accuracy_level": 4});
         assert_eq!(gb(estimated_weights(&a, &spec("int8", b32.clone()))), 8.38);
