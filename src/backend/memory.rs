@@ -410,7 +410,7 @@ impl fmt::Display for Need {
 /// GB, grew past 21 GiB while its session was created, BENCHMARKS.md "full size"). fp32 and int8
 /// weights are packed into anonymous memory at about their size on disk (fp32 28.4 GB at full
 /// size; int8 ran within its 7.1 GB + 350 MiB); a block-wise int8 x int8 variant adds its block
-/// sums ([`block_sums`]). Runtime: [`RUNTIME_BASE`] and one batch's largest
+/// sums (`block_sums`). Runtime: [`RUNTIME_BASE`] and one batch's largest
 /// activations in fp32 (gate, up and their product over the MLP width, a few hidden-wide tensors,
 /// and the attention scores with their softmax).
 pub fn cpu_need(package: &Package, spec: &VariantSpec, batch_tokens: usize) -> Need {
