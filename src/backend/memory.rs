@@ -451,7 +451,7 @@ fn matmul_weights(a: &Architecture) -> u64 {
 /// Bytes ONNX Runtime holds for a block-wise int8 x int8 variant (`matmulnbits-int8`) beyond its
 /// files: packing a `MatMulNBits` weight for int8 compute, MLAS keeps each block's 8-bit values
 /// and fp32 scale (what the file holds) and adds an fp32 sum of the block (4 bytes per block of
-/// `block_size`). Measured (BENCHMARKS.md "Block-wise int8 at full depth"): the full-depth
+/// `block_size`). Measured (BENCHMARKS.md "Block-wise int8 on a quiet machine"): the full-depth
 /// package with blocks of 32 (7,990 MiB of files, 500 MiB of it the fp32 token table, which stays
 /// mapped) held 8,366 MiB of anonymous memory for one short text, against 8,320 MiB of packed
 /// MatMul weights by this count (6.98 G values, 218 M scales and 218 M sums); slice7b (2 layers)
